@@ -1,0 +1,30 @@
+# Two commands matter: `make demo` and `make test`. Both set up .venv first (idempotent, stamped).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.setup-stamp
+# torch is pinned here (not in pyproject) so GPU users keep their own build: this pair lies on
+# the CI machine's disk; an unpinned torch would download several GB.
+TORCH  := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup prepare demo test bench clean
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev,plots]'
+	touch $(STAMP)
+
+prepare: setup
+	$(VENV)/bin/vlm-treegrpo prepare smollm2-135m-instruct
+
+demo: prepare
+	$(VENV)/bin/vlm-treegrpo train --config configs/demo-smollm2.yaml
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs

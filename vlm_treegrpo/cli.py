@@ -1,0 +1,99 @@
+"""The ``vlm-treegrpo`` command line: train, eval, prepare, presets.
+
+Config problems exit with status 2 and one line naming the field.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from vlm_treegrpo.config import ConfigError, load_config
+from vlm_treegrpo.data.loaders import DataError
+
+
+def _cmd_train(args) -> int:
+    from vlm_treegrpo.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg)
+    keep = {k: v for k, v in summary.items() if not isinstance(v, dict) or k == "reward_failures"}
+    for key in ("eval_before", "eval_after"):
+        if key in summary:
+            keep[key] = {k: v for k, v in summary[key].items() if k != "samples"}
+    print(json.dumps(keep, indent=2))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    import torch
+
+    from vlm_treegrpo.data.sources import load_task
+    from vlm_treegrpo.evaluate import evaluate
+    from vlm_treegrpo.models.loader import load_policy
+    from vlm_treegrpo.rollout.prompts import prompt_ids
+    from vlm_treegrpo.trainer import resolve_device
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.model.threads:
+        torch.set_num_threads(cfg.model.threads)
+    device = resolve_device(cfg.model.device)
+    name = args.model or cfg.model.name
+    model, tok = load_policy(name, device=str(device), dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation)
+    d = cfg.data
+    task = load_task(d.source, d.format, d.n_train, d.n_test, d.difficulty, d.seed, d.instruction, d.test_source, d.skip_bad)
+    prompts = [prompt_ids(tok, ex, task.instruction) for ex in task.test]
+    res = evaluate(model, tok, task.test, prompts, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, cfg.eval.batch_size)
+    print(json.dumps({"model": name, **res}, indent=2))
+    return 0
+
+
+def _cmd_prepare(args) -> int:
+    from vlm_treegrpo.models import smollm2
+
+    if args.model != "smollm2-135m-instruct":
+        raise ConfigError(f"prepare: only 'smollm2-135m-instruct' needs preparing, got {args.model!r}")
+    print(smollm2.prepare(force=args.force))
+    return 0
+
+
+def _cmd_presets(args) -> int:
+    from vlm_treegrpo.models.loader import list_builtins
+
+    rows = list_builtins()
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        print(f"{r['name']:<{width}}  {r['family']:<10} {r['params']:>6}  {r['source']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlm-treegrpo", description="Tree-style GRPO for VLMs and LLMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn, help_ in (("train", _cmd_train, "train a policy"), ("eval", _cmd_eval, "greedy held-out accuracy")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--config", help="YAML config file")
+        if name == "eval":
+            p.add_argument("--model", help="model to evaluate (default: the config's model.name), e.g. runs/x/model")
+        p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. rollout.M=4")
+        p.set_defaults(fn=fn)
+    p = sub.add_parser("prepare", help="build the offline copy of a built-in model")
+    p.add_argument("model", nargs="?", default="smollm2-135m-instruct")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(fn=_cmd_prepare)
+    p = sub.add_parser("presets", help="list built-in models and presets")
+    p.set_defaults(fn=_cmd_presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,389 @@
+"""Run configuration: one dataclass per concern, loaded from YAML plus dotted overrides.
+
+Every field has a one-line docstring. ``__post_init__`` rejects impossible values and
+combinations with a :class:`ConfigError` that names the field (``algo.K: must be >= 1, got 0``);
+nothing is ever silently rewritten. Unknown keys are errors too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vlm_treegrpo.core.advantages import ANSWER_SCOPES, BASELINES, SCALES
+from vlm_treegrpo.core.losses import AGGREGATIONS, KL_KINDS, POLICY_LOSSES
+
+
+class ConfigError(ValueError):
+    """A config problem; the message starts with the dotted field name."""
+
+
+def _require(cond: bool, field_name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{field_name}: {msg}")
+
+
+def _choice(value: str, allowed: tuple[str, ...], field_name: str) -> None:
+    _require(value in allowed, field_name, f"must be one of {list(allowed)}, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """Which policy to train and how to hold it."""
+
+    name: str = "tiny-llama"
+    """Built-in name (see `vlm-treegrpo presets`), local directory or Hugging Face hub id."""
+    dtype: str = "auto"
+    """auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16."""
+    attn_implementation: str = "auto"
+    """auto (flash_attention_2 on CUDA when flash-attn is installed, else sdpa), sdpa or eager."""
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu, cuda, cuda:N."""
+    lora_r: int = 0
+    """LoRA rank; 0 trains all weights."""
+    lora_alpha: float = 32.0
+    """LoRA scaling numerator (scale = alpha / r)."""
+    lora_targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Module names that get LoRA adapters."""
+    threads: int = 0
+    """torch CPU threads; 0 uses all cores."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "model.name", "must not be empty")
+        _choice(self.dtype, ("auto", "float32", "bfloat16", "float16"), "model.dtype")
+        _choice(self.attn_implementation, ("auto", "sdpa", "eager", "flash_attention_2"), "model.attn_implementation")
+        _require(self.lora_r >= 0, "model.lora_r", f"must be >= 0, got {self.lora_r}")
+        _require(self.lora_alpha > 0, "model.lora_alpha", f"must be > 0, got {self.lora_alpha}")
+        _require(self.threads >= 0, "model.threads", f"must be >= 0, got {self.threads}")
+
+
+@dataclass
+class DataConfig:
+    """Where prompts and reference answers come from."""
+
+    source: str = "arithmetic"
+    """'arithmetic' (built-in synthetic task), a local .jsonl/.json/.parquet file, or a hub dataset id."""
+    format: str = "gsm8k"
+    """Record format of a file or hub source: gsm8k (question/answer '#### N') or math (problem/solution \\boxed{})."""
+    test_source: str = ""
+    """Held-out source for file/hub data; empty uses `source` with split 'test'."""
+    n_train: int = 2000
+    """Training problems (synthetic) or cap on loaded records (0 = all)."""
+    n_test: int = 200
+    """Held-out problems for evaluation."""
+    difficulty: int = 1
+    """Synthetic task difficulty (1 easiest)."""
+    seed: int = 0
+    """Seed of the synthetic generator."""
+    instruction: str = "default"
+    """Text appended to every prompt; 'default' uses the task's answer-format instruction, '' adds nothing."""
+    skip_bad: bool = False
+    """Skip (and count) records without an answer instead of failing on the first one."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.source), "data.source", "must not be empty")
+        _choice(self.format, ("gsm8k", "math"), "data.format")
+        _require(self.n_train >= 0, "data.n_train", f"must be >= 0, got {self.n_train}")
+        _require(self.n_test >= 1, "data.n_test", f"must be >= 1, got {self.n_test}")
+        _require(self.difficulty >= 1, "data.difficulty", f"must be >= 1, got {self.difficulty}")
+
+
+@dataclass
+class RolloutConfig:
+    """How the K x M tree of completions is sampled for each prompt."""
+
+    K: int = 4
+    """Thoughts sampled per prompt."""
+    M: int = 2
+    """Continuations (answers) sampled per thought; M=1 with K=G is flat GRPO."""
+    thought_max_tokens: int = 32
+    """Token budget of a thought; it ends earlier at a branch delimiter or EOS."""
+    answer_max_tokens: int = 32
+    """Token budget of each continuation after its thought."""
+    branch_delimiters: list[str] = field(default_factory=lambda: ["</think>", "\n\n"])
+    """Strings that end a thought (the branch point); [] branches at the token budget only."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1.0 = off)."""
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+    prompts_per_step: int = 4
+    """Prompts (trees) per optimizer step."""
+
+    def __post_init__(self) -> None:
+        _require(self.K >= 1, "rollout.K", f"must be >= 1, got {self.K}")
+        _require(self.M >= 1, "rollout.M", f"must be >= 1, got {self.M}")
+        _require(self.K * self.M >= 2, "rollout.K", f"K*M must be >= 2 for a group baseline, got {self.K}x{self.M}")
+        _require(self.thought_max_tokens >= 1, "rollout.thought_max_tokens", f"must be >= 1, got {self.thought_max_tokens}")
+        _require(self.answer_max_tokens >= 0, "rollout.answer_max_tokens", f"must be >= 0, got {self.answer_max_tokens}")
+        _require(
+            self.M == 1 or self.answer_max_tokens >= 1,
+            "rollout.answer_max_tokens",
+            f"must be >= 1 when M > 1 (M={self.M})",
+        )
+        _require(self.temperature > 0, "rollout.temperature", f"must be > 0, got {self.temperature}")
+        _require(0 < self.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {self.top_p}")
+        _require(self.top_k >= 0, "rollout.top_k", f"must be >= 0, got {self.top_k}")
+        _require(self.prompts_per_step >= 1, "rollout.prompts_per_step", f"must be >= 1, got {self.prompts_per_step}")
+
+    @property
+    def G(self) -> int:
+        """Leaves per prompt."""
+        return self.K * self.M
+
+    @property
+    def max_new_tokens(self) -> int:
+        """Largest completion length (thought + continuation)."""
+        return self.thought_max_tokens + (self.answer_max_tokens if self.M > 1 else 0)
+
+
+@dataclass
+class AlgoConfig:
+    """The RL objective: rewards, advantages, policy loss, KL."""
+
+    rewards: list[Any] = field(default_factory=lambda: ["correctness"])
+    """Reward functions: 'correctness', 'format', 'pkg.module:fn', or {name, weight} mappings."""
+    loss: str = "grpo"
+    """grpo (PPO-clipped ratio) or rgra (REINFORCE with group-relative advantages, no ratio/clip)."""
+    scale: str = "std"
+    """std (GRPO's per-prompt std normalization) or none (Dr. GRPO / plain REINFORCE scale)."""
+    baseline: str = "mean"
+    """Group baseline for flat groups: mean, rloo or none."""
+    answer_scope: str = "group"
+    """Continuation advantages relative to all K*M leaves (group) or within their thought (thought)."""
+    clip_eps: float = 0.2
+    """PPO clip range for loss=grpo."""
+    agg: str = "token_mean"
+    """Token aggregation: token_mean, seq_mean or constant (Dr. GRPO)."""
+    beta: float = 0.0
+    """KL coefficient to the reference policy; 0 loads no reference model."""
+    kl_kind: str = "k3"
+    """KL estimator: k1 or k3."""
+    updates_per_batch: int = 1
+    """Optimizer passes over each rollout batch; 1 is on-policy (old log-probs not recomputed)."""
+    eps: float = 1e-6
+    """Added to the std before dividing."""
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.rewards, list) and len(self.rewards) > 0, "algo.rewards", "must be a non-empty list")
+        _choice(self.loss, POLICY_LOSSES, "algo.loss")
+        _choice(self.scale, SCALES, "algo.scale")
+        _choice(self.baseline, BASELINES, "algo.baseline")
+        _choice(self.answer_scope, ANSWER_SCOPES, "algo.answer_scope")
+        _choice(self.agg, AGGREGATIONS, "algo.agg")
+        _choice(self.kl_kind, KL_KINDS, "algo.kl_kind")
+        _require(self.clip_eps >= 0, "algo.clip_eps", f"must be >= 0, got {self.clip_eps}")
+        _require(self.beta >= 0, "algo.beta", f"must be >= 0, got {self.beta}")
+        _require(self.updates_per_batch >= 1, "algo.updates_per_batch", f"must be >= 1, got {self.updates_per_batch}")
+        _require(self.eps > 0, "algo.eps", f"must be > 0, got {self.eps}")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and schedule."""
+
+    steps: int = 20
+    """Optimizer steps (each on a fresh rollout batch)."""
+    lr: float = 1e-5
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    """AdamW betas."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 = off)."""
+    micro_batch: int = 4
+    """Packed prompt trees per forward/backward (gradient accumulation splits the step)."""
+    seed: int = 0
+    """Seed for prompt order and sampling."""
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 0, "optim.steps", f"must be >= 0, got {self.steps}")
+        _require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", f"must be two numbers in [0, 1), got {self.betas}"
+        )
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _require(self.max_grad_norm >= 0, "optim.max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
+        _require(self.micro_batch >= 1, "optim.micro_batch", f"must be >= 1, got {self.micro_batch}")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation (greedy decoding)."""
+
+    before: bool = True
+    """Evaluate before training."""
+    after: bool = True
+    """Evaluate after training."""
+    every: int = 0
+    """Also evaluate every N steps (0 = never)."""
+    batch_size: int = 50
+    """Prompts per generation batch."""
+    max_new_tokens: int = 0
+    """Generation budget; 0 uses the rollout's thought + answer budget."""
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, "eval.every", f"must be >= 0, got {self.every}")
+        _require(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.max_new_tokens >= 0, "eval.max_new_tokens", f"must be >= 0, got {self.max_new_tokens}")
+
+
+@dataclass
+class LogConfig:
+    """Where the run writes."""
+
+    name: str = "run"
+    """Run name; outputs go to <run_dir>/<name>/."""
+    run_dir: str = "runs"
+    """Parent directory of runs."""
+    progress: bool = True
+    """Show a progress bar."""
+    save_model: bool = False
+    """Save the trained weights (or LoRA adapter) to <run>/model at the end."""
+    samples_every: int = 5
+    """Write a few sample completions to samples.jsonl every N steps (0 = never)."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name) and "/" not in self.name, "log.name", f"must be a non-empty name without '/', got {self.name!r}")
+        _require(self.samples_every >= 0, "log.samples_every", f"must be >= 0, got {self.samples_every}")
+
+    @property
+    def path(self) -> Path:
+        return Path(self.run_dir) / self.name
+
+
+@dataclass
+class TrainConfig:
+    """A whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompts and answers."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Tree sampling."""
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    """Objective."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Outputs."""
+
+    def __post_init__(self) -> None:
+        _require(
+            not (self.algo.answer_scope == "thought" and self.rollout.M < 2),
+            "algo.answer_scope",
+            f"'thought' needs rollout.M >= 2 (with M={self.rollout.M} every continuation advantage is 0)",
+        )
+        _require(
+            self.algo.baseline == "mean" or self.rollout.M == 1,
+            "algo.baseline",
+            f"trees (M={self.rollout.M} > 1) use the mean baseline of GRPO-MA; {self.algo.baseline!r} is for flat groups",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Check a YAML value against a field's annotation (ints widen to floats; nothing else converts)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if origin is list:
+        _require(isinstance(value, list), name, f"must be a list, got {value!r}")
+        return value
+    if tp is bool:
+        _require(isinstance(value, bool), name, f"must be true or false, got {value!r}")
+        return value
+    if tp is float:
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), name, f"must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), name, f"must be an integer, got {value!r}")
+        return value
+    if tp is str:
+        _require(isinstance(value, str), name, f"must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"{name}: unknown key (known: {sorted(fields)})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            _require(isinstance(value, dict), name, f"must be a mapping, got {value!r}")
+            kwargs[key] = _build(tp, value, f"{name}.")
+        else:
+            kwargs[key] = _coerce(value, tp, name)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``["algo.M=4", "log.name=x"]`` -> ``[("algo.M", 4), ("log.name", "x")]`` (values parsed as YAML)."""
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{item}: an override must look like section.field=value")
+        key, raw = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+    return out
+
+
+def config_from_dict(values: dict[str, Any], overrides: list[str] | None = None) -> TrainConfig:
+    """Build and validate a :class:`TrainConfig` from a nested mapping plus dotted overrides."""
+    tree = {k: dict(v) if isinstance(v, dict) else v for k, v in (values or {}).items()}
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    try:
+        return _build(TrainConfig, tree, "")
+    except TypeError as err:  # a section given a scalar, etc.
+        raise ConfigError(str(err)) from err
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML file (or nothing) and apply ``section.field=value`` overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config: file not found: {p}")
+        loaded = yaml.safe_load(p.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config: {p} must hold a mapping at the top level")
+        values = loaded or {}
+    return config_from_dict(values, overrides)

@@ -1,0 +1,257 @@
+"""Tree rollouts for causal LMs: K thoughts per prompt, then M continuations per thought.
+
+GRPO-MA (arXiv 2509.24494) samples several answers per thought. Here a thought ends at the
+first branch delimiter (``</think>``, a blank line, ...), at EOS, or at its token budget; each
+unfinished thought is then continued M times. A thought that already ended with EOS is a
+complete answer: its M leaves share its one reward. Flat GRPO is the K x 1 tree (one pass, no
+branch point). Generation is batched over all prompts and branches.
+
+This module only samples and bookkeeps token ids; rewards, advantages and losses live
+elsewhere. :func:`pack_trees` turns the result into the packed training batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from transformers import GenerationConfig
+
+from vlm_treegrpo.core.tree_packing import predictor_positions, tree_attention_mask, tree_positions
+
+
+@dataclass
+class Tree:
+    """One prompt's samples, as token ids."""
+
+    prompt_ids: list[int]
+    """The chat-formatted prompt."""
+    thoughts: list[list[int]] = field(default_factory=list)
+    """K thoughts."""
+    thought_done: list[bool] = field(default_factory=list)
+    """True where the thought ended with EOS (no continuation was sampled)."""
+    answers: list[list[list[int]]] = field(default_factory=list)
+    """K x M continuations (empty lists under a finished thought)."""
+
+    def leaf_ids(self, k: int, m: int) -> list[int]:
+        """Completion tokens of leaf (k, m): thought + continuation."""
+        return self.thoughts[k] + self.answers[k][m]
+
+
+@dataclass
+class SamplingParams:
+    """Decoding settings shared by the thought and continuation passes."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    greedy: bool = False
+
+    def generation_config(self, max_new_tokens: int, pad_id: int, eos_ids: list[int], n: int) -> GenerationConfig:
+        kwargs = dict(
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad_id,
+            eos_token_id=eos_ids,
+            num_return_sequences=n,
+            do_sample=not self.greedy,
+        )
+        if not self.greedy:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        return GenerationConfig(**kwargs)
+
+
+def eos_ids_of(tokenizer, model) -> list[int]:
+    """All token ids that end a completion (tokenizer EOS plus the model's generation EOS)."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif gen_eos:
+        ids.update(int(i) for i in gen_eos)
+    return sorted(ids)
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
+    """Left-pad id lists into ``input_ids [B, T]`` and ``attention_mask [B, T]``."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, T - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    seqs: list[list[int]],
+    n: int,
+    max_new_tokens: int,
+    sampling: SamplingParams,
+    stop_strings: list[str] | None = None,
+) -> tuple[list[list[int]], list[bool]]:
+    """Sample ``n`` continuations of every sequence in one batched ``generate`` call.
+
+    Returns ``(new_ids, ended)`` for the ``len(seqs) * n`` outputs (sequence-major): the new
+    tokens of each, cut after the first EOS (kept) or after a stop string, and whether it
+    ended with EOS.
+    """
+    pad_id = tokenizer.pad_token_id
+    eos = eos_ids_of(tokenizer, model)
+    device = next(model.parameters()).device
+    input_ids, attention_mask = left_pad(seqs, pad_id, device)
+    gen_cfg = sampling.generation_config(max_new_tokens, pad_id, eos, n)
+    extra = {}
+    if stop_strings:
+        gen_cfg.stop_strings = list(stop_strings)
+        extra["tokenizer"] = tokenizer
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg, **extra)
+    new = out[:, input_ids.shape[1] :].tolist()
+    eos_set = set(eos)
+    results: list[list[int]] = []
+    ended: list[bool] = []
+    for row in new:
+        cut = next((i for i, t in enumerate(row) if t in eos_set), None)
+        if cut is None:
+            # Budget reached, or a stop string matched and the rest is padding distinct from EOS.
+            toks = row
+            while toks and toks[-1] == pad_id and pad_id not in eos_set:
+                toks = toks[:-1]
+            results.append(toks)
+            ended.append(False)
+            continue
+        head = row[:cut]
+        text = tokenizer.decode(head, skip_special_tokens=False) if stop_strings else ""
+        if stop_strings and head and any(text.endswith(s) for s in stop_strings):
+            # Stopped at a branch delimiter; what follows is padding (pad == EOS here).
+            results.append(head)
+            ended.append(False)
+        else:
+            results.append(row[: cut + 1])
+            ended.append(True)
+    return results, ended
+
+
+def sample_trees(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    K: int,
+    M: int,
+    thought_max_tokens: int,
+    answer_max_tokens: int,
+    sampling: SamplingParams,
+    branch_delimiters: list[str] | None = None,
+) -> list[Tree]:
+    """Sample a K x M tree for every prompt (token-id lists, already chat-formatted)."""
+    trees = [Tree(prompt_ids=list(p)) for p in prompts]
+    if M == 1:
+        # Flat GRPO: one pass, the whole completion is the "thought".
+        outs, ended = generate(model, tokenizer, prompts, K, thought_max_tokens, sampling)
+        for i, tree in enumerate(trees):
+            tree.thoughts = outs[i * K : (i + 1) * K]
+            tree.thought_done = [True] * K  # nothing is continued
+            tree.answers = [[[]] for _ in range(K)]
+        return trees
+    outs, ended = generate(model, tokenizer, prompts, K, thought_max_tokens, sampling, branch_delimiters or None)
+    for i, tree in enumerate(trees):
+        tree.thoughts = outs[i * K : (i + 1) * K]
+        tree.thought_done = ended[i * K : (i + 1) * K]
+        tree.answers = [[[] for _ in range(M)] for _ in range(K)]
+    todo = [(i, k) for i, t in enumerate(trees) for k in range(K) if not t.thought_done[k]]
+    if todo:
+        seqs = [trees[i].prompt_ids + trees[i].thoughts[k] for i, k in todo]
+        conts, _ = generate(model, tokenizer, seqs, M, answer_max_tokens, sampling)
+        for j, (i, k) in enumerate(todo):
+            trees[i].answers[k] = conts[j * M : (j + 1) * M]
+    return trees
+
+
+@dataclass
+class PackedBatch:
+    """Packed trees, one row per prompt, ready for one forward pass."""
+
+    input_ids: Tensor  # [N, L]
+    position_ids: Tensor  # [N, L]
+    attention_mask: Tensor  # [N, L, L] bool, True = may attend
+    pred_pos: Tensor  # [N, L] index whose logits predict the token (0 where not a target)
+    target_mask: Tensor  # [N, L] float, 1 on completion tokens
+    advantages: Tensor  # [N, L] per-token advantage (0 off target)
+    is_thought: Tensor  # [N, L] bool, thought tokens of unfinished thoughts (for metrics)
+
+    def rows(self, sl: slice) -> "PackedBatch":
+        return PackedBatch(**{k: getattr(self, k)[sl] for k in self.__dataclass_fields__})
+
+    def to(self, device) -> "PackedBatch":
+        return PackedBatch(**{k: getattr(self, k).to(device) for k in self.__dataclass_fields__})
+
+
+def pack_trees(trees: list[Tree], thought_adv: Tensor, answer_adv: Tensor, pad_id: int) -> PackedBatch:
+    """Pack each tree into one row (prompt, then each thought followed by its continuations).
+
+    ``thought_adv [N, K]`` trains thought tokens (once each); ``answer_adv [N, K, M]`` trains
+    continuation tokens. A finished thought (ended with EOS, no continuation) is the complete
+    answer: flat GRPO's case, trained with the thought advantage.
+    """
+    rows = []
+    for n, tree in enumerate(trees):
+        toks: list[int] = list(tree.prompt_ids)
+        seg_len = [len(tree.prompt_ids)]
+        parent = [-1]
+        seg_ids = [0] * len(tree.prompt_ids)
+        adv = [0.0] * len(tree.prompt_ids)
+        target = [0.0] * len(tree.prompt_ids)
+        thought_flag = [False] * len(tree.prompt_ids)
+        for k, th in enumerate(tree.thoughts):
+            t_seg = len(seg_len)
+            parent.append(0)
+            seg_len.append(len(th))
+            toks += th
+            seg_ids += [t_seg] * len(th)
+            adv += [float(thought_adv[n, k])] * len(th)
+            target += [1.0] * len(th)
+            thought_flag += [not tree.thought_done[k]] * len(th)
+            for m, ans in enumerate(tree.answers[k]):
+                if not ans:
+                    continue
+                parent.append(t_seg)
+                seg_len.append(len(ans))
+                toks += ans
+                seg_ids += [len(seg_len) - 1] * len(ans)
+                adv += [float(answer_adv[n, k, m])] * len(ans)
+                target += [1.0] * len(ans)
+                thought_flag += [False] * len(ans)
+        rows.append((toks, seg_ids, parent, seg_len, adv, target, thought_flag))
+
+    L = max(len(r[0]) for r in rows)
+    N = len(rows)
+    input_ids = torch.full((N, L), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((N, L), dtype=torch.long)
+    attention = torch.zeros((N, L, L), dtype=torch.bool)
+    pred_pos = torch.zeros((N, L), dtype=torch.long)
+    target_mask = torch.zeros((N, L))
+    advantages = torch.zeros((N, L))
+    is_thought = torch.zeros((N, L), dtype=torch.bool)
+    for n, (toks, seg_ids, parent, seg_len, adv, target, thought_flag) in enumerate(rows):
+        T = len(toks)
+        seg = torch.tensor(seg_ids)
+        par = torch.tensor(parent)
+        lens = torch.tensor(seg_len)
+        valid = torch.zeros(L, dtype=torch.bool)
+        valid[:T] = True
+        seg_full = torch.full((L,), -1, dtype=torch.long)
+        seg_full[:T] = seg
+        attention[n] = tree_attention_mask(seg_full, par, valid)
+        input_ids[n, :T] = torch.tensor(toks)
+        position_ids[n, :T] = tree_positions(seg, par, lens)
+        pred = predictor_positions(seg, par, lens)
+        tgt = torch.tensor(target)
+        pred_pos[n, :T] = torch.where(tgt > 0, pred, torch.zeros_like(pred))
+        target_mask[n, :T] = tgt
+        advantages[n, :T] = torch.tensor(adv)
+        is_thought[n, :T] = torch.tensor(thought_flag)
+    return PackedBatch(input_ids, position_ids, attention, pred_pos, target_mask, advantages, is_thought)

@@ -1,0 +1,295 @@
+"""The training loop: rollout -> rewards -> advantages -> loss -> optimizer step.
+
+Reads top to bottom. Each step samples a K x M tree per prompt (GRPO-MA, arXiv 2509.24494;
+flat GRPO when M = 1), scores every leaf with the configured rewards, computes thought and
+continuation advantages with the pure functions of :mod:`vlm_treegrpo.core.advantages`, packs
+each tree into one row (prompt once, each thought once) and applies the policy loss of
+:mod:`vlm_treegrpo.core.losses` (GRPO's clipped surrogate or RGRA's ``-A * logp``).
+
+Departures from the papers, on purpose:
+- A thought is a prefix cut at a branch delimiter or a token budget, not necessarily a full
+  ``<think>`` block; a thought that already ended with EOS is a complete answer whose M leaves
+  share one reward.
+- With ``updates_per_batch = 1`` the update is on-policy: the old log-probs equal the current
+  ones (detached), so no separate old-log-prob pass is run and GRPO's gradient equals RGRA's.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from vlm_treegrpo.config import TrainConfig
+from vlm_treegrpo.core.advantages import group_advantages, tree_advantages
+from vlm_treegrpo.core.losses import kl_penalty, masked_mean, policy_loss, policy_loss_metrics
+from vlm_treegrpo.data.sources import Task, load_task
+from vlm_treegrpo.evaluate import evaluate
+from vlm_treegrpo.models.loader import load_policy
+from vlm_treegrpo.rewards import RewardSet
+from vlm_treegrpo.rollout.logprobs import packed_logp
+from vlm_treegrpo.rollout.prompts import prompt_ids
+from vlm_treegrpo.rollout.tree import PackedBatch, SamplingParams, Tree, pack_trees, sample_trees
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def apply_lora(model, r: int, alpha: float, targets: list[str]):
+    """Wrap the policy with LoRA adapters (peft); only the adapters train."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0))
+
+
+class PromptSampler:
+    """Cycles through the training set in a fresh seeded order each epoch."""
+
+    def __init__(self, n: int, seed: int):
+        if n == 0:
+            raise ValueError("data: the training set is empty")
+        self.n, self.gen, self.order, self.pos = n, torch.Generator().manual_seed(seed), [], 0
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.pos >= len(self.order):
+                self.order, self.pos = torch.randperm(self.n, generator=self.gen).tolist(), 0
+            out.append(self.order[self.pos])
+            self.pos += 1
+        return out
+
+
+@dataclass
+class StepData:
+    """What one rollout produced, before the update."""
+
+    trees: list[Tree]
+    rewards: torch.Tensor  # [N, K, M]
+    thought_adv: torch.Tensor  # [N, K]
+    answer_adv: torch.Tensor  # [N, K, M]
+    packed: PackedBatch
+    metrics: dict
+
+
+def leaf_texts(tokenizer, trees: list[Tree], K: int, M: int) -> list[str]:
+    """Decoded completion of every leaf, in (prompt, thought, continuation) order."""
+    ids = [t.leaf_ids(k, m) for t in trees for k in range(K) for m in range(M)]
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
+def compute_advantages(rewards: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rewards [N, K, M]`` -> ``(thought_adv [N, K], answer_adv [N, K, M])``."""
+    a = cfg.algo
+    if cfg.rollout.M == 1:
+        flat = group_advantages(rewards[:, :, 0], scale=a.scale, baseline=a.baseline, eps=a.eps)  # [N, K]
+        return flat, torch.zeros_like(rewards)
+    return tree_advantages(rewards, scale=a.scale, answer_scope=a.answer_scope, eps=a.eps)
+
+
+def rollout_step(model, tokenizer, examples, prompts, reward_set: RewardSet, cfg: TrainConfig) -> StepData:
+    """Sample trees, score leaves, compute advantages and pack the batch."""
+    r = cfg.rollout
+    N, K, M = len(examples), r.K, r.M
+    t0 = time.time()
+    model.eval()
+    sampling = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
+    trees = sample_trees(model, tokenizer, prompts, K, M, r.thought_max_tokens, r.answer_max_tokens, sampling, r.branch_delimiters)
+    t_gen = time.time() - t0
+
+    t1 = time.time()
+    texts = leaf_texts(tokenizer, trees, K, M)
+    leaf_examples = [ex for ex in examples for _ in range(K * M)]
+    scored = reward_set(texts, leaf_examples)
+    rewards = scored.total.view(N, K, M)  # [N, K, M]
+    thought_adv, answer_adv = compute_advantages(rewards, cfg)
+    t_reward = time.time() - t1
+
+    packed = pack_trees(trees, thought_adv, answer_adv, tokenizer.pad_token_id)
+    leaf_std = rewards.view(N, K * M).std(dim=-1) if K * M > 1 else torch.zeros(N)  # [N]
+    thought_lens = [len(th) for t in trees for th in t.thoughts]
+    leaf_lens = [len(t.leaf_ids(k, m)) for t in trees for k in range(K) for m in range(M)]
+    metrics = {
+        "reward": rewards.mean().item(),
+        "reward_std_within": leaf_std.mean().item(),
+        "zero_std_frac": (leaf_std == 0).float().mean().item(),
+        "thought_value_std": rewards.mean(-1).std(-1).mean().item() if K > 1 else 0.0,
+        "completion_tokens": sum(leaf_lens) / len(leaf_lens),
+        "thought_tokens": sum(thought_lens) / len(thought_lens),
+        "thoughts_finished_frac": sum(sum(t.thought_done) for t in trees) / (N * K) if M > 1 else 1.0,
+        "packed_tokens": int(packed.input_ids.numel()),
+        "unpacked_tokens": sum(len(t.prompt_ids) for t in trees for _ in range(K * M)) + sum(leaf_lens),
+        "time_generate": t_gen,
+        "time_reward": t_reward,
+    }
+    for name, values in scored.per_fn.items():
+        metrics[f"reward/{name}"] = values.mean().item()
+    for name, count in scored.failures.items():
+        metrics[f"reward_failures/{name}"] = count
+    if scored.errors:
+        metrics["reward_errors"] = scored.errors[:3]
+    return StepData(trees, rewards, thought_adv, answer_adv, packed, metrics)
+
+
+def update_step(model, ref_model, optimizer, scheduler, data: StepData, cfg: TrainConfig, device) -> dict:
+    """One optimizer step (or ``updates_per_batch`` of them) on a packed rollout batch."""
+    a, o = cfg.algo, cfg.optim
+    t0 = time.time()
+    model.train()
+    batch = data.packed
+    N = batch.input_ids.shape[0]
+    chunks = [slice(i, i + o.micro_batch) for i in range(0, N, o.micro_batch)]
+    total_tokens = batch.target_mask.sum().clamp(min=1)
+    rows_with_tokens = (batch.target_mask.sum(-1) > 0).sum().clamp(min=1)
+    max_len = batch.input_ids.shape[1]
+
+    def ref_logp(mb: PackedBatch) -> torch.Tensor:
+        with torch.no_grad():
+            if ref_model is not None:
+                return packed_logp(ref_model, mb, cfg.rollout.temperature)
+            with model.disable_adapter():  # LoRA: the base model is the reference
+                return packed_logp(model, mb, cfg.rollout.temperature)
+
+    old = None
+    if a.updates_per_batch > 1:
+        with torch.no_grad():
+            old = [packed_logp(model, batch.rows(c).to(device), cfg.rollout.temperature) for c in chunks]
+    refs = [ref_logp(batch.rows(c).to(device)) for c in chunks] if a.beta > 0 else None
+
+    stats: dict[str, float] = {}
+    for _ in range(a.updates_per_batch):
+        optimizer.zero_grad(set_to_none=True)
+        sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0}
+        for ci, c in enumerate(chunks):
+            mb = batch.rows(c).to(device)
+            if mb.target_mask.sum() == 0:
+                continue
+            logp = packed_logp(model, mb, cfg.rollout.temperature)  # [n, L]
+            old_logp = old[ci] if old is not None else logp.detach()
+            loss = policy_loss(logp, old_logp, mb.advantages, mb.target_mask, kind=a.loss, clip_eps=a.clip_eps, agg=a.agg, max_len=max_len)
+            if a.agg == "token_mean":
+                weight = mb.target_mask.sum() / total_tokens
+            else:
+                weight = (mb.target_mask.sum(-1) > 0).sum() / rows_with_tokens
+            loss = loss * weight
+            if a.beta > 0:
+                kl = masked_mean(kl_penalty(logp, refs[ci], a.kl_kind), mb.target_mask)
+                loss = loss + a.beta * kl * weight
+                sums["kl"] += (kl * weight).item()
+            loss.backward()
+            sums["loss"] += loss.item()
+            m = policy_loss_metrics(logp.detach(), old_logp, mb.advantages, mb.target_mask, a.clip_eps)
+            sums["clip_frac"] += m["clip_frac"] * float(weight)
+            sums["ratio_mean"] += m["ratio_mean"] * float(weight)
+        params = [p for p in model.parameters() if p.requires_grad]
+        gn = torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm if o.max_grad_norm > 0 else float("inf"))
+        optimizer.step()
+        stats = dict(sums, grad_norm=float(gn))
+    scheduler.step()
+    stats["lr"] = scheduler.get_last_lr()[0]
+    stats["time_update"] = time.time() - t0
+    return stats
+
+
+def _eval(model, tokenizer, task: Task, test_prompts, cfg: TrainConfig, label: str, bar) -> dict:
+    budget = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
+    if bar is not None:
+        bar.set_description(f"eval {label}")
+    res = evaluate(model, tokenizer, task.test, test_prompts, budget, cfg.eval.batch_size)
+    if bar is not None:
+        bar.set_description("train")
+    return res
+
+
+def train(cfg: TrainConfig, quiet: bool = False) -> dict:
+    """Run a whole job; returns (and writes) the summary."""
+    t_start = time.time()
+    run = cfg.log.path
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if cfg.model.threads:
+        torch.set_num_threads(cfg.model.threads)
+    torch.manual_seed(cfg.optim.seed)
+    device = resolve_device(cfg.model.device)
+
+    model, tokenizer = load_policy(cfg.model.name, device=str(device), dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation)
+    ref_model = None
+    if cfg.model.lora_r > 0:
+        model = apply_lora(model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_targets)
+    elif cfg.algo.beta > 0:
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    d = cfg.data
+    task = load_task(d.source, d.format, d.n_train, d.n_test, d.difficulty, d.seed, d.instruction, d.test_source, d.skip_bad)
+    reward_set = RewardSet.from_config(cfg.algo.rewards)
+    train_prompts = [prompt_ids(tokenizer, ex, task.instruction) for ex in task.train]
+    test_prompts = [prompt_ids(tokenizer, ex, task.instruction) for ex in task.test]
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
+    warm = cfg.optim.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    sampler = PromptSampler(len(task.train), cfg.optim.seed)
+
+    bar = None
+    if cfg.log.progress and not quiet:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.optim.steps, desc="train", dynamic_ncols=True)
+    summary: dict = {"run": str(run), "model": cfg.model.name, "K": cfg.rollout.K, "M": cfg.rollout.M, "data_skipped": task.skipped}
+    if cfg.eval.before:
+        summary["eval_before"] = _eval(model, tokenizer, task, test_prompts, cfg, "before", bar)
+    metrics_path, samples_path = run / "metrics.jsonl", run / "samples.jsonl"
+    metrics_path.write_text("")
+    samples_path.write_text("")
+    failures_total: dict[str, int] = {}
+    t_train = time.time()
+    for step in range(1, cfg.optim.steps + 1):
+        idx = sampler.take(cfg.rollout.prompts_per_step)
+        data = rollout_step(model, tokenizer, [task.train[i] for i in idx], [train_prompts[i] for i in idx], reward_set, cfg)
+        stats = update_step(model, ref_model, optimizer, scheduler, data, cfg, device)
+        row = {"step": step, **data.metrics, **stats, "elapsed": round(time.time() - t_start, 2)}
+        for k, v in row.items():
+            if k.startswith("reward_failures/"):
+                failures_total[k.split("/", 1)[1]] = failures_total.get(k.split("/", 1)[1], 0) + v
+        if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.optim.steps:
+            ev = _eval(model, tokenizer, task, test_prompts, cfg, f"step {step}", bar)
+            row["eval_accuracy"] = ev["accuracy"]
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if cfg.log.samples_every and step % cfg.log.samples_every == 0:
+            texts = leaf_texts(tokenizer, data.trees[:1], cfg.rollout.K, cfg.rollout.M)
+            with samples_path.open("a") as f:
+                f.write(json.dumps({"step": step, "prompt": task.train[idx[0]].prompt, "answer": task.train[idx[0]].answer,
+                                    "rewards": data.rewards[0].flatten().tolist(), "completions": texts}) + "\n")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(reward=f"{row['reward']:.3f}", std=f"{row['reward_std_within']:.2f}", len=f"{row['completion_tokens']:.0f}",
+                            loss=f"{row['loss']:.4f}", gen=f"{row['time_generate']:.1f}s", upd=f"{row['time_update']:.1f}s")
+    train_seconds = time.time() - t_train
+    if cfg.eval.after:
+        summary["eval_after"] = _eval(model, tokenizer, task, test_prompts, cfg, "after", bar)
+    if bar is not None:
+        bar.close()
+    if cfg.log.save_model:
+        model.save_pretrained(run / "model")
+        tokenizer.save_pretrained(run / "model")
+    summary.update(
+        steps=cfg.optim.steps,
+        train_seconds=round(train_seconds, 2),
+        wall_seconds=round(time.time() - t_start, 2),
+        reward_failures=failures_total,
+    )
+    if "eval_before" in summary and "eval_after" in summary:
+        summary["accuracy_gain"] = summary["eval_after"]["accuracy"] - summary["eval_before"]["accuracy"]
+    (run / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
