@@ -314,6 +314,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         _require(isinstance(value, bool), name, f"must be true or false, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "2e-5" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         _require(isinstance(value, (int, float)) and not isinstance(value, bool), name, f"must be a number, got {value!r}")
         return float(value)
     if tp is int:

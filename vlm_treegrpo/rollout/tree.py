@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from vlm_treegrpo.core.tree_packing import predictor_positions, tree_attention_mask, tree_positions
 
@@ -84,6 +84,32 @@ def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor
     return ids.to(device), mask.to(device)
 
 
+DELIMITER_WINDOW = 4
+"""Tokens decoded at each step to look for a branch delimiter (a delimiter spans fewer tokens)."""
+
+
+def _has_delimiter(tokenizer, ids: list[int], delimiters: list[str]) -> bool:
+    tail = tokenizer.decode(ids[-DELIMITER_WINDOW:], skip_special_tokens=False)
+    return any(d in tail for d in delimiters)
+
+
+class DelimiterStop(StoppingCriteria):
+    """Stops each row once its newly generated tail contains a branch delimiter.
+
+    Cheaper than transformers' ``stop_strings`` (which precomputes tables over the whole
+    vocabulary on first use): it decodes only the last few generated tokens of each row.
+    """
+
+    def __init__(self, tokenizer, delimiters: list[str], prompt_len: int):
+        self.tokenizer, self.delimiters, self.prompt_len = tokenizer, list(delimiters), prompt_len
+
+    def __call__(self, input_ids: Tensor, scores, **kwargs) -> Tensor:
+        n_new = input_ids.shape[1] - self.prompt_len
+        tails = input_ids[:, -min(n_new, DELIMITER_WINDOW) :].tolist() if n_new > 0 else [[] for _ in range(len(input_ids))]
+        done = [bool(t) and _has_delimiter(self.tokenizer, t, self.delimiters) for t in tails]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -107,8 +133,8 @@ def generate(
     gen_cfg = sampling.generation_config(max_new_tokens, pad_id, eos, n)
     extra = {}
     if stop_strings:
-        gen_cfg.stop_strings = list(stop_strings)
-        extra["tokenizer"] = tokenizer
+        stopper = DelimiterStop(tokenizer, stop_strings, input_ids.shape[1])
+        extra["stopping_criteria"] = StoppingCriteriaList([stopper])
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg, **extra)
     new = out[:, input_ids.shape[1] :].tolist()
     eos_set = set(eos)
@@ -125,8 +151,7 @@ def generate(
             ended.append(False)
             continue
         head = row[:cut]
-        text = tokenizer.decode(head, skip_special_tokens=False) if stop_strings else ""
-        if stop_strings and head and any(text.endswith(s) for s in stop_strings):
+        if stop_strings and head and _has_delimiter(tokenizer, head, stop_strings):
             # Stopped at a branch delimiter; what follows is padding (pad == EOS here).
             results.append(head)
             ended.append(False)

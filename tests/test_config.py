@@ -1,0 +1,69 @@
+"""Config loading: defaults, overrides, and errors that name the field."""
+from __future__ import annotations
+
+import pytest
+
+from vlm_treegrpo.config import ConfigError, config_from_dict, load_config
+
+
+def test_defaults_and_overrides():
+    cfg = config_from_dict({"rollout": {"K": 3}}, ["rollout.M=4", "optim.lr=2e-5", "log.name=x", "algo.rewards=[correctness, format]"])
+    assert (cfg.rollout.K, cfg.rollout.M, cfg.rollout.G) == (3, 4, 12)
+    assert cfg.optim.lr == 2e-5 and cfg.log.name == "x"
+    assert cfg.algo.rewards == ["correctness", "format"]
+
+
+def test_int_widens_to_float_but_nothing_else_converts():
+    assert config_from_dict({}, ["optim.lr=1"]).optim.lr == 1.0
+    with pytest.raises(ConfigError, match=r"^rollout.K: must be an integer"):
+        config_from_dict({}, ["rollout.K=2.5"])
+    with pytest.raises(ConfigError, match=r"^log.progress: must be true or false"):
+        config_from_dict({}, ["log.progress=yes please"])
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("rollout.K=0", "rollout.K"),
+        ("algo.clip_eps=-0.1", "algo.clip_eps"),
+        ("algo.loss=ppo2", "algo.loss"),
+        ("algo.scale=max", "algo.scale"),
+        ("optim.lr=0", "optim.lr"),
+        ("rollout.temperature=0", "rollout.temperature"),
+        ("algo.bogus=1", "algo.bogus"),
+        ("nonsense.x=1", "nonsense"),
+        ("data.n_test=0", "data.n_test"),
+    ],
+)
+def test_bad_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({}, [override])
+    assert str(info.value).startswith(field)
+    assert "\n" not in str(info.value)
+
+
+def test_impossible_combinations():
+    with pytest.raises(ConfigError, match=r"^algo.answer_scope"):
+        config_from_dict({"rollout": {"K": 4, "M": 1}, "algo": {"answer_scope": "thought"}})
+    with pytest.raises(ConfigError, match=r"^algo.baseline"):
+        config_from_dict({"rollout": {"K": 4, "M": 2}, "algo": {"baseline": "rloo"}})
+    with pytest.raises(ConfigError, match=r"^rollout.K"):
+        config_from_dict({"rollout": {"K": 1, "M": 1}})
+
+
+def test_yaml_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("rollout:\n  K: 2\n  M: 3\n")
+    assert load_config(p).rollout.M == 3
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "missing.yaml")
+    p.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(p)
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml")):
+        load_config(path)
