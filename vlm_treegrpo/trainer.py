@@ -146,11 +146,17 @@ def update_step(model, ref_model, optimizer, scheduler, data: StepData, cfg: Tra
     t0 = time.time()
     model.train()
     batch = data.packed
-    N = batch.input_ids.shape[0]
-    chunks = [slice(i, i + o.micro_batch) for i in range(0, N, o.micro_batch)]
     total_tokens = batch.target_mask.sum().clamp(min=1)
     rows_with_tokens = (batch.target_mask.sum(-1) > 0).sum().clamp(min=1)
     max_len = batch.input_ids.shape[1]
+    # A tree whose advantages are all zero (every leaf got the same reward) adds exactly zero
+    # policy gradient; without a KL term it is skipped. The normalizers above still count it,
+    # so the gradient is identical to the unskipped one.
+    live = ((batch.advantages != 0) & (batch.target_mask > 0)).any(-1)  # [N]
+    if a.beta == 0:
+        batch = batch.rows(live)
+    N = batch.input_ids.shape[0]
+    chunks = [slice(i, i + o.micro_batch) for i in range(0, N, o.micro_batch)]
 
     def ref_logp(mb: PackedBatch) -> torch.Tensor:
         with torch.no_grad():
@@ -196,6 +202,7 @@ def update_step(model, ref_model, optimizer, scheduler, data: StepData, cfg: Tra
         stats = dict(sums, grad_norm=float(gn))
     scheduler.step()
     stats["lr"] = scheduler.get_last_lr()[0]
+    stats["trees_updated"] = int(N)
     stats["time_update"] = time.time() - t0
     return stats
 

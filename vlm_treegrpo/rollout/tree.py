@@ -208,7 +208,7 @@ class PackedBatch:
     advantages: Tensor  # [N, L] per-token advantage (0 off target)
     is_thought: Tensor  # [N, L] bool, thought tokens of unfinished thoughts (for metrics)
 
-    def rows(self, sl: slice) -> "PackedBatch":
+    def rows(self, sl: slice | Tensor) -> "PackedBatch":
         return PackedBatch(**{k: getattr(self, k)[sl] for k in self.__dataclass_fields__})
 
     def to(self, device) -> "PackedBatch":
