@@ -54,6 +54,8 @@ class ModelConfig:
     """Module names that get LoRA adapters."""
     threads: int = 0
     """torch CPU threads; 0 uses all cores."""
+    autocast: str = "none"
+    """Mixed precision for the training forward/backward: none or bfloat16 (weights stay in `dtype`)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "model.name", "must not be empty")
@@ -62,6 +64,7 @@ class ModelConfig:
         _require(self.lora_r >= 0, "model.lora_r", f"must be >= 0, got {self.lora_r}")
         _require(self.lora_alpha > 0, "model.lora_alpha", f"must be > 0, got {self.lora_alpha}")
         _require(self.threads >= 0, "model.threads", f"must be >= 0, got {self.threads}")
+        _choice(self.autocast, ("none", "bfloat16"), "model.autocast")
 
 
 @dataclass

@@ -44,6 +44,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def autocast_ctx(device: torch.device, kind: str):
+    """bf16 autocast for the training forward when asked (about 2x faster on CPUs with AVX512-BF16/AMX)."""
+    if kind == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
 def apply_lora(model, r: int, alpha: float, targets: list[str]):
     """Wrap the policy with LoRA adapters (peft); only the adapters train."""
     from peft import LoraConfig, get_peft_model
@@ -179,7 +186,8 @@ def update_step(model, ref_model, optimizer, scheduler, data: StepData, cfg: Tra
             mb = batch.rows(c).to(device)
             if mb.target_mask.sum() == 0:
                 continue
-            logp = packed_logp(model, mb, cfg.rollout.temperature)  # [n, L]
+            with autocast_ctx(device, cfg.model.autocast):
+                logp = packed_logp(model, mb, cfg.rollout.temperature)  # [n, L]
             old_logp = old[ci] if old is not None else logp.detach()
             loss = policy_loss(logp, old_logp, mb.advantages, mb.target_mask, kind=a.loss, clip_eps=a.clip_eps, agg=a.agg, max_len=max_len)
             if a.agg == "token_mean":

@@ -48,6 +48,9 @@ class Encoded:
     """Images in this prompt (0 for text-only)."""
     image_keys: tuple = ()
     """Identity of each image (e.g. a hash of its pixels) so a batch can encode each once."""
+    token_inputs: dict[str, Tensor] = field(default_factory=dict)
+    """Per-token extras of THIS sample, each ``[T]`` like ``input_ids`` (e.g. ``mm_token_type_ids``,
+    ``token_type_ids``); ``collate`` left-pads them with 0 (= text)."""
 
 
 class VLMAdapter(ABC):
@@ -57,6 +60,9 @@ class VLMAdapter(ABC):
     """Family name, e.g. 'qwen2-vl'."""
     presets: tuple[Preset, ...] = ()
     """Real-size checkpoints of this family."""
+    token_keys: tuple[str, ...] = ("token_type_ids", "mm_token_type_ids")
+    """Batch keys that are per-token ``[B, T]`` besides input_ids/attention_mask; completion
+    tokens get 0 (= text) in them (see :meth:`append_completion`)."""
 
     @abstractmethod
     def build_tiny(self, seed: int = 0) -> tuple[Any, Any]:
@@ -83,3 +89,36 @@ class VLMAdapter(ABC):
     @abstractmethod
     def vision_tower(self, model) -> torch.nn.Module:
         """The module that encodes pixels (used to count/cached image encodings)."""
+
+    # Optional methods: generic defaults that families override where they need to.
+
+    def append_completion(self, batch: dict[str, Tensor], completion_ids: Tensor, completion_mask: Tensor) -> dict[str, Tensor]:
+        """Model kwargs for prompt + completion: the left-padded prompt batch followed by
+        ``completion_ids [B, C]`` (right-padded, ``completion_mask [B, C]``). Per-token keys
+        (:attr:`token_keys`) get 0 on completion tokens; image tensors are unchanged."""
+        out = dict(batch)
+        out["input_ids"] = torch.cat([batch["input_ids"], completion_ids.to(batch["input_ids"])], dim=1)  # [B, T+C]
+        mask = batch["attention_mask"]
+        out["attention_mask"] = torch.cat([mask, completion_mask.to(mask)], dim=1)  # [B, T+C]
+        for key in self.token_keys:
+            if key in batch:
+                out[key] = torch.cat([batch[key], torch.zeros_like(completion_ids, dtype=batch[key].dtype)], dim=1)
+        return out
+
+    def position_ids(self, model, batch: dict[str, Tensor]) -> Tensor | None:
+        """Position ids for ``batch`` as the model's forward expects them, consistent with what
+        ``model.generate`` uses under left padding; None lets the model derive them itself."""
+        return None
+
+    def forward_logits(
+        self, model, batch: dict[str, Tensor], image_keys=None, dedupe_images: bool = True, **model_kwargs
+    ) -> Tensor:
+        """Logits ``[B, T, V]`` of the training forward on ``batch`` (e.g. from
+        :meth:`append_completion`). Families that can, encode each distinct image once when
+        ``dedupe_images`` (``image_keys``: the batch's images in order, one key per image, e.g.
+        :func:`vlm_treegrpo.vlm.batching.flat_image_keys`); the result equals the plain forward."""
+        kwargs = dict(batch)
+        if "position_ids" not in kwargs and (pos := self.position_ids(model, batch)) is not None:
+            kwargs["position_ids"] = pos
+        model_kwargs.setdefault("use_cache", False)
+        return model(**kwargs, **model_kwargs).logits

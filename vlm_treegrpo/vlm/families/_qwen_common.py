@@ -1,0 +1,312 @@
+"""What Qwen2-VL, Qwen2.5-VL and Qwen3-VL share: processor call, mRoPE positions, image dedupe.
+
+The three families process images the same way: the processor turns each image into a flat run
+of patches (``pixel_values [n_patches, C*tp*p*p]``) plus one ``image_grid_thw`` row, and expands
+each ``<|image_pad|>`` of the chat template into ``t*h*w / merge**2`` placeholder tokens. The LLM
+uses 3-D multimodal RoPE (mRoPE): text tokens advance one position on all three axes, an image
+spans its (t, h, w) grid. Subclasses differ only in classes and tiny sizes
+(:meth:`QwenVLAdapter._tiny_text_config`, :meth:`QwenVLAdapter._tiny_vision_config`).
+
+Left padding: positions come from the model's own ``get_rope_index`` with the attention mask
+(padding gets 0, every row starts at 0 on its first real token), which is what ``generate``
+computes for the prompt; completion tokens then continue at ``max prompt position + 1``, as
+generation's ``rope_deltas`` do, so the rollout and the training forward agree.
+
+Image dedupe (:meth:`QwenVLAdapter.forward_logits`): the K x M leaves of one prompt repeat its
+images; the vision tower runs once per distinct image and the per-image features are handed to
+the model through its ``mm_encoder_outputs`` argument (the transformers hook for precomputed
+encoder outputs), so the language model sees exactly what the plain forward computes.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import GenerationConfig
+
+from vlm_treegrpo.models.tokenizer import MODEL_MAX_LENGTH, build_local_tokenizer
+from vlm_treegrpo.vlm.adapter import Encoded, VLMAdapter
+from vlm_treegrpo.vlm.batching import concat_image_inputs, image_key, left_pad_ids, left_pad_token_inputs
+
+# Qwen2/2.5/3-VL special tokens besides <|endoftext|>, <|im_start|>, <|im_end|> (the base
+# tokenizer's ids 0, 1, 2), in the order of the real vocabulary.
+QWEN_VL_SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+# The Qwen2-VL / Qwen2.5-VL chat template as the hub checkpoints ship it (default system prompt,
+# one <|vision_start|><|image_pad|><|vision_end|> per image, expanded by the processor).
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Qwen3-VL-Instruct's template without its tool-calling branch: no default system prompt,
+# the same vision placeholders.
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{%- set image_count = namespace(value=0) %}{%- set video_count = namespace(value=0) %}"
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for content in message['content'] %}"
+    "{%- if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{%- set image_count.value = image_count.value + 1 %}"
+    "{%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{%- elif content['type'] == 'video' or 'video' in content %}"
+    "{%- set video_count.value = video_count.value + 1 %}"
+    "{%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{%- elif 'text' in content %}{{- content['text'] }}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+
+# Tiny sizes shared by the three families: text hidden 64 (4 heads of 16, 2 kv heads), 2 layers;
+# vision patches of 8 px merged 2 x 2, so a 64 x 64 image (resized to 48 x 48) is 36 patches
+# and 9 LLM tokens.
+TINY_PATCH = 8
+TINY_MERGE = 2
+TINY_TEXT_HIDDEN = 64
+TINY_MIN_PIXELS = 16 * 16
+TINY_MAX_PIXELS = 48 * 48
+
+
+def _vlm_core(model) -> Any:
+    """The inner ``Qwen*VLModel`` (owner of ``visual`` and ``get_rope_index``), also under PEFT."""
+    for module in model.modules():
+        if hasattr(module, "get_rope_index") and hasattr(module, "visual"):
+            return module
+    raise ValueError(f"{type(model).__name__} has no Qwen-VL core model (get_rope_index + visual)")
+
+
+def _content_groups(chunks: list[Tensor]) -> list[int]:
+    """A group id per image so that equal pixel tensors share one (fallback when no keys are given)."""
+    groups: list[int] = []
+    reps: list[Tensor] = []
+    for chunk in chunks:
+        for g, rep in enumerate(reps):
+            if rep.shape == chunk.shape and torch.equal(rep, chunk):
+                groups.append(g)
+                break
+        else:
+            groups.append(len(reps))
+            reps.append(chunk)
+    return groups
+
+
+def _select_images(outputs, index: list[int]):
+    """Re-index the per-image tuples of a ``get_image_features`` output (``pooler_output`` and,
+    for Qwen3-VL, each deepstack layer) by ``index``; unsplit fields are dropped."""
+    n = None if outputs.pooler_output is None else len(outputs.pooler_output)
+    fields = {}
+    for name, value in outputs.items():
+        if isinstance(value, (tuple, list)) and len(value) == n and all(isinstance(v, Tensor) for v in value):
+            fields[name] = tuple(value[i] for i in index)
+        elif isinstance(value, (tuple, list)) and all(isinstance(v, (tuple, list)) and len(v) == n for v in value):
+            fields[name] = [tuple(v[i] for i in index) for v in value]
+    return type(outputs)(**fields)
+
+
+class QwenVLAdapter(VLMAdapter):
+    """Shared Qwen-VL adapter; subclasses set the classes and the tiny sub-configs."""
+
+    config_cls: type
+    model_cls: type
+    processor_cls: type
+    image_processor_cls: type
+    video_processor_cls: type
+    chat_template: str = QWEN2_VL_CHAT_TEMPLATE
+    image_mean: tuple[float, float, float] | None = None
+    """Tiny image processor normalization; None keeps the class default (CLIP mean/std)."""
+    image_std: tuple[float, float, float] | None = None
+
+    # ---- tiny build -------------------------------------------------------------------------
+
+    def _tiny_text_config(self) -> dict:
+        """Family-specific tiny text sub-config (sizes and mRoPE sections)."""
+        raise NotImplementedError
+
+    def _tiny_vision_config(self) -> dict:
+        """Family-specific tiny vision sub-config."""
+        raise NotImplementedError
+
+    def tiny_tokenizer(self):
+        """The offline byte-level BPE with the Qwen-VL special tokens and this family's template."""
+        tokenizer = build_local_tokenizer(extra_special_tokens=QWEN_VL_SPECIAL_TOKENS)
+        tokenizer.chat_template = self.chat_template
+        tokenizer.padding_side = "left"
+        return tokenizer
+
+    def tiny_processor(self, tokenizer):
+        """The family's real processor class over small image/video processors."""
+        kwargs = dict(
+            patch_size=TINY_PATCH,
+            merge_size=TINY_MERGE,
+            temporal_patch_size=2,
+            size={"shortest_edge": TINY_MIN_PIXELS, "longest_edge": TINY_MAX_PIXELS},
+        )
+        if self.image_mean is not None:
+            kwargs.update(image_mean=list(self.image_mean), image_std=list(self.image_std))
+        return self.processor_cls(
+            image_processor=self.image_processor_cls(**kwargs),
+            tokenizer=tokenizer,
+            video_processor=self.video_processor_cls(**kwargs),
+            chat_template=self.chat_template,
+        )
+
+    def tiny_config(self, tokenizer):
+        """The small config sized to ``tokenizer``; image/video/vision ids are the tokenizer's."""
+        ids = tokenizer.convert_tokens_to_ids
+        text = dict(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=MODEL_MAX_LENGTH,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **self._tiny_text_config(),
+        )
+        return self.config_cls(
+            text_config=text,
+            vision_config=self._tiny_vision_config(),
+            image_token_id=ids("<|image_pad|>"),
+            video_token_id=ids("<|video_pad|>"),
+            vision_start_token_id=ids("<|vision_start|>"),
+            vision_end_token_id=ids("<|vision_end|>"),
+            tie_word_embeddings=True,
+        )
+
+    def build_tiny(self, seed: int = 0) -> tuple[Any, Any]:
+        """``(model, processor)``: a seeded random-init fp32 model on CPU in eval mode, offline.
+
+        The global torch RNG is seeded for the weight init and restored afterwards.
+        """
+        tokenizer = self.tiny_tokenizer()
+        processor = self.tiny_processor(tokenizer)
+        config = self.tiny_config(tokenizer)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = self.model_cls(config)
+        model = model.to(torch.float32)
+        model.generation_config = GenerationConfig(
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        model.eval()
+        return model, processor
+
+    # ---- per-prompt encoding and batching ---------------------------------------------------
+
+    def messages(self, text: str, n_images: int) -> list[dict]:
+        """One user turn: the images first, then the text (Qwen's documented layout)."""
+        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
+        return [{"role": "user", "content": content}]
+
+    def encode(self, processor, text: str, images: list) -> Encoded:
+        """Render the chat template and run the processor once for this prompt."""
+        images = list(images or [])
+        prompt = processor.apply_chat_template(self.messages(text, len(images)), tokenize=False, add_generation_prompt=True)
+        out = processor(text=[prompt], images=images or None, return_tensors="pt")
+        ids = out["input_ids"][0]  # [T]
+        if "mm_token_type_ids" in out:
+            mm = out["mm_token_type_ids"][0].long()  # [T] 0 text, 1 image, 2 video
+        else:
+            mm = (ids == processor.image_token_id).long() + 2 * (ids == processor.video_token_id).long()
+        image_inputs = {k: out[k] for k in ("pixel_values", "image_grid_thw") if images}
+        return Encoded(
+            input_ids=ids,
+            image_inputs=image_inputs,
+            n_images=len(images),
+            image_keys=tuple(image_key(im) for im in images),
+            token_inputs={"mm_token_type_ids": mm},
+        )
+
+    def collate(self, samples: list[Encoded], pad_id: int) -> dict[str, Tensor]:
+        """Left-padded ``input_ids``/``attention_mask``/``mm_token_type_ids`` ``[B, T]`` and the
+        images of all samples concatenated in order (``pixel_values [P, D]``, ``image_grid_thw
+        [N, 3]``). Ready for ``model(**batch)`` and ``model.generate(**batch)``, which derive the
+        mRoPE positions from ``mm_token_type_ids`` and the mask (see :meth:`position_ids`)."""
+        input_ids, attention_mask = left_pad_ids([s.input_ids for s in samples], pad_id)  # [B, T]
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        batch.update(left_pad_token_inputs(samples))
+        batch.update(concat_image_inputs(samples))
+        return batch
+
+    def vision_tower(self, model) -> torch.nn.Module:
+        return _vlm_core(model).visual
+
+    # ---- forward ----------------------------------------------------------------------------
+
+    def position_ids(self, model, batch: dict[str, Tensor]) -> Tensor:
+        """mRoPE positions ``[3, B, T]`` from the model's own ``get_rope_index`` under the mask
+        (0 on padding); text-only rows and batches get 0, 1, 2, ... from their first real token."""
+        input_ids = batch["input_ids"]
+        mm = batch.get("mm_token_type_ids")
+        if mm is None:
+            mm = torch.zeros_like(input_ids)
+        extra = {k: batch[k] for k in ("video_grid_thw", "second_per_grid_ts") if k in batch}
+        position_ids, _ = _vlm_core(model).get_rope_index(
+            input_ids,
+            mm_token_type_ids=mm,
+            image_grid_thw=batch.get("image_grid_thw"),
+            attention_mask=batch.get("attention_mask"),
+            **extra,
+        )
+        return position_ids  # [3, B, T]
+
+    def forward_logits(
+        self, model, batch: dict[str, Tensor], image_keys=None, dedupe_images: bool = True, **model_kwargs
+    ) -> Tensor:
+        """Logits ``[B, T, V]``; with ``dedupe_images`` each distinct image goes through the vision
+        tower once (identity from ``image_keys``, else from equal pixels)."""
+        kwargs = dict(batch)
+        if "position_ids" not in kwargs:
+            kwargs["position_ids"] = self.position_ids(model, batch)  # [3, B, T]
+        if dedupe_images and "pixel_values" in kwargs:
+            grid = kwargs["image_grid_thw"]  # [N, 3]
+            chunks = list(kwargs["pixel_values"].split(grid.prod(-1).tolist()))  # N x [n_patches, D]
+            if image_keys is None:
+                groups = _content_groups(chunks)
+            else:
+                if len(image_keys) != len(chunks):
+                    raise ValueError(f"{len(image_keys)} image keys for {len(chunks)} images in the batch")
+                first: dict = {}
+                groups = [first.setdefault(key, len(first)) for key in image_keys]
+            n_unique = max(groups) + 1
+            if n_unique < len(chunks):
+                unique = [groups.index(g) for g in range(n_unique)]  # first occurrence of each group
+                features = _vlm_core(model).get_image_features(
+                    torch.cat([chunks[i] for i in unique]), grid[unique], return_dict=True
+                )
+                kwargs.pop("pixel_values")
+                kwargs["mm_encoder_outputs"] = {"image": _select_images(features, groups)}
+        model_kwargs.setdefault("use_cache", False)
+        return model(**kwargs, **model_kwargs).logits
