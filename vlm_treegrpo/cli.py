@@ -30,20 +30,18 @@ def _cmd_eval(args) -> int:
 
     from vlm_treegrpo.data.sources import load_task
     from vlm_treegrpo.evaluate import evaluate
-    from vlm_treegrpo.models.loader import load_policy
-    from vlm_treegrpo.rollout.prompts import prompt_ids
+    from vlm_treegrpo.policy import make_policy
     from vlm_treegrpo.trainer import resolve_device
 
     cfg = load_config(args.config, args.overrides)
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
-    device = resolve_device(cfg.model.device)
     name = args.model or cfg.model.name
-    model, tok = load_policy(name, device=str(device), dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation)
+    policy = make_policy(name, resolve_device(cfg.model.device), cfg.model.dtype, cfg.model.attn_implementation)
     d = cfg.data
     task = load_task(d.source, d.format, d.n_train, d.n_test, d.difficulty, d.seed, d.instruction, d.test_source, d.skip_bad)
-    prompts = [prompt_ids(tok, ex, task.instruction) for ex in task.test]
-    res = evaluate(model, tok, task.test, prompts, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, cfg.eval.batch_size)
+    prompts = [policy.encode(ex, task.instruction) for ex in task.test]
+    res = evaluate(policy, task.test, prompts, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, cfg.eval.batch_size)
     print(json.dumps({"model": name, **res}, indent=2))
     return 0
 

@@ -55,7 +55,8 @@ class ModelConfig:
     threads: int = 0
     """torch CPU threads; 0 uses all cores."""
     autocast: str = "none"
-    """Mixed precision for the training forward/backward: none or bfloat16 (weights stay in `dtype`)."""
+    """Mixed precision for rollouts and the training forward/backward: none or bfloat16 (weights
+    and optimizer state stay in `dtype`; evaluation always runs in `dtype`)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "model.name", "must not be empty")

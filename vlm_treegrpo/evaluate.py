@@ -7,13 +7,11 @@ import torch
 
 from vlm_treegrpo.data.types import Example
 from vlm_treegrpo.rewards import correctness_reward, format_reward
-from vlm_treegrpo.rollout.tree import SamplingParams, generate
 
 
 @torch.no_grad()
 def evaluate(
-    model,
-    tokenizer,
+    policy,
     examples: list[Example],
     prompts: list[list[int]],
     max_new_tokens: int,
@@ -25,16 +23,15 @@ def evaluate(
     Returns ``{"accuracy", "format_rate", "mean_completion_tokens", "n", "seconds", "samples"}``
     where ``samples`` holds the first few (prompt, completion, answer, correct) for inspection.
     """
+    model = policy.model
     was_training = model.training
     model.eval()
     t0 = time.time()
     correct, formatted, lengths, samples = [], [], [], []
-    greedy = SamplingParams(greedy=True)
     for start in range(0, len(prompts), batch_size):
-        outs, _ = generate(model, tokenizer, prompts[start : start + batch_size], 1, max_new_tokens, greedy)
-        for j, ids in enumerate(outs):
+        outs = policy.greedy(prompts[start : start + batch_size], max_new_tokens)
+        for j, (ids, text) in enumerate(zip(outs, policy.decode(outs))):
             ex = examples[start + j]
-            text = tokenizer.decode(ids, skip_special_tokens=True)
             ok = correctness_reward(text, ex)
             correct.append(ok)
             formatted.append(format_reward(text, ex))

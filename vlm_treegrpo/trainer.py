@@ -31,11 +31,10 @@ from vlm_treegrpo.core.advantages import group_advantages, tree_advantages
 from vlm_treegrpo.core.losses import kl_penalty, masked_mean, policy_loss, policy_loss_metrics
 from vlm_treegrpo.data.sources import Task, load_task
 from vlm_treegrpo.evaluate import evaluate
-from vlm_treegrpo.models.loader import load_policy
+from vlm_treegrpo.policy import make_policy
 from vlm_treegrpo.rewards import RewardSet
-from vlm_treegrpo.rollout.logprobs import packed_logp
-from vlm_treegrpo.rollout.prompts import prompt_ids
-from vlm_treegrpo.rollout.tree import PackedBatch, SamplingParams, Tree, pack_trees, sample_trees
+from vlm_treegrpo.policy import Policy, TextPolicy, TrainBatch
+from vlm_treegrpo.rollout.tree import SamplingParams, Tree
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,14 +83,13 @@ class StepData:
     rewards: torch.Tensor  # [N, K, M]
     thought_adv: torch.Tensor  # [N, K]
     answer_adv: torch.Tensor  # [N, K, M]
-    packed: PackedBatch
+    packed: TrainBatch
     metrics: dict
 
 
-def leaf_texts(tokenizer, trees: list[Tree], K: int, M: int) -> list[str]:
+def leaf_texts(policy: Policy, trees: list[Tree], K: int, M: int) -> list[str]:
     """Decoded completion of every leaf, in (prompt, thought, continuation) order."""
-    ids = [t.leaf_ids(k, m) for t in trees for k in range(K) for m in range(M)]
-    return tokenizer.batch_decode(ids, skip_special_tokens=True)
+    return policy.decode([t.leaf_ids(k, m) for t in trees for k in range(K) for m in range(M)])
 
 
 def compute_advantages(rewards: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,25 +101,26 @@ def compute_advantages(rewards: torch.Tensor, cfg: TrainConfig) -> tuple[torch.T
     return tree_advantages(rewards, scale=a.scale, answer_scope=a.answer_scope, eps=a.eps)
 
 
-def rollout_step(model, tokenizer, examples, prompts, reward_set: RewardSet, cfg: TrainConfig) -> StepData:
+def rollout_step(policy: Policy, examples, prompts, reward_set: RewardSet, cfg: TrainConfig) -> StepData:
     """Sample trees, score leaves, compute advantages and pack the batch."""
     r = cfg.rollout
     N, K, M = len(examples), r.K, r.M
     t0 = time.time()
-    model.eval()
+    policy.model.eval()
     sampling = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
-    trees = sample_trees(model, tokenizer, prompts, K, M, r.thought_max_tokens, r.answer_max_tokens, sampling, r.branch_delimiters)
+    with autocast_ctx(next(policy.model.parameters()).device, cfg.model.autocast):
+        trees = policy.sample(prompts, K, M, r.thought_max_tokens, r.answer_max_tokens, sampling, r.branch_delimiters)
     t_gen = time.time() - t0
 
     t1 = time.time()
-    texts = leaf_texts(tokenizer, trees, K, M)
+    texts = leaf_texts(policy, trees, K, M)
     leaf_examples = [ex for ex in examples for _ in range(K * M)]
     scored = reward_set(texts, leaf_examples)
     rewards = scored.total.view(N, K, M)  # [N, K, M]
     thought_adv, answer_adv = compute_advantages(rewards, cfg)
     t_reward = time.time() - t1
 
-    packed = pack_trees(trees, thought_adv, answer_adv, tokenizer.pad_token_id)
+    packed = policy.pack(trees, thought_adv, answer_adv)
     leaf_std = rewards.view(N, K * M).std(dim=-1) if K * M > 1 else torch.zeros(N)  # [N]
     thought_lens = [len(th) for t in trees for th in t.thoughts]
     leaf_lens = [len(t.leaf_ids(k, m)) for t in trees for k in range(K) for m in range(M)]
@@ -147,10 +146,11 @@ def rollout_step(model, tokenizer, examples, prompts, reward_set: RewardSet, cfg
     return StepData(trees, rewards, thought_adv, answer_adv, packed, metrics)
 
 
-def update_step(model, ref_model, optimizer, scheduler, data: StepData, cfg: TrainConfig, device) -> dict:
+def update_step(policy: Policy, ref_policy: Policy | None, optimizer, scheduler, data: StepData, cfg: TrainConfig, device) -> dict:
     """One optimizer step (or ``updates_per_batch`` of them) on a packed rollout batch."""
     a, o = cfg.algo, cfg.optim
     t0 = time.time()
+    model = policy.model
     model.train()
     batch = data.packed
     total_tokens = batch.target_mask.sum().clamp(min=1)
@@ -163,19 +163,20 @@ def update_step(model, ref_model, optimizer, scheduler, data: StepData, cfg: Tra
     if a.beta == 0:
         batch = batch.rows(live)
     N = batch.input_ids.shape[0]
+    live_tokens = batch.target_mask.sum().clamp(min=1)
     chunks = [slice(i, i + o.micro_batch) for i in range(0, N, o.micro_batch)]
 
-    def ref_logp(mb: PackedBatch) -> torch.Tensor:
-        with torch.no_grad():
-            if ref_model is not None:
-                return packed_logp(ref_model, mb, cfg.rollout.temperature)
+    def ref_logp(mb: TrainBatch) -> torch.Tensor:
+        with torch.no_grad(), autocast_ctx(device, cfg.model.autocast):
+            if ref_policy is not None:
+                return ref_policy.logp(mb, cfg.rollout.temperature)
             with model.disable_adapter():  # LoRA: the base model is the reference
-                return packed_logp(model, mb, cfg.rollout.temperature)
+                return policy.logp(mb, cfg.rollout.temperature)
 
     old = None
     if a.updates_per_batch > 1:
-        with torch.no_grad():
-            old = [packed_logp(model, batch.rows(c).to(device), cfg.rollout.temperature) for c in chunks]
+        with torch.no_grad(), autocast_ctx(device, cfg.model.autocast):
+            old = [policy.logp(batch.rows(c).to(device), cfg.rollout.temperature) for c in chunks]
     refs = [ref_logp(batch.rows(c).to(device)) for c in chunks] if a.beta > 0 else None
 
     stats: dict[str, float] = {}
@@ -187,7 +188,7 @@ def update_step(model, ref_model, optimizer, scheduler, data: StepData, cfg: Tra
             if mb.target_mask.sum() == 0:
                 continue
             with autocast_ctx(device, cfg.model.autocast):
-                logp = packed_logp(model, mb, cfg.rollout.temperature)  # [n, L]
+                logp = policy.logp(mb, cfg.rollout.temperature)  # [n, L]
             old_logp = old[ci] if old is not None else logp.detach()
             loss = policy_loss(logp, old_logp, mb.advantages, mb.target_mask, kind=a.loss, clip_eps=a.clip_eps, agg=a.agg, max_len=max_len)
             if a.agg == "token_mean":
@@ -202,8 +203,9 @@ def update_step(model, ref_model, optimizer, scheduler, data: StepData, cfg: Tra
             loss.backward()
             sums["loss"] += loss.item()
             m = policy_loss_metrics(logp.detach(), old_logp, mb.advantages, mb.target_mask, a.clip_eps)
-            sums["clip_frac"] += m["clip_frac"] * float(weight)
-            sums["ratio_mean"] += m["ratio_mean"] * float(weight)
+            share = float(mb.target_mask.sum() / live_tokens)  # metrics average over updated tokens
+            sums["clip_frac"] += m["clip_frac"] * share
+            sums["ratio_mean"] += m["ratio_mean"] * share
         params = [p for p in model.parameters() if p.requires_grad]
         gn = torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm if o.max_grad_norm > 0 else float("inf"))
         optimizer.step()
@@ -215,11 +217,11 @@ def update_step(model, ref_model, optimizer, scheduler, data: StepData, cfg: Tra
     return stats
 
 
-def _eval(model, tokenizer, task: Task, test_prompts, cfg: TrainConfig, label: str, bar) -> dict:
+def _eval(policy: Policy, task: Task, test_prompts, cfg: TrainConfig, label: str, bar) -> dict:
     budget = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
     if bar is not None:
         bar.set_description(f"eval {label}")
-    res = evaluate(model, tokenizer, task.test, test_prompts, budget, cfg.eval.batch_size)
+    res = evaluate(policy, task.test, test_prompts, budget, cfg.eval.batch_size)
     if bar is not None:
         bar.set_description("train")
     return res
@@ -236,18 +238,20 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     torch.manual_seed(cfg.optim.seed)
     device = resolve_device(cfg.model.device)
 
-    model, tokenizer = load_policy(cfg.model.name, device=str(device), dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation)
-    ref_model = None
+    policy = make_policy(cfg.model.name, device, cfg.model.dtype, cfg.model.attn_implementation)
+    ref_policy = None
     if cfg.model.lora_r > 0:
-        model = apply_lora(model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_targets)
+        policy.model = apply_lora(policy.model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_targets)
     elif cfg.algo.beta > 0:
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        ref_policy = copy.copy(policy)
+        ref_policy.model = copy.deepcopy(policy.model).eval().requires_grad_(False)
+    model = policy.model
 
     d = cfg.data
     task = load_task(d.source, d.format, d.n_train, d.n_test, d.difficulty, d.seed, d.instruction, d.test_source, d.skip_bad)
     reward_set = RewardSet.from_config(cfg.algo.rewards)
-    train_prompts = [prompt_ids(tokenizer, ex, task.instruction) for ex in task.train]
-    test_prompts = [prompt_ids(tokenizer, ex, task.instruction) for ex in task.test]
+    train_prompts = [policy.encode(ex, task.instruction) for ex in task.train]
+    test_prompts = [policy.encode(ex, task.instruction) for ex in task.test]
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
@@ -262,7 +266,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         bar = tqdm(total=cfg.optim.steps, desc="train", dynamic_ncols=True)
     summary: dict = {"run": str(run), "model": cfg.model.name, "K": cfg.rollout.K, "M": cfg.rollout.M, "data_skipped": task.skipped}
     if cfg.eval.before:
-        summary["eval_before"] = _eval(model, tokenizer, task, test_prompts, cfg, "before", bar)
+        summary["eval_before"] = _eval(policy, task, test_prompts, cfg, "before", bar)
     metrics_path, samples_path = run / "metrics.jsonl", run / "samples.jsonl"
     metrics_path.write_text("")
     samples_path.write_text("")
@@ -270,19 +274,19 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     t_train = time.time()
     for step in range(1, cfg.optim.steps + 1):
         idx = sampler.take(cfg.rollout.prompts_per_step)
-        data = rollout_step(model, tokenizer, [task.train[i] for i in idx], [train_prompts[i] for i in idx], reward_set, cfg)
-        stats = update_step(model, ref_model, optimizer, scheduler, data, cfg, device)
+        data = rollout_step(policy, [task.train[i] for i in idx], [train_prompts[i] for i in idx], reward_set, cfg)
+        stats = update_step(policy, ref_policy, optimizer, scheduler, data, cfg, device)
         row = {"step": step, **data.metrics, **stats, "elapsed": round(time.time() - t_start, 2)}
         for k, v in row.items():
             if k.startswith("reward_failures/"):
                 failures_total[k.split("/", 1)[1]] = failures_total.get(k.split("/", 1)[1], 0) + v
         if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.optim.steps:
-            ev = _eval(model, tokenizer, task, test_prompts, cfg, f"step {step}", bar)
+            ev = _eval(policy, task, test_prompts, cfg, f"step {step}", bar)
             row["eval_accuracy"] = ev["accuracy"]
         with metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if cfg.log.samples_every and step % cfg.log.samples_every == 0:
-            texts = leaf_texts(tokenizer, data.trees[:1], cfg.rollout.K, cfg.rollout.M)
+            texts = leaf_texts(policy, data.trees[:1], cfg.rollout.K, cfg.rollout.M)
             with samples_path.open("a") as f:
                 f.write(json.dumps({"step": step, "prompt": task.train[idx[0]].prompt, "answer": task.train[idx[0]].answer,
                                     "rewards": data.rewards[0].flatten().tolist(), "completions": texts}) + "\n")
@@ -292,12 +296,12 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
                             loss=f"{row['loss']:.4f}", gen=f"{row['time_generate']:.1f}s", upd=f"{row['time_update']:.1f}s")
     train_seconds = time.time() - t_train
     if cfg.eval.after:
-        summary["eval_after"] = _eval(model, tokenizer, task, test_prompts, cfg, "after", bar)
+        summary["eval_after"] = _eval(policy, task, test_prompts, cfg, "after", bar)
     if bar is not None:
         bar.close()
     if cfg.log.save_model:
-        model.save_pretrained(run / "model")
-        tokenizer.save_pretrained(run / "model")
+        policy.model.save_pretrained(run / "model")
+        policy.tokenizer.save_pretrained(run / "model")
     summary.update(
         steps=cfg.optim.steps,
         train_seconds=round(train_seconds, 2),

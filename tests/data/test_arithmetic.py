@@ -24,6 +24,8 @@ def test_deterministic_and_seed_sensitive() -> None:
 def test_answers_and_step_counts(difficulty: int, max_num: int) -> None:
     examples = make_arithmetic(300, seed=0, difficulty=difficulty)
     assert len(examples) == 300
+    # both operation counts of the level occur
+    assert {len(ex.meta["ops"]) for ex in examples} == {difficulty, difficulty + 1}
     assert len({ex.prompt for ex in examples}) == 300
     for i, ex in enumerate(examples):
         assert isinstance(ex, Example)
@@ -31,7 +33,7 @@ def test_answers_and_step_counts(difficulty: int, max_num: int) -> None:
         assert meta["source"] == "arithmetic"
         assert meta["difficulty"] == difficulty
         assert meta["index"] == i
-        assert len(meta["ops"]) == difficulty + 1
+        assert difficulty <= len(meta["ops"]) <= difficulty + 1
         assert 1 <= meta["start"] <= max_num
         assert ex.answer == str(apply_ops(meta["start"], meta["ops"]))
         assert int(ex.answer) >= 0

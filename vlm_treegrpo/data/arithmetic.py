@@ -1,7 +1,7 @@
 """Seeded synthetic arithmetic word problems: a small, verifiable task for smoke runs.
 
-Each problem starts with a person owning some objects and then applies
-``difficulty + 1`` operations to that count (buy more, give away, double, buy
+Each problem starts with a person owning some objects and then applies between
+``difficulty`` and ``difficulty + 1`` operations to that count (buy more, give away, double, buy
 packs of M, ...).  The answer is computed exactly while the text is built, and
 every intermediate count stays a non-negative integer.
 
@@ -55,14 +55,21 @@ class _Level:
     """Largest number of objects per pack."""
     need_mult: bool
     """Whether at least one multiplicative step (mul / packs) is guaranteed."""
+    min_ops: int
+    """Fewest operations in a problem."""
+    max_ops: int
+    """Most operations in a problem (the count is drawn uniformly in [min_ops, max_ops])."""
 
 
 DIFFICULTIES: dict[int, _Level] = {
-    1: _Level(max_num=9, max_mult=2, max_packs=3, max_pack_size=9, need_mult=False),
-    2: _Level(max_num=20, max_mult=3, max_packs=4, max_pack_size=10, need_mult=False),
-    3: _Level(max_num=50, max_mult=5, max_packs=5, max_pack_size=12, need_mult=True),
+    1: _Level(max_num=9, max_mult=2, max_packs=3, max_pack_size=9, need_mult=False, min_ops=1, max_ops=2),
+    2: _Level(max_num=20, max_mult=3, max_packs=4, max_pack_size=10, need_mult=False, min_ops=2, max_ops=3),
+    3: _Level(max_num=50, max_mult=5, max_packs=5, max_pack_size=12, need_mult=True, min_ops=3, max_ops=4),
 }
-"""Supported difficulty levels; the number of operations is ``difficulty + 1``."""
+"""Supported difficulty levels; a level-d problem has d or d + 1 operations.
+
+Level 1 (one or two steps, numbers up to 9) is the default: SmolLM2-135M-Instruct solves
+roughly a quarter of it greedily, which leaves room to learn."""
 
 _MUL_CAP = 200
 """Multiplication is not drawn once the running count exceeds this (keeps answers readable)."""
@@ -189,7 +196,7 @@ def _render_op(rng: random.Random, op: tuple, fmt: dict[str, str], obj: tuple[st
 def _one_problem(rng: random.Random, difficulty: int) -> tuple[str, int, int, list[tuple]]:
     """Draw one problem: (prompt, answer, start, ops)."""
     level = DIFFICULTIES[difficulty]
-    n_ops = difficulty + 1
+    n_ops = rng.randint(level.min_ops, level.max_ops)
     name, gender = rng.choice(_PEOPLE)
     friend = rng.choice([p for p, _ in _PEOPLE if p != name])
     obj = rng.choice(_OBJECTS)
@@ -262,7 +269,7 @@ def _generate(
 def make_arithmetic(n: int, seed: int, difficulty: int = 1) -> list[Example]:
     """Return ``n`` distinct arithmetic word problems; same arguments give the same list.
 
-    ``difficulty`` 1, 2, 3 gives 2, 3, 4 operations with operands up to 9, 20, 50
+    ``difficulty`` 1, 2, 3 gives 1-2, 2-3, 3-4 operations with operands up to 9, 20, 50
     (level 3 always contains a multiplication).  Answers are non-negative integers.
     """
     return _generate(n, random.Random(_stream_seed(seed, "train")), difficulty)

@@ -21,19 +21,26 @@ def packed_logp(model, batch: PackedBatch, temperature: float = 1.0) -> Tensor:
     prompt runs once per tree and each thought once, whatever K and M are.
     """
     dtype = next(model.parameters()).dtype
+    # Only positions that predict a completion token need logits: skipping the prompt's saves
+    # the vocabulary projection there (a large share of a small model's compute).
+    need = torch.unique(batch.pred_pos[batch.target_mask > 0])  # [U] sorted
+    if need.numel() == 0:
+        need = torch.zeros(1, dtype=torch.long, device=batch.pred_pos.device)
     out = model(
         input_ids=batch.input_ids,
         attention_mask=additive_mask(batch.attention_mask, dtype),
         position_ids=batch.position_ids,
         use_cache=False,
+        logits_to_keep=need,
     )
-    logits = out.logits.float()  # [N, L, V]
+    logits = out.logits.float()  # [N, U, V]
     if temperature != 1.0:
         logits = logits / temperature
-    N, L, V = logits.shape
-    lse = torch.logsumexp(logits, dim=-1)  # [N, L]
-    flat = logits.reshape(N * L, V)  # [N*L, V]
-    rows = (torch.arange(N, device=logits.device)[:, None] * L + batch.pred_pos).reshape(-1)  # [N*L]
-    picked = flat[rows, batch.input_ids.reshape(-1)].view(N, L)  # [N, L] logit of the actual token
-    logp = picked - lse.gather(1, batch.pred_pos)  # [N, L]
+    N, U, V = logits.shape
+    col = torch.searchsorted(need, batch.pred_pos).clamp(max=U - 1)  # [N, L] column of each predictor
+    lse = torch.logsumexp(logits, dim=-1)  # [N, U]
+    flat = logits.reshape(N * U, V)  # [N*U, V]
+    rows = (torch.arange(N, device=logits.device)[:, None] * U + col).reshape(-1)  # [N*L]
+    picked = flat[rows, batch.input_ids.reshape(-1)].view_as(col)  # [N, L] logit of the actual token
+    logp = picked - lse.gather(1, col)  # [N, L]
     return torch.where(batch.target_mask > 0, logp, torch.zeros_like(logp))
