@@ -26,5 +26,10 @@ demo: prepare
 test: setup
 	$(PY) -m pytest -q tests
 
+# Our trainer against TRL's GRPOTrainer (SmolLM2-135M, arithmetic); BENCH_ARGS=--quick for a smoke run.
+bench: prepare
+	$(PY) -m pip install -q -e '.[bench]'
+	$(VENV)/bin/vlm-treegrpo bench $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) runs

@@ -67,3 +67,23 @@ def test_every_shipped_config_loads():
 
     for path in sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml")):
         load_config(path)
+
+
+def test_theory_fields_defaults_and_validation():
+    a = config_from_dict({}).algo
+    assert (a.credit, a.rredcot_segmenter, a.rredcot_values, a.diag_every) == ("outcome", "delimiters", "answer_prob", 5)
+    cfg = config_from_dict({}, ["algo.credit=rredcot", "algo.rredcot_segmenter=hybrid", "algo.rredcot_values=importance", "algo.diag_every=0"])
+    assert cfg.algo.credit == "rredcot" and cfg.algo.diag_every == 0
+    for override, field in [
+        ("algo.credit=mc", "algo.credit"),
+        ("algo.rredcot_segmenter=keywords", "algo.rredcot_segmenter"),
+        ("algo.rredcot_values=mc", "algo.rredcot_values"),
+        ("algo.rredcot_min_len=0", "algo.rredcot_min_len"),
+        ("algo.rredcot_entropy_quantile=1.5", "algo.rredcot_entropy_quantile"),
+        ("algo.diag_every=-1", "algo.diag_every"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            config_from_dict({}, [override])
+        assert str(info.value).startswith(field)
+    with pytest.raises(ConfigError, match=r"^algo.answer_scope"):
+        config_from_dict({"rollout": {"K": 2, "M": 2}}, ["algo.credit=rredcot", "algo.answer_scope=thought"])

@@ -1,4 +1,4 @@
-"""The ``vlm-treegrpo`` command line: train, eval, prepare, presets.
+"""The ``vlm-treegrpo`` command line: train, eval, advise, bench, prepare, presets.
 
 Config problems exit with status 2 and one line naming the field.
 """
@@ -39,10 +39,21 @@ def _cmd_eval(args) -> int:
     name = args.model or cfg.model.name
     policy = make_policy(name, resolve_device(cfg.model.device), cfg.model.dtype, cfg.model.attn_implementation)
     d = cfg.data
-    task = load_task(d.source, d.format, d.n_train, d.n_test, d.difficulty, d.seed, d.instruction, d.test_source, d.skip_bad)
+    task = load_task(d.source, d.format, d.n_train, d.n_test, d.difficulty, d.seed, d.instruction, d.test_source, d.skip_bad,
+                     image_size=d.image_size)
     prompts = [policy.encode(ex, task.instruction) for ex in task.test]
     res = evaluate(policy, task.test, prompts, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, cfg.eval.batch_size)
     print(json.dumps({"model": name, **res}, indent=2))
+    return 0
+
+
+def _cmd_advise(args) -> int:
+    from vlm_treegrpo.advise import advise, format_table
+
+    cfg = load_config(args.config, args.overrides)
+    out = advise(cfg, prompts=args.prompts)
+    print(format_table(out))
+    print(f"wrote {cfg.log.path / 'advise.json'}")
     return 0
 
 
@@ -57,11 +68,20 @@ def _cmd_prepare(args) -> int:
 
 def _cmd_presets(args) -> int:
     from vlm_treegrpo.models.loader import list_builtins
+    from vlm_treegrpo.vlm.registry import vlm_builtins
 
-    rows = list_builtins()
+    rows = list_builtins() + vlm_builtins()
     width = max(len(r["name"]) for r in rows)
+    fam = max(len(r["family"]) for r in rows)
     for r in rows:
-        print(f"{r['name']:<{width}}  {r['family']:<10} {r['params']:>6}  {r['source']}")
+        print(f"{r['name']:<{width}}  {r['family']:<{fam}} {r['params']:>6}  {r['source']}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from vlm_treegrpo.bench import run
+
+    run(args)
     return 0
 
 
@@ -75,10 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--model", help="model to evaluate (default: the config's model.name), e.g. runs/x/model")
         p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. rollout.M=4")
         p.set_defaults(fn=fn)
+    p = sub.add_parser("advise", help="group-size advisor: estimate the best G and K x M from one batch")
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--prompts", type=int, default=0, help="prompts in the measured batch (default: rollout.prompts_per_step)")
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. rollout.K=8")
+    p.set_defaults(fn=_cmd_advise)
     p = sub.add_parser("prepare", help="build the offline copy of a built-in model")
     p.add_argument("model", nargs="?", default="smollm2-135m-instruct")
     p.add_argument("--force", action="store_true")
     p.set_defaults(fn=_cmd_prepare)
+    p = sub.add_parser("bench", help="throughput against TRL's GRPOTrainer on identical work (or --scaling)")
+    from vlm_treegrpo.bench import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(fn=_cmd_bench)
     p = sub.add_parser("presets", help="list built-in models and presets")
     p.set_defaults(fn=_cmd_presets)
     return parser

@@ -17,6 +17,12 @@ import yaml
 
 from vlm_treegrpo.core.advantages import ANSWER_SCOPES, BASELINES, SCALES
 from vlm_treegrpo.core.losses import AGGREGATIONS, KL_KINDS, POLICY_LOSSES
+from vlm_treegrpo.data.visual import DIFFICULTIES as VISUAL_DIFFICULTIES
+from vlm_treegrpo.data.visual import MIN_IMAGE_SIZE
+
+CREDITS = ("outcome", "rredcot")
+SEGMENTERS = ("delimiters", "entropy", "hybrid")
+VALUE_ESTIMATORS = ("answer_prob", "importance")
 
 
 class ConfigError(ValueError):
@@ -73,9 +79,12 @@ class DataConfig:
     """Where prompts and reference answers come from."""
 
     source: str = "arithmetic"
-    """'arithmetic' (built-in synthetic task), a local .jsonl/.json/.parquet file, or a hub dataset id."""
+    """'arithmetic' or 'visual' (built-in synthetic tasks; 'visual' has one image per question and
+    needs a vision-language model), a local .jsonl/.json/.parquet file, or a hub dataset id."""
     format: str = "gsm8k"
-    """Record format of a file or hub source: gsm8k (question/answer '#### N') or math (problem/solution \\boxed{})."""
+    """Record format of a file or hub source: gsm8k (question/answer '#### N'), math (problem/solution
+    \\boxed{}) or visual (image-question records: Geometry3K / CLEVR / MathVista fields; the default
+    instruction asks for a number, set `instruction` for multiple-choice data)."""
     test_source: str = ""
     """Held-out source for file/hub data; empty uses `source` with split 'test'."""
     n_train: int = 2000
@@ -90,10 +99,18 @@ class DataConfig:
     """Text appended to every prompt; 'default' uses the task's answer-format instruction, '' adds nothing."""
     skip_bad: bool = False
     """Skip (and count) records without an answer instead of failing on the first one."""
+    image_size: int = 64
+    """Side in pixels of the synthetic visual task's images (source 'visual'; the processor resizes them)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.source), "data.source", "must not be empty")
-        _choice(self.format, ("gsm8k", "math"), "data.format")
+        _choice(self.format, ("gsm8k", "math", "visual"), "data.format")
+        _require(self.image_size >= MIN_IMAGE_SIZE, "data.image_size", f"must be >= {MIN_IMAGE_SIZE}, got {self.image_size}")
+        _require(
+            self.source != "visual" or self.difficulty in VISUAL_DIFFICULTIES,
+            "data.difficulty",
+            f"the visual task has levels {sorted(VISUAL_DIFFICULTIES)}, got {self.difficulty}",
+        )
         _require(self.n_train >= 0, "data.n_train", f"must be >= 0, got {self.n_train}")
         _require(self.n_test >= 1, "data.n_test", f"must be >= 1, got {self.n_test}")
         _require(self.difficulty >= 1, "data.difficulty", f"must be >= 1, got {self.difficulty}")
@@ -175,9 +192,37 @@ class AlgoConfig:
     """Optimizer passes over each rollout batch; 1 is on-policy (old log-probs not recomputed)."""
     eps: float = 1e-6
     """Added to the std before dividing."""
+    credit: str = "outcome"
+    """Credit assignment: outcome (one advantage per thought/continuation) or rredcot (RREDCoT,
+    arXiv 2606.06475: per-segment advantages from model-estimated prefix values; text policies)."""
+    rredcot_segmenter: str = "delimiters"
+    """RREDCoT segmentation: delimiters (line breaks, </think>, Step/So/Therefore), entropy (high-
+    entropy tokens start segments; one extra forward) or hybrid (both)."""
+    rredcot_values: str = "answer_prob"
+    """RREDCoT prefix values: answer_prob (p(gold answer | prefix + answer prefix), teacher-forced)
+    or importance (the group's other final answers, weighted by their likelihood after the prefix)."""
+    rredcot_min_len: int = 2
+    """Minimum tokens per RREDCoT segment (boundaries closer than this are dropped)."""
+    rredcot_entropy_quantile: float = 0.9
+    """Per-sequence entropy quantile above which a token starts a segment (entropy, hybrid)."""
+    rredcot_answer_prefix: str = "\nAnswer:"
+    """Text teacher-forced after each prefix before the scored answer tokens."""
+    diag_every: int = 5
+    """Per-prompt gradient diagnostics (update norm with/without std scaling, pairwise cosine)
+    every N steps; 0 = off. The reward-std statistics are logged every step regardless."""
 
     def __post_init__(self) -> None:
         _require(isinstance(self.rewards, list) and len(self.rewards) > 0, "algo.rewards", "must be a non-empty list")
+        _choice(self.credit, CREDITS, "algo.credit")
+        _choice(self.rredcot_segmenter, SEGMENTERS, "algo.rredcot_segmenter")
+        _choice(self.rredcot_values, VALUE_ESTIMATORS, "algo.rredcot_values")
+        _require(self.rredcot_min_len >= 1, "algo.rredcot_min_len", f"must be >= 1, got {self.rredcot_min_len}")
+        _require(
+            0.0 <= self.rredcot_entropy_quantile <= 1.0,
+            "algo.rredcot_entropy_quantile",
+            f"must be in [0, 1], got {self.rredcot_entropy_quantile}",
+        )
+        _require(self.diag_every >= 0, "algo.diag_every", f"must be >= 0, got {self.diag_every}")
         _choice(self.loss, POLICY_LOSSES, "algo.loss")
         _choice(self.scale, SCALES, "algo.scale")
         _choice(self.baseline, BASELINES, "algo.baseline")
@@ -207,7 +252,9 @@ class OptimConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 = off)."""
     micro_batch: int = 4
-    """Packed prompt trees per forward/backward (gradient accumulation splits the step)."""
+    """Rows per forward/backward (gradient accumulation splits the step): packed prompt trees for
+    text models, leaves for vision-language models (each distinct image is encoded once per
+    micro-batch, so keep a tree's K*M leaves in one)."""
     seed: int = 0
     """Seed for prompt order and sampling."""
 
@@ -298,6 +345,17 @@ class TrainConfig:
             "algo.baseline",
             f"trees (M={self.rollout.M} > 1) use the mean baseline of GRPO-MA; {self.algo.baseline!r} is for flat groups",
         )
+        if self.algo.credit == "rredcot":
+            _require(
+                self.algo.baseline == "mean",
+                "algo.baseline",
+                f"credit=rredcot centres segment returns on their prompt group's mean; {self.algo.baseline!r} does not apply",
+            )
+            _require(
+                self.algo.answer_scope == "group",
+                "algo.answer_scope",
+                "credit=rredcot gives per-segment advantages over the prompt group; 'thought' does not apply",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

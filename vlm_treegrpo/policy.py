@@ -8,6 +8,9 @@ methods over a family adapter.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -20,7 +23,9 @@ from vlm_treegrpo.rollout.tree import PackedBatch, SamplingParams, Tree, generat
 
 
 class TrainBatch(Protocol):
-    """What the update step needs of a packed batch (rows are prompt trees)."""
+    """What the update step needs of a training batch (rows are packed prompt trees for
+    :class:`TextPolicy`, leaves for the VLM policy; ``target_mask`` weights make both count each
+    thought once)."""
 
     target_mask: Tensor  # [N, L] float weights, 0 off target
     advantages: Tensor  # [N, L]
@@ -56,6 +61,9 @@ class Policy(Protocol):
     def decode(self, ids: list[list[int]]) -> list[str]:
         """Completion texts."""
 
+    def save(self, path: str | Path) -> None:
+        """Write what is needed to load this policy again by path (weights, tokenizer/processor)."""
+
 
 class TextPolicy:
     """A causal LM and its tokenizer. Trees are packed one row per prompt with tree attention."""
@@ -84,14 +92,48 @@ class TextPolicy:
     def decode(self, ids: list[list[int]]) -> list[str]:
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
+    def save(self, path: str | Path) -> None:
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
 
 def device_of(policy: Policy) -> torch.device:
     return next(policy.model.parameters()).device
 
 
-def make_policy(name: str, device: torch.device | str, dtype: str = "auto", attn_implementation: str = "auto") -> Policy:
-    """The policy for a model name (built-in, local directory or hub id). The config boundary."""
+PolicyBuilder = Callable[[torch.device | str, str, str], Policy]
+"""``build(device, dtype, attn_implementation) -> Policy`` for one model name."""
+
+
+def _text_policy(name: str, device, dtype: str, attn_implementation: str) -> TextPolicy:
     from vlm_treegrpo.models.loader import load_policy
 
     model, tokenizer = load_policy(name, device=str(device), dtype=dtype, attn_implementation=attn_implementation)
     return TextPolicy(model, tokenizer)
+
+
+def named_policies() -> dict[str, PolicyBuilder]:
+    """Every model known by name: the text built-ins, the tiny VLMs (``tiny-<family>``) and the
+    VLM presets (short name and hub id)."""
+    from vlm_treegrpo.models.loader import BUILTINS
+    from vlm_treegrpo.vlm.policy import load_vlm_policy, tiny_vlm_policy
+    from vlm_treegrpo.vlm.registry import TINY_NAMES, presets
+
+    out: dict[str, PolicyBuilder] = {name: partial(_text_policy, name) for name in BUILTINS}
+    out.update({name: partial(tiny_vlm_policy, family) for name, family in TINY_NAMES.items()})
+    out.update({name: partial(load_vlm_policy, family, p.hub_id) for name, (family, p) in presets().items()})
+    return out
+
+
+def make_policy(name: str, device: torch.device | str, dtype: str = "auto", attn_implementation: str = "auto") -> Policy:
+    """The policy for a model name. The config boundary: a known name (:func:`named_policies`),
+    else a local directory or hub id, a :class:`~vlm_treegrpo.vlm.policy.VLMPolicy` when its config
+    has a ``vision_config`` (family from ``model_type``), a :class:`TextPolicy` otherwise."""
+    from vlm_treegrpo.vlm.policy import load_vlm_policy
+    from vlm_treegrpo.vlm.registry import checkpoint_family
+
+    build = named_policies().get(name)
+    if build is None:
+        family = checkpoint_family(name)
+        build = partial(_text_policy, name) if family is None else partial(load_vlm_policy, family, name)
+    return build(device, dtype, attn_implementation)

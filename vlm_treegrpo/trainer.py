@@ -12,6 +12,13 @@ Departures from the papers, on purpose:
   share one reward.
 - With ``updates_per_batch = 1`` the update is on-policy: the old log-probs equal the current
   ones (detached), so no separate old-log-prob pass is run and GRPO's gradient equals RGRA's.
+
+Theory as features: every step logs the within-prompt reward-std statistics of arXiv 2601.23135
+(mean, spread, zero-std fraction); every ``algo.diag_every`` steps :func:`gradient_diagnostics`
+adds the norm of the update with and without the std scaling and the mean pairwise cosine of
+per-prompt gradients (on a small parameter subset, :mod:`vlm_treegrpo.scores`). With
+``algo.credit: rredcot`` the rollout's advantages are replaced by RREDCoT's per-segment ones
+(arXiv 2606.06475, :mod:`vlm_treegrpo.credit`).
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ import yaml
 
 from vlm_treegrpo.config import TrainConfig
 from vlm_treegrpo.core.advantages import group_advantages, tree_advantages
+from vlm_treegrpo.core.diagnostics import mean_pairwise_cosine, reward_std_stats, update_norms
 from vlm_treegrpo.core.losses import kl_penalty, masked_mean, policy_loss, policy_loss_metrics
 from vlm_treegrpo.data.sources import Task, load_task
 from vlm_treegrpo.evaluate import evaluate
@@ -35,6 +43,7 @@ from vlm_treegrpo.policy import make_policy
 from vlm_treegrpo.rewards import RewardSet
 from vlm_treegrpo.policy import Policy, TextPolicy, TrainBatch
 from vlm_treegrpo.rollout.tree import SamplingParams, Tree
+from vlm_treegrpo.scores import token_score_features, weighted_row_sums
 
 
 def resolve_device(name: str) -> torch.device:
@@ -92,17 +101,22 @@ def leaf_texts(policy: Policy, trees: list[Tree], K: int, M: int) -> list[str]:
     return policy.decode([t.leaf_ids(k, m) for t in trees for k in range(K) for m in range(M)])
 
 
-def compute_advantages(rewards: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """``rewards [N, K, M]`` -> ``(thought_adv [N, K], answer_adv [N, K, M])``."""
+def compute_advantages(rewards: torch.Tensor, cfg: TrainConfig, scale: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rewards [N, K, M]`` -> ``(thought_adv [N, K], answer_adv [N, K, M])``; ``scale`` overrides ``algo.scale``."""
     a = cfg.algo
+    scale = scale or a.scale
     if cfg.rollout.M == 1:
-        flat = group_advantages(rewards[:, :, 0], scale=a.scale, baseline=a.baseline, eps=a.eps)  # [N, K]
+        flat = group_advantages(rewards[:, :, 0], scale=scale, baseline=a.baseline, eps=a.eps)  # [N, K]
         return flat, torch.zeros_like(rewards)
-    return tree_advantages(rewards, scale=a.scale, answer_scope=a.answer_scope, eps=a.eps)
+    return tree_advantages(rewards, scale=scale, answer_scope=a.answer_scope, eps=a.eps)
 
 
-def rollout_step(policy: Policy, examples, prompts, reward_set: RewardSet, cfg: TrainConfig) -> StepData:
-    """Sample trees, score leaves, compute advantages and pack the batch."""
+def rollout_step(policy: Policy, examples, prompts, reward_set: RewardSet, cfg: TrainConfig, credit=None) -> StepData:
+    """Sample trees, score leaves, compute advantages and pack the batch.
+
+    ``credit`` (a :class:`vlm_treegrpo.credit.RRedCoT`, or None for outcome credit) replaces the
+    packed per-token advantages after packing.
+    """
     r = cfg.rollout
     N, K, M = len(examples), r.K, r.M
     t0 = time.time()
@@ -121,13 +135,18 @@ def rollout_step(policy: Policy, examples, prompts, reward_set: RewardSet, cfg: 
     t_reward = time.time() - t1
 
     packed = policy.pack(trees, thought_adv, answer_adv)
-    leaf_std = rewards.view(N, K * M).std(dim=-1) if K * M > 1 else torch.zeros(N)  # [N]
+    credit_metrics = {}
+    if credit is not None:
+        with autocast_ctx(next(policy.model.parameters()).device, cfg.model.autocast):
+            packed, credit_metrics = credit(policy, trees, examples, rewards, packed, texts)
+    std_stats = reward_std_stats(rewards.view(N, K * M))  # over all K*M leaves of each prompt
     thought_lens = [len(th) for t in trees for th in t.thoughts]
     leaf_lens = [len(t.leaf_ids(k, m)) for t in trees for k in range(K) for m in range(M)]
     metrics = {
         "reward": rewards.mean().item(),
-        "reward_std_within": leaf_std.mean().item(),
-        "zero_std_frac": (leaf_std == 0).float().mean().item(),
+        "reward_std_within": std_stats["mean_std"],
+        "reward_std_spread": std_stats["spread"],
+        "zero_std_frac": std_stats["zero_std_frac"],
         "thought_value_std": rewards.mean(-1).std(-1).mean().item() if K > 1 else 0.0,
         "completion_tokens": sum(leaf_lens) / len(leaf_lens),
         "thought_tokens": sum(thought_lens) / len(thought_lens),
@@ -136,6 +155,7 @@ def rollout_step(policy: Policy, examples, prompts, reward_set: RewardSet, cfg: 
         "unpacked_tokens": sum(len(t.prompt_ids) for t in trees for _ in range(K * M)) + sum(leaf_lens),
         "time_generate": t_gen,
         "time_reward": t_reward,
+        **credit_metrics,
     }
     for name, values in scored.per_fn.items():
         metrics[f"reward/{name}"] = values.mean().item()
@@ -144,6 +164,42 @@ def rollout_step(policy: Policy, examples, prompts, reward_set: RewardSet, cfg: 
     if scored.errors:
         metrics["reward_errors"] = scored.errors[:3]
     return StepData(trees, rewards, thought_adv, answer_adv, packed, metrics)
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def gradient_diagnostics(policy: Policy, data: StepData, cfg: TrainConfig, device) -> dict:
+    """Per-prompt gradient diagnostics of std normalization (arXiv 2601.23135), at the current weights.
+
+    For each prompt p, ``g_p`` is the gradient of its token-mean policy-gradient loss with GRPO's
+    *outcome* advantages (whatever ``algo.credit`` is) restricted to the per-channel gain of the
+    final hidden state (:mod:`vlm_treegrpo.scores`; H numbers), computed twice: with std-scaled
+    advantages and with centred, unscaled ones (same baseline). Logged: the norms of
+    ``sum_p g_p`` both ways and their ratio (``norm/update_with_std``, ``norm/update_without_std``,
+    ``norm/update_ratio``) and the mean pairwise cosine between the unscaled ``g_p``
+    (``norm/grad_cosine``; zero-std prompts excluded). ``None`` where undefined (e.g. every
+    prompt has zero std). Text policies only; others get ``{}``.
+    """
+    if not isinstance(policy, TextPolicy):
+        return {}
+    t0 = time.time()
+    packs = {s: policy.pack(data.trees, *compute_advantages(data.rewards, cfg, scale=s)) for s in ("std", "none")}
+    batch = packs["std"].to(device)
+    with autocast_ctx(device, cfg.model.autocast):
+        psi = token_score_features(policy.model, batch, cfg.rollout.temperature)  # [N, L, H]
+    total = batch.target_mask.sum().clamp(min=1)
+    g_std = weighted_row_sums(psi, batch.advantages) / total  # [N, H]
+    g_none = weighted_row_sums(psi, packs["none"].advantages.to(device)) / total  # [N, H]
+    norms = update_norms(g_std, g_none)
+    return {
+        "norm/update_with_std": norms["norm_with_std"],
+        "norm/update_without_std": norms["norm_without_std"],
+        "norm/update_ratio": _finite_or_none(norms["ratio"]),
+        "norm/grad_cosine": _finite_or_none(mean_pairwise_cosine(g_none)),
+        "norm/diag_seconds": time.time() - t0,
+    }
 
 
 def update_step(policy: Policy, ref_policy: Policy | None, optimizer, scheduler, data: StepData, cfg: TrainConfig, device) -> dict:
@@ -246,9 +302,15 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         ref_policy = copy.copy(policy)
         ref_policy.model = copy.deepcopy(policy.model).eval().requires_grad_(False)
     model = policy.model
+    credit = None
+    if cfg.algo.credit == "rredcot":
+        from vlm_treegrpo.credit import rredcot_for
+
+        credit = rredcot_for(policy, cfg.algo, cfg.rollout.temperature)
 
     d = cfg.data
-    task = load_task(d.source, d.format, d.n_train, d.n_test, d.difficulty, d.seed, d.instruction, d.test_source, d.skip_bad)
+    task = load_task(d.source, d.format, d.n_train, d.n_test, d.difficulty, d.seed, d.instruction, d.test_source, d.skip_bad,
+                     image_size=d.image_size)
     reward_set = RewardSet.from_config(cfg.algo.rewards)
     train_prompts = [policy.encode(ex, task.instruction) for ex in task.train]
     test_prompts = [policy.encode(ex, task.instruction) for ex in task.test]
@@ -271,12 +333,17 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     metrics_path.write_text("")
     samples_path.write_text("")
     failures_total: dict[str, int] = {}
+    last_diag: dict = {}
     t_train = time.time()
     for step in range(1, cfg.optim.steps + 1):
         idx = sampler.take(cfg.rollout.prompts_per_step)
-        data = rollout_step(policy, [task.train[i] for i in idx], [train_prompts[i] for i in idx], reward_set, cfg)
+        data = rollout_step(policy, [task.train[i] for i in idx], [train_prompts[i] for i in idx], reward_set, cfg, credit)
+        diag = {}
+        if cfg.algo.diag_every and (step - 1) % cfg.algo.diag_every == 0:
+            diag = gradient_diagnostics(policy, data, cfg, device)
+            last_diag.update(diag)
         stats = update_step(policy, ref_policy, optimizer, scheduler, data, cfg, device)
-        row = {"step": step, **data.metrics, **stats, "elapsed": round(time.time() - t_start, 2)}
+        row = {"step": step, **data.metrics, **diag, **stats, "elapsed": round(time.time() - t_start, 2)}
         for k, v in row.items():
             if k.startswith("reward_failures/"):
                 failures_total[k.split("/", 1)[1]] = failures_total.get(k.split("/", 1)[1], 0) + v
@@ -292,7 +359,9 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
                                     "rewards": data.rewards[0].flatten().tolist(), "completions": texts}) + "\n")
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(reward=f"{row['reward']:.3f}", std=f"{row['reward_std_within']:.2f}", len=f"{row['completion_tokens']:.0f}",
+            cos = last_diag.get("norm/grad_cosine")
+            bar.set_postfix(reward=f"{row['reward']:.3f}", std=f"{row['reward_std_within']:.2f}", zero=f"{row['zero_std_frac']:.2f}",
+                            cos="-" if cos is None else f"{cos:.2f}", len=f"{row['completion_tokens']:.0f}",
                             loss=f"{row['loss']:.4f}", gen=f"{row['time_generate']:.1f}s", upd=f"{row['time_update']:.1f}s")
     train_seconds = time.time() - t_train
     if cfg.eval.after:
@@ -300,8 +369,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     if bar is not None:
         bar.close()
     if cfg.log.save_model:
-        policy.model.save_pretrained(run / "model")
-        policy.tokenizer.save_pretrained(run / "model")
+        policy.save(run / "model")
     summary.update(
         steps=cfg.optim.steps,
         train_seconds=round(train_seconds, 2),

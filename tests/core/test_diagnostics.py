@@ -87,3 +87,17 @@ def test_random_projection_seeded_and_norm_preserving():
     cos = torch.nn.functional.cosine_similarity(x[:4], x[4:], dim=1)
     cos_p = torch.nn.functional.cosine_similarity((x @ p)[:4], (x @ p)[4:], dim=1)
     assert_close(cos_p, cos, atol=0.1, rtol=0.0)
+
+
+def test_update_norms_on_a_hand_example_and_agreement_with_update_norm_ratio():
+    from vlm_treegrpo.core.diagnostics import update_norm_ratio, update_norms
+
+    unscaled = torch.tensor([[3.0, 0.0], [0.0, 4.0]])  # two prompts
+    scaled = torch.tensor([[1.0, 0.0], [0.0, 2.0]])  # sigma = 3 and 2
+    out = update_norms(scaled, unscaled)
+    assert out["norm_without_std"] == pytest.approx(5.0)
+    assert out["norm_with_std"] == pytest.approx(5.0**0.5)
+    assert out["ratio"] == pytest.approx(5.0**0.5 / 5.0)
+    ref = update_norm_ratio(unscaled, torch.tensor([3.0, 2.0]), eps=0.0)
+    assert ref == pytest.approx(out)
+    assert math.isnan(update_norms(torch.zeros(2, 2), torch.zeros(2, 2))["ratio"])

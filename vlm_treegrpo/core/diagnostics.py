@@ -86,6 +86,33 @@ def update_norm_ratio(
     return {"norm_with_std": with_std, "norm_without_std": without, "ratio": ratio}
 
 
+def update_norms(scaled_grads: Tensor, unscaled_grads: Tensor) -> dict[str, float]:
+    """Norm of the summed update from per-prompt gradients computed both ways.
+
+    The general form of :func:`update_norm_ratio` when the std scaling is not one scalar per
+    prompt (a K x M tree divides thought advantages by the std of the K thought values and
+    continuation advantages by the std of the K*M leaves): ``scaled_grads[p]`` is prompt p's
+    gradient with GRPO's std-scaled advantages, ``unscaled_grads[p]`` with the centred, unscaled
+    ones. With ``scaled = unscaled / (sigma + eps)`` row by row it equals
+    :func:`update_norm_ratio`.
+
+    Args:
+        scaled_grads: ``[N, D]``.
+        unscaled_grads: ``[N, D]``.
+
+    Returns:
+        ``norm_with_std``, ``norm_without_std``, ``ratio`` (NaN when the unscaled update is 0).
+    """
+    if scaled_grads.dim() != 2 or scaled_grads.shape != unscaled_grads.shape:
+        raise ValueError(
+            f"need two [N, D] tensors of one shape, got {tuple(scaled_grads.shape)}, {tuple(unscaled_grads.shape)}"
+        )
+    with_std = float(_float(scaled_grads).sum(dim=0).norm())
+    without = float(_float(unscaled_grads).sum(dim=0).norm())
+    ratio = with_std / without if without > 0 else float("nan")
+    return {"norm_with_std": with_std, "norm_without_std": without, "ratio": ratio}
+
+
 def mean_pairwise_cosine(per_prompt_grads: Tensor) -> float:
     """Mean off-diagonal cosine similarity between per-prompt gradients.
 

@@ -1,7 +1,7 @@
 """Seeded synthetic arithmetic word problems: a small, verifiable task for smoke runs.
 
-Each problem starts with a person owning some objects and then applies between
-``difficulty`` and ``difficulty + 1`` operations to that count (buy more, give away, double, buy
+Each problem starts with a person owning some objects and then applies ``difficulty``
+operations to that count (buy more, give away, double, buy
 packs of M, ...).  The answer is computed exactly while the text is built, and
 every intermediate count stays a non-negative integer.
 
@@ -36,9 +36,7 @@ __all__ = [
     "make_arithmetic",
 ]
 
-ANSWER_INSTRUCTION = (
-    "Solve step by step, then write the final answer on the last line as 'Answer: <number>'."
-)
+ANSWER_INSTRUCTION = "Write the final answer as 'Answer: <number>'."
 
 
 @dataclass(frozen=True)
@@ -55,21 +53,23 @@ class _Level:
     """Largest number of objects per pack."""
     need_mult: bool
     """Whether at least one multiplicative step (mul / packs) is guaranteed."""
-    min_ops: int
-    """Fewest operations in a problem."""
-    max_ops: int
-    """Most operations in a problem (the count is drawn uniformly in [min_ops, max_ops])."""
+    n_ops: int
+    """Operations in a problem."""
+    kinds: tuple[str, ...] = ("add", "sub", "mul", "packs")
+    """Operation kinds that may be drawn."""
 
 
 DIFFICULTIES: dict[int, _Level] = {
-    1: _Level(max_num=9, max_mult=2, max_packs=3, max_pack_size=9, need_mult=False, min_ops=1, max_ops=2),
-    2: _Level(max_num=20, max_mult=3, max_packs=4, max_pack_size=10, need_mult=False, min_ops=2, max_ops=3),
-    3: _Level(max_num=50, max_mult=5, max_packs=5, max_pack_size=12, need_mult=True, min_ops=3, max_ops=4),
+    1: _Level(max_num=9, max_mult=2, max_packs=3, max_pack_size=9, need_mult=False, n_ops=1, kinds=("add", "sub")),
+    2: _Level(max_num=9, max_mult=2, max_packs=3, max_pack_size=9, need_mult=False, n_ops=2),
+    3: _Level(max_num=20, max_mult=3, max_packs=4, max_pack_size=10, need_mult=False, n_ops=3),
+    4: _Level(max_num=50, max_mult=5, max_packs=5, max_pack_size=12, need_mult=True, n_ops=4),
 }
-"""Supported difficulty levels; a level-d problem has d or d + 1 operations.
+"""Supported difficulty levels; a level-d problem has d operations.
 
-Level 1 (one or two steps, numbers up to 9) is the default: SmolLM2-135M-Instruct solves
-roughly a quarter of it greedily, which leaves room to learn."""
+Level 1 (one addition or subtraction, numbers up to 9) is the default: SmolLM2-135M-Instruct
+solves about a quarter of it greedily, which leaves room to learn. It solves about 5% of
+level 2 (two steps), so the multi-step levels are for larger models."""
 
 _MUL_CAP = 200
 """Multiplication is not drawn once the running count exceeds this (keeps answers readable)."""
@@ -165,6 +165,7 @@ def _draw_op(rng: random.Random, value: int, level: _Level, force_mult: bool) ->
     weights = [3.0, 3.0 if value > 0 else 0.0, 1.0 if 0 < value <= _MUL_CAP else 0.0, 1.0]
     if force_mult:
         weights = [0.0, 0.0, weights[2], 1.0]
+    weights = [w if k in level.kinds else 0.0 for k, w in zip(kinds, weights)]
     kind = rng.choices(kinds, weights=weights)[0]
     if kind == "add":
         return ("add", rng.randint(1, level.max_num))
@@ -196,7 +197,7 @@ def _render_op(rng: random.Random, op: tuple, fmt: dict[str, str], obj: tuple[st
 def _one_problem(rng: random.Random, difficulty: int) -> tuple[str, int, int, list[tuple]]:
     """Draw one problem: (prompt, answer, start, ops)."""
     level = DIFFICULTIES[difficulty]
-    n_ops = rng.randint(level.min_ops, level.max_ops)
+    n_ops = level.n_ops
     name, gender = rng.choice(_PEOPLE)
     friend = rng.choice([p for p, _ in _PEOPLE if p != name])
     obj = rng.choice(_OBJECTS)
@@ -269,8 +270,8 @@ def _generate(
 def make_arithmetic(n: int, seed: int, difficulty: int = 1) -> list[Example]:
     """Return ``n`` distinct arithmetic word problems; same arguments give the same list.
 
-    ``difficulty`` 1, 2, 3 gives 1-2, 2-3, 3-4 operations with operands up to 9, 20, 50
-    (level 3 always contains a multiplication).  Answers are non-negative integers.
+    ``difficulty`` 1, 2, 3, 4 gives 1, 2, 3, 4 operations with operands up to 9, 9, 20, 50
+    (level 1 only adds or subtracts; level 4 always contains a multiplication).  Answers are non-negative integers.
     """
     return _generate(n, random.Random(_stream_seed(seed, "train")), difficulty)
 

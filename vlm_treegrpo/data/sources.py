@@ -6,9 +6,19 @@ from dataclasses import dataclass
 from vlm_treegrpo.data.arithmetic import ANSWER_INSTRUCTION, arithmetic_splits
 from vlm_treegrpo.data.loaders import load_examples
 from vlm_treegrpo.data.types import Example
+from vlm_treegrpo.data.visual import VISUAL_INSTRUCTION, visual_splits
+from vlm_treegrpo.data.visual_loaders import load_visual_examples
 
 BOXED_INSTRUCTION = "Solve step by step and put the final answer in \\boxed{}."
-DEFAULT_INSTRUCTIONS = {"arithmetic": ANSWER_INSTRUCTION, "gsm8k": ANSWER_INSTRUCTION, "math": BOXED_INSTRUCTION}
+DEFAULT_INSTRUCTIONS = {
+    "arithmetic": ANSWER_INSTRUCTION,
+    "visual": VISUAL_INSTRUCTION,
+    "gsm8k": ANSWER_INSTRUCTION,
+    "math": BOXED_INSTRUCTION,
+}
+"""Default answer-format instruction by synthetic source, else by record format."""
+SYNTHETIC = ("arithmetic", "visual")
+"""Sources generated in-process (``format`` and ``test_source`` do not apply)."""
 
 
 @dataclass
@@ -21,17 +31,25 @@ class Task:
     skipped: int = 0
 
 
+def _load(source: str, format: str, split: str, limit: int | None, skip_bad: bool) -> tuple[list[Example], int]:
+    if format == "visual":
+        return load_visual_examples(source, split=split, limit=limit, skip_bad=skip_bad)
+    return load_examples(source, format, split=split, limit=limit, skip_bad=skip_bad)
+
+
 def load_task(source: str, format: str, n_train: int, n_test: int, difficulty: int, seed: int,
-              instruction: str = "default", test_source: str = "", skip_bad: bool = False) -> Task:
-    """The synthetic arithmetic task, or records from a local file / hub dataset."""
-    key = "arithmetic" if source == "arithmetic" else format
+              instruction: str = "default", test_source: str = "", skip_bad: bool = False,
+              image_size: int = 64) -> Task:
+    """A synthetic task (``arithmetic``; ``visual``: one ``image_size`` px image per question),
+    or records from a local file / hub dataset in ``format`` (``visual``: image-question records)."""
+    key = source if source in SYNTHETIC else format
     instr = DEFAULT_INSTRUCTIONS[key] if instruction == "default" else instruction
     if source == "arithmetic":
         train, test = arithmetic_splits(n_train, n_test, seed, difficulty)
         return Task(train, test, instr)
-    train, skipped_train = load_examples(source, format, split="train", limit=n_train or None, skip_bad=skip_bad)
-    if test_source:
-        test, skipped_test = load_examples(test_source, format, split="test", limit=n_test, skip_bad=skip_bad)
-    else:
-        test, skipped_test = load_examples(source, format, split="test", limit=n_test, skip_bad=skip_bad)
+    if source == "visual":
+        train, test = visual_splits(n_train, n_test, seed, difficulty, image_size)
+        return Task(train, test, instr)
+    train, skipped_train = _load(source, format, "train", n_train or None, skip_bad)
+    test, skipped_test = _load(test_source or source, format, "test", n_test, skip_bad)
     return Task(train, test, instr, skipped_train + skipped_test)

@@ -7,11 +7,17 @@ complete answer: its M leaves share its one reward. Flat GRPO is the K x 1 tree 
 branch point). Generation is batched over all prompts and branches.
 
 This module only samples and bookkeeps token ids; rewards, advantages and losses live
-elsewhere. :func:`pack_trees` turns the result into the packed training batch.
+elsewhere. :func:`grow_trees` is the K x M sampling logic over any prompt type and any batched
+generate function (:func:`sample_trees` is it for token-id prompts; the vision-language policy
+uses it over processed prompts); :func:`generate_batch` / :func:`cut_completions` are the
+``model.generate`` call and its post-processing shared by both. :func:`pack_trees` turns text
+trees into the packed training batch.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -32,6 +38,9 @@ class Tree:
     """True where the thought ended with EOS (no continuation was sampled)."""
     answers: list[list[list[int]]] = field(default_factory=list)
     """K x M continuations (empty lists under a finished thought)."""
+    prompt: Any = None
+    """The prompt as the policy encoded it (the token-id list for text, the processed
+    :class:`~vlm_treegrpo.vlm.adapter.Encoded` with its image tensors for a VLM)."""
 
     def leaf_ids(self, k: int, m: int) -> list[int]:
         """Completion tokens of leaf (k, m): thought + continuation."""
@@ -110,37 +119,20 @@ class DelimiterStop(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
-@torch.no_grad()
-def generate(
-    model,
-    tokenizer,
-    seqs: list[list[int]],
-    n: int,
-    max_new_tokens: int,
-    sampling: SamplingParams,
-    stop_strings: list[str] | None = None,
+def cut_completions(
+    out: Tensor, prompt_len: int, tokenizer, eos_ids: Sequence[int], stop_strings: list[str] | None = None
 ) -> tuple[list[list[int]], list[bool]]:
-    """Sample ``n`` continuations of every sequence in one batched ``generate`` call.
+    """Post-process a ``model.generate`` output ``out [B, prompt_len + new]``.
 
-    Returns ``(new_ids, ended)`` for the ``len(seqs) * n`` outputs (sequence-major): the new
-    tokens of each, cut after the first EOS (kept) or after a stop string, and whether it
-    ended with EOS.
+    Returns ``(new_ids, ended)`` per row: the new tokens cut after the first EOS (kept) or after
+    a stop string (a branch delimiter; trailing padding dropped), and whether the row ended with
+    EOS.
     """
     pad_id = tokenizer.pad_token_id
-    eos = eos_ids_of(tokenizer, model)
-    device = next(model.parameters()).device
-    input_ids, attention_mask = left_pad(seqs, pad_id, device)
-    gen_cfg = sampling.generation_config(max_new_tokens, pad_id, eos, n)
-    extra = {}
-    if stop_strings:
-        stopper = DelimiterStop(tokenizer, stop_strings, input_ids.shape[1])
-        extra["stopping_criteria"] = StoppingCriteriaList([stopper])
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg, **extra)
-    new = out[:, input_ids.shape[1] :].tolist()
-    eos_set = set(eos)
+    eos_set = set(eos_ids)
     results: list[list[int]] = []
     ended: list[bool] = []
-    for row in new:
+    for row in out[:, prompt_len:].tolist():
         cut = next((i for i, t in enumerate(row) if t in eos_set), None)
         if cut is None:
             # Budget reached, or a stop string matched and the rest is padding distinct from EOS.
@@ -161,6 +153,100 @@ def generate(
     return results, ended
 
 
+@torch.no_grad()
+def generate_batch(
+    model,
+    tokenizer,
+    inputs: dict[str, Tensor],
+    n: int,
+    max_new_tokens: int,
+    sampling: SamplingParams,
+    stop_strings: list[str] | None = None,
+    suppress_ids: list[int] | None = None,
+) -> tuple[list[list[int]], list[bool]]:
+    """One batched ``model.generate`` on left-padded model kwargs (``input_ids``, ``attention_mask``
+    and whatever else the model takes, e.g. image tensors), ``n`` samples per row; post-processed
+    by :func:`cut_completions`. Rows that contain a stop string stop early (:class:`DelimiterStop`);
+    ``suppress_ids`` are never generated (e.g. image placeholder tokens)."""
+    eos = eos_ids_of(tokenizer, model)
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    prompt_len = inputs["input_ids"].shape[1]
+    gen_cfg = sampling.generation_config(max_new_tokens, tokenizer.pad_token_id, eos, n)
+    if suppress_ids:
+        gen_cfg.suppress_tokens = list(suppress_ids)
+    extra = {}
+    if stop_strings:
+        extra["stopping_criteria"] = StoppingCriteriaList([DelimiterStop(tokenizer, stop_strings, prompt_len)])
+    out = model.generate(**inputs, generation_config=gen_cfg, **extra)  # [B*n, prompt_len + new]
+    return cut_completions(out, prompt_len, tokenizer, eos, stop_strings)
+
+
+def generate(
+    model,
+    tokenizer,
+    seqs: list[list[int]],
+    n: int,
+    max_new_tokens: int,
+    sampling: SamplingParams,
+    stop_strings: list[str] | None = None,
+) -> tuple[list[list[int]], list[bool]]:
+    """Sample ``n`` continuations of every token-id sequence in one batched ``generate`` call.
+
+    Returns ``(new_ids, ended)`` for the ``len(seqs) * n`` outputs (sequence-major): the new
+    tokens of each, cut after the first EOS (kept) or after a stop string, and whether it
+    ended with EOS.
+    """
+    input_ids, attention_mask = left_pad(seqs, tokenizer.pad_token_id, "cpu")
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    return generate_batch(model, tokenizer, inputs, n, max_new_tokens, sampling, stop_strings)
+
+
+GenerateFn = Callable[[list, int, int, "list[str] | None"], tuple[list[list[int]], list[bool]]]
+"""``gen(prompts, n, max_new_tokens, stop_strings) -> (new_ids, ended)``: ``n`` samples per
+prompt, sequence-major, as :func:`generate` returns them."""
+
+
+def grow_trees(
+    prompts: list,
+    ids_of: Callable[[Any], list[int]],
+    extend: Callable[[Any, list[int]], Any],
+    gen: GenerateFn,
+    K: int,
+    M: int,
+    thought_max_tokens: int,
+    answer_max_tokens: int,
+    branch_delimiters: list[str] | None = None,
+) -> list[Tree]:
+    """Sample a K x M tree for every prompt, whatever a prompt is.
+
+    ``ids_of(prompt)`` gives its token ids, ``extend(prompt, thought_ids)`` the prompt of a
+    continuation (prompt followed by the thought), and ``gen`` samples. Two batched passes: the
+    K thoughts of every prompt (stopped at a branch delimiter), then M continuations of every
+    unfinished thought. With M = 1 it is flat GRPO: one pass, the whole completion is the thought.
+    """
+    trees = [Tree(prompt_ids=list(ids_of(p)), prompt=p) for p in prompts]
+    if M == 1:
+        outs, _ = gen(prompts, K, thought_max_tokens, None)
+        for i, tree in enumerate(trees):
+            tree.thoughts = outs[i * K : (i + 1) * K]
+            tree.thought_done = [True] * K  # nothing is continued
+            tree.answers = [[[]] for _ in range(K)]
+        return trees
+    outs, ended = gen(prompts, K, thought_max_tokens, branch_delimiters or None)
+    for i, tree in enumerate(trees):
+        tree.thoughts = outs[i * K : (i + 1) * K]
+        tree.thought_done = ended[i * K : (i + 1) * K]
+        tree.answers = [[[] for _ in range(M)] for _ in range(K)]
+    todo = [(i, k) for i, t in enumerate(trees) for k in range(K) if not t.thought_done[k]]
+    if todo:
+        seqs = [extend(trees[i].prompt, trees[i].thoughts[k]) for i, k in todo]
+        conts, _ = gen(seqs, M, answer_max_tokens, None)
+        for j, (i, k) in enumerate(todo):
+            trees[i].answers[k] = conts[j * M : (j + 1) * M]
+    return trees
+
+
 def sample_trees(
     model,
     tokenizer,
@@ -173,27 +259,13 @@ def sample_trees(
     branch_delimiters: list[str] | None = None,
 ) -> list[Tree]:
     """Sample a K x M tree for every prompt (token-id lists, already chat-formatted)."""
-    trees = [Tree(prompt_ids=list(p)) for p in prompts]
-    if M == 1:
-        # Flat GRPO: one pass, the whole completion is the "thought".
-        outs, ended = generate(model, tokenizer, prompts, K, thought_max_tokens, sampling)
-        for i, tree in enumerate(trees):
-            tree.thoughts = outs[i * K : (i + 1) * K]
-            tree.thought_done = [True] * K  # nothing is continued
-            tree.answers = [[[]] for _ in range(K)]
-        return trees
-    outs, ended = generate(model, tokenizer, prompts, K, thought_max_tokens, sampling, branch_delimiters or None)
-    for i, tree in enumerate(trees):
-        tree.thoughts = outs[i * K : (i + 1) * K]
-        tree.thought_done = ended[i * K : (i + 1) * K]
-        tree.answers = [[[] for _ in range(M)] for _ in range(K)]
-    todo = [(i, k) for i, t in enumerate(trees) for k in range(K) if not t.thought_done[k]]
-    if todo:
-        seqs = [trees[i].prompt_ids + trees[i].thoughts[k] for i, k in todo]
-        conts, _ = generate(model, tokenizer, seqs, M, answer_max_tokens, sampling)
-        for j, (i, k) in enumerate(todo):
-            trees[i].answers[k] = conts[j * M : (j + 1) * M]
-    return trees
+
+    def gen(seqs, n, max_new_tokens, stop):
+        return generate(model, tokenizer, seqs, n, max_new_tokens, sampling, stop)
+
+    return grow_trees(
+        prompts, list, lambda p, thought: list(p) + thought, gen, K, M, thought_max_tokens, answer_max_tokens, branch_delimiters
+    )
 
 
 @dataclass

@@ -63,6 +63,9 @@ class VLMAdapter(ABC):
     token_keys: tuple[str, ...] = ("token_type_ids", "mm_token_type_ids")
     """Batch keys that are per-token ``[B, T]`` besides input_ids/attention_mask; completion
     tokens get 0 (= text) in them (see :meth:`append_completion`)."""
+    flash_attention: bool = True
+    """False where flash-attention gives a different model (Gemma3: it drops the bidirectional
+    mask over image tokens); ``attn_implementation: auto`` then picks sdpa."""
 
     @abstractmethod
     def build_tiny(self, seed: int = 0) -> tuple[Any, Any]:
@@ -91,6 +94,14 @@ class VLMAdapter(ABC):
         """The module that encodes pixels (used to count/cached image encodings)."""
 
     # Optional methods: generic defaults that families override where they need to.
+
+    def placeholder_token_ids(self, model) -> list[int]:
+        """Ids of the tokens that stand for image/video features in ``input_ids`` (read from the
+        model config). Generation must never emit them: a sampled placeholder has no features
+        behind it and breaks every later forward on that completion."""
+        config = model.config
+        keys = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+        return sorted({i for i in (getattr(config, k, None) for k in keys) if isinstance(i, int)})
 
     def append_completion(self, batch: dict[str, Tensor], completion_ids: Tensor, completion_mask: Tensor) -> dict[str, Tensor]:
         """Model kwargs for prompt + completion: the left-padded prompt batch followed by

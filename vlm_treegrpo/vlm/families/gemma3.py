@@ -108,6 +108,7 @@ class Gemma3Adapter(SiglipFamilyAdapter):
     )
     model_cls = Gemma3ForConditionalGeneration
     image_input_names = ("pixel_values",)
+    flash_attention = False
 
     def tiny_parts(self):
         tokenizer = named_tokenizer(

@@ -1,0 +1,93 @@
+"""The benchmark: spec checks, and the real ``vlm-treegrpo bench --quick`` on tiny-llama."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vlm_treegrpo.bench import BenchSpec, ratios, tree_shape
+from vlm_treegrpo.config import ConfigError
+
+RESULT_KEYS = {"settings", "seconds_per_step", "step_seconds", "completions_per_s", "generated_tokens_per_s",
+               "completion_tokens_per_s", "mean_completion_tokens", "peak_rss_mib", "rollout_seconds", "update_seconds",
+               "reward", "zero_std_frac", "warmup"}
+
+
+def varied_reward(completion: str, example) -> float:
+    """A reward the random tiny model earns in varying amounts (so updates are not skipped)."""
+    return (len(completion) % 7) / 6.0
+
+
+def _cli() -> list[str]:
+    exe = shutil.which("vlm-treegrpo", path=str(Path(sys.executable).parent))
+    return [exe] if exe else [sys.executable, "-m", "vlm_treegrpo.cli"]
+
+
+def _bench(tmp_path, *extra) -> dict:
+    out = tmp_path / "bench.json"
+    cmd = _cli() + ["bench", "--quick", "--threads", "1", "--reward", "test_bench:varied_reward", "--out", str(out), *extra]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "s/step" in proc.stdout
+    return json.loads(out.read_text())
+
+
+def test_tree_shape_is_the_squarest_split_with_m_at_least_2():
+    assert tree_shape(16, None) == (4, 4)
+    assert tree_shape(8, None) == (4, 2)
+    assert tree_shape(6, "3x2") == (3, 2)
+    for G, tree in ((7, None), (16, "4by4")):
+        with pytest.raises(ConfigError):
+            tree_shape(G, tree)
+
+
+def test_spec_rejects_a_tree_that_is_not_g_leaves():
+    with pytest.raises(ConfigError, match="K\\*M"):
+        BenchSpec("text", "m", "/x", G=16, K=4, M=2, max_new_tokens=40, thought_tokens=16, prompts_per_step=4, micro_batch=4, steps=3)
+    with pytest.raises(ConfigError, match="micro_batch"):
+        BenchSpec("text", "m", "/x", G=8, K=4, M=2, max_new_tokens=40, thought_tokens=16, prompts_per_step=4, micro_batch=3, steps=3)
+
+
+def test_ratios_are_ours_over_trl():
+    q = ratios({"seconds_per_step": 1.0, "completions_per_s": 30.0}, {"seconds_per_step": 2.0, "completions_per_s": 10.0})
+    assert q["seconds_per_step"] == 0.5 and q["completions_per_s"] == 3.0 and q["peak_rss_mib"] is None
+
+
+def test_quick_bench_ours_writes_the_report(tmp_path):
+    report = _bench(tmp_path, "--trainers", "ours", "--modes", "tree")
+    assert {"workload", "model", "model_dir", "machine", "spec", "runs", "notes"} <= set(report)
+    assert report["model"] == "tiny-llama" and report["spec"]["G"] == 4
+    (row,) = report["runs"]
+    assert row["mode"] == "tree" and row["ours_shape"] == "2x2" and "trl" not in row
+    ours = row["ours"]
+    assert RESULT_KEYS <= set(ours), ours.get("error")
+    assert len(ours["step_seconds"]) == 3  # 1 warm-up + 2 measured
+    assert ours["settings"]["K"] * ours["settings"]["M"] == 4
+    assert ours["settings"]["thought_max_tokens"] + ours["settings"]["answer_max_tokens"] == 16
+    assert 0 < ours["mean_completion_tokens"] <= 16
+    # a tree samples each thought once: fewer sampled tokens than leaf tokens (or equal if every thought hit EOS)
+    assert ours["generated_tokens_per_s"] <= ours["completion_tokens_per_s"]
+    assert ours["peak_rss_mib"] > 0
+    assert report["spec"]["reward"] == "test_bench:varied_reward"
+    assert min(ours["trees_updated"]) > 0 and ours["update_seconds"] > 0  # varied rewards: the update runs
+
+
+def test_quick_bench_against_trl(tmp_path):
+    pytest.importorskip("trl")
+    report = _bench(tmp_path, "--trainers", "trl", "--modes", "flat")
+    (row,) = report["runs"]
+    assert "ours" not in row and "ratios" not in row
+    trl = row["trl"]
+    assert RESULT_KEYS <= set(trl), trl.get("error")
+    s = trl["settings"]
+    assert s["num_generations"] == 4 and s["max_completion_length"] == 16 and s["beta"] == 0.0
+    assert s["num_iterations"] == 1 and s["generation_batch_size"] == 2 * 4 and s["gradient_checkpointing"] is False
+    assert s["prompt_ids_match_ours"] is True
+    assert trl["generated_tokens_per_s"] == trl["completion_tokens_per_s"]  # flat: every leaf token is sampled
+    assert max(trl["zero_std_frac"]) < 1.0

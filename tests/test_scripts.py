@@ -1,0 +1,39 @@
+"""The two study scripts run end to end on the tiny Llama (--quick) and write their JSON and PNG."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REWARD = "algo.rewards=[test_advise:length_reward]"  # the random tiny model earns varying rewards
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_variance_study_quick(tmp_path):
+    assert _script("variance_study").main(["--quick", "--model", "tiny-llama", "--out", str(tmp_path), REWARD]) == 0
+    out = json.loads((tmp_path / "variance_study.json").read_text())
+    assert {(r["K"], r["M"]) for r in out["simulation"]} == {(k, m) for k in (2, 4, 8, 16, 32) for m in (1, 2, 4, 8)}
+    assert all(r["delta"] > 0 for r in out["simulation"])
+    real = out["real"]["bootstrap"]
+    assert {(r["K"], r["M"]) for r in real} == {(k, m) for k in (2, 4) for m in (1, 2, 4)}
+    unscaled = {r["M"]: r["boot_var_unscaled"] for r in real if r["K"] == 4}
+    assert unscaled[1] > unscaled[4] > 0  # continuation noise falls with M
+    assert (tmp_path / "variance_study.png").stat().st_size > 0
+
+
+def test_normalization_study_quick(tmp_path):
+    mod = _script("normalization_study")
+    assert mod.main(["--quick", "--steps", "1", "--model", "tiny-llama", "--out", str(tmp_path), REWARD, "log.progress=false"]) == 0
+    out = json.loads((tmp_path / "normalization_study.json").read_text())
+    assert set(out["arms"]) == {"grpo", "reinforce"}
+    for arm in out["arms"].values():
+        assert arm["step"] == [1] and arm["update_ratio"][0] is not None and arm["reward_std_within"][0] > 0
+    assert (tmp_path / "normalization_study.png").stat().st_size > 0
+    assert (tmp_path / "grpo" / "metrics.jsonl").exists() and (tmp_path / "reinforce" / "config.yaml").exists()

@@ -1,0 +1,43 @@
+"""The normalization diagnostics and RREDCoT reach metrics.jsonl from a real (tiny) training step."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from vlm_treegrpo.config import config_from_dict
+from vlm_treegrpo.trainer import train
+
+
+def length_reward(completion: str, example) -> float:
+    """A reward the random tiny model can earn in varying amounts (so groups have nonzero std)."""
+    return (len(completion) % 7) / 6.0
+
+
+def _run(tmp_path, *overrides):
+    cfg = config_from_dict(
+        {"model": {"name": "tiny-llama"}, "data": {"n_train": 16, "n_test": 2},
+         "rollout": {"K": 2, "M": 2, "thought_max_tokens": 6, "answer_max_tokens": 6, "prompts_per_step": 3}},
+        ["algo.rewards=[test_trainer_metrics:length_reward]", "algo.diag_every=1", "optim.steps=1",
+         "eval.before=false", "eval.after=false", "log.progress=false", f"log.run_dir={tmp_path}", "log.name=m", *overrides],
+    )
+    train(cfg, quiet=True)
+    return [json.loads(line) for line in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_one_step_writes_the_normalization_diagnostics(tmp_path):
+    (row,) = _run(tmp_path)
+    for key in ("reward_std_within", "reward_std_spread", "zero_std_frac", "norm/update_with_std",
+                "norm/update_without_std", "norm/update_ratio", "norm/grad_cosine"):
+        assert key in row, key
+    assert row["reward_std_within"] > 0 and row["zero_std_frac"] < 1
+    assert row["norm/update_without_std"] > 0 and math.isfinite(row["norm/update_ratio"])
+    assert -1.0 <= row["norm/grad_cosine"] <= 1.0
+
+
+@pytest.mark.parametrize("values", ["answer_prob", "importance"])
+def test_one_rredcot_step_writes_its_metrics(tmp_path, values):
+    (row,) = _run(tmp_path, "algo.credit=rredcot", f"algo.rredcot_values={values}", "algo.diag_every=0")
+    assert row["rredcot/segments_per_leaf"] >= 1 and row["rredcot/probe_tokens"] > 0
+    assert "norm/update_ratio" not in row and math.isfinite(row["loss"])

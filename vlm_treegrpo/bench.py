@@ -1,0 +1,421 @@
+"""Throughput benchmark: our trainer against TRL's ``GRPOTrainer`` on identical work.
+
+Both trainers load the same weights from the same local directory, see the same prompts in the
+same order (chat template applied by each from the same ``{"role": "user"}`` message), sample G
+completions per prompt at temperature 1 (top-p 1, no top-k) within the same token budget, score
+them with the same reward (our correctness reward by default), and take one on-policy optimizer
+step per batch (AdamW, same learning rate and betas, no KL, no reference model, no evaluation,
+no logging). Ours samples
+a K x M tree (K*M = G; flat GRPO is K=G, M=1); TRL samples G independent completions. Each
+trainer runs in its own subprocess so its peak RSS is its own.
+
+Measured per trainer: the median seconds of an optimizer step (rollout + update) over ``steps``
+steps after ``warmup`` unmeasured ones, completions/s, generated tokens/s (tokens actually sampled,
+padding excluded: a tree samples each thought once) and completion tokens/s (the length of every
+leaf, thought included: the token count a flat sampler would have generated for the same
+completions), the peak RSS, and the ratios ours/TRL.
+
+``--scaling`` times our step alone against K, M, the token budget and (VLM) images per prompt.
+Each side lives in its own module: :mod:`vlm_treegrpo.bench_ours`, :mod:`vlm_treegrpo.bench_trl`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlm_treegrpo.config import ConfigError
+
+WORKLOADS = {"text": ("smollm2-135m-instruct", "arithmetic"), "vlm": ("tiny-qwen2-vl", "visual")}
+"""Workload -> (default model, synthetic task)."""
+
+
+@dataclass
+class BenchSpec:
+    """One measured configuration; both trainers read the same spec."""
+
+    workload: str
+    """text (arithmetic word problems) or vlm (the synthetic visual task)."""
+    model: str
+    """The model's name, for the report."""
+    model_dir: str
+    """Local directory both trainers load weights and tokenizer/processor from."""
+    G: int
+    """Completions per prompt (TRL num_generations)."""
+    K: int
+    """Our thoughts per prompt."""
+    M: int
+    """Our continuations per thought (K*M = G)."""
+    max_new_tokens: int
+    """Completion budget: TRL max_completion_length; ours thought + continuation."""
+    thought_tokens: int
+    """Our thought budget when M > 1 (the continuation gets the rest of max_new_tokens)."""
+    prompts_per_step: int
+    """Prompts per optimizer step."""
+    micro_batch: int
+    """Prompts per forward/backward (ours: packed trees or their leaves; TRL: micro_batch*G rows)."""
+    steps: int
+    """Measured steps."""
+    warmup: int = 1
+    """Unmeasured steps before them."""
+    lr: float = 2e-5
+    """AdamW learning rate (constant)."""
+    autocast: str = "bfloat16"
+    """none, or bfloat16 autocast for generation and training (TRL: bf16=True)."""
+    threads: int = 0
+    """torch CPU threads (0 = torch's default)."""
+    seed: int = 0
+    """Task generator and sampling seed."""
+    difficulty: int = 1
+    """Synthetic task level."""
+    images_per_prompt: int = 1
+    """VLM: the question's image plus images_per_prompt - 1 distractors from other questions."""
+    reward: str = "correctness"
+    """The one reward both trainers use: a built-in name or 'pkg.module:fn' (``fn(text, example)``)."""
+
+    def __post_init__(self) -> None:
+        if self.K * self.M != self.G:
+            raise ConfigError(f"bench: K*M must equal G, got {self.K}x{self.M} for G={self.G}")
+        if self.prompts_per_step % self.micro_batch:
+            raise ConfigError(f"bench: micro_batch ({self.micro_batch}) must divide prompts_per_step ({self.prompts_per_step})")
+        if self.M > 1 and not 1 <= self.thought_tokens < self.max_new_tokens:
+            raise ConfigError(f"bench: thought_tokens must be in [1, max_new_tokens), got {self.thought_tokens}")
+        if self.images_per_prompt < 1 or (self.images_per_prompt > 1 and self.workload != "vlm"):
+            raise ConfigError(f"bench: images_per_prompt > 1 needs the vlm workload, got {self.images_per_prompt}")
+
+    @property
+    def n_prompts(self) -> int:
+        return self.prompts_per_step * (self.warmup + self.steps)
+
+
+# ----------------------------------------------------------------------------- shared work
+
+
+def bench_task(spec: BenchSpec):
+    """``(examples in step order, instruction)``: step s uses ``examples[s*P:(s+1)*P]``."""
+    from vlm_treegrpo.data.sources import load_task
+    from vlm_treegrpo.data.types import Example
+
+    source = WORKLOADS[spec.workload][1]
+    task = load_task(source, "gsm8k", spec.n_prompts + spec.images_per_prompt, 1, spec.difficulty, spec.seed)
+    examples = task.train[: spec.n_prompts]
+    if spec.images_per_prompt > 1:
+        pool = [im for ex in task.train for im in ex.images]
+        examples = [
+            Example(ex.prompt, ex.answer, ex.images + tuple(pool[(i + j + 1) % len(pool)] for j in range(spec.images_per_prompt - 1)), ex.meta)
+            for i, ex in enumerate(examples)
+        ]
+    return examples, task.instruction
+
+
+def measure(rows: list[dict], warmup: int) -> dict:
+    """Median step time and rates over the measured rows, and this process's peak RSS. A row is
+    one step: ``seconds``, ``rollout_seconds``, ``completions``, ``generated_tokens``,
+    ``completion_tokens``, ``reward`` (mean) and ``zero_std_frac``."""
+    timed = rows[warmup:]
+    med = statistics.median(r["seconds"] for r in timed)
+    total = sum(r["seconds"] for r in timed)
+    out = {
+        "seconds_per_step": med,
+        "step_seconds": [round(r["seconds"], 3) for r in rows],
+        "completions_per_s": sum(r["completions"] for r in timed) / total,
+        "generated_tokens_per_s": sum(r["generated_tokens"] for r in timed) / total,
+        "completion_tokens_per_s": sum(r["completion_tokens"] for r in timed) / total,
+        "mean_completion_tokens": sum(r["completion_tokens"] for r in timed) / sum(r["completions"] for r in timed),
+        "rollout_seconds": statistics.median(r["rollout_seconds"] for r in timed),
+        "update_seconds": statistics.median(r["seconds"] - r["rollout_seconds"] for r in timed),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "warmup": warmup,
+        "reward": [round(r["reward"], 4) for r in rows],
+        "zero_std_frac": [round(r["zero_std_frac"], 4) for r in rows],
+    }
+    return out
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+
+def trl_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("trl") is not None
+
+
+def prepare_model_dir(model: str, workdir: Path) -> str:
+    """A local directory holding ``model``: itself if it is one, the prepared SmolLM2 copy, or a
+    built-in (tiny) model saved under ``workdir``."""
+    if Path(model).expanduser().is_dir():
+        return str(Path(model).expanduser())
+    if model == "smollm2-135m-instruct":
+        from vlm_treegrpo.models import smollm2
+
+        return str(smollm2.prepare())
+    from vlm_treegrpo.policy import make_policy
+
+    out = workdir / model
+    if not (out / "config.json").exists():
+        make_policy(model, "cpu", "float32").save(out)
+    return str(out)
+
+
+def spawn(trainer: str, spec: BenchSpec, workdir: Path, label: str) -> dict:
+    """Run one trainer on ``spec`` in a fresh subprocess; its result, or ``{"error": ...}``."""
+    spec_path, result_path, log_path = (workdir / f"{label}.{ext}" for ext in ("spec.json", "result.json", "log"))
+    spec_path.write_text(json.dumps(dataclasses.asdict(spec)))
+    result_path.unlink(missing_ok=True)
+    t0 = time.time()
+    with log_path.open("w") as log:
+        proc = subprocess.run([sys.executable, "-m", "vlm_treegrpo.bench", "_worker", trainer, str(spec_path), str(result_path)],
+                              stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if proc.returncode != 0 or not result_path.exists():
+        tail = log_path.read_text()[-1500:]
+        return {"error": f"{trainer} worker exited with {proc.returncode}; log {log_path}:\n{tail}"}
+    result = json.loads(result_path.read_text())
+    result["process_seconds"] = round(time.time() - t0, 1)
+    return result
+
+
+RATIO_KEYS = ("seconds_per_step", "rollout_seconds", "update_seconds", "completions_per_s", "generated_tokens_per_s", "completion_tokens_per_s", "peak_rss_mib")
+
+
+def ratios(ours: dict, trl: dict) -> dict:
+    """ours / TRL for each measured quantity (None where either side is missing)."""
+    return {k: (ours[k] / trl[k] if k in ours and trl.get(k) else None) for k in RATIO_KEYS}
+
+
+def tree_shape(G: int, tree: str | None) -> tuple[int, int]:
+    """K x M from ``"4x4"``, else the most square split of G with K >= M and M >= 2."""
+    if tree:
+        parts = tree.lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) >= 1 for p in parts):
+            raise ConfigError(f"bench: --tree must look like 4x4, got {tree!r}")
+        return int(parts[0]), int(parts[1])
+    M = max((m for m in range(2, math.isqrt(G) + 1) if G % m == 0), default=None)
+    if M is None:
+        raise ConfigError(f"bench: G={G} has no K x M split with M >= 2; pass --tree or another --G")
+    return G // M, M
+
+
+def machine_info() -> dict:
+    import torch
+    import transformers
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
+            "platform": platform.platform()}
+    if trl_available():
+        import trl
+
+        info["trl"] = trl.__version__
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
+        info["cpu"] = names[0] if names else None
+        flags = next((ln for ln in cpuinfo.read_text().splitlines() if ln.startswith("flags")), "")
+        info["cpu_bf16"] = any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+    return info
+
+
+def compare(base: BenchSpec, modes: list[str], trainers: list[str], tree: str | None, workdir: Path) -> list[dict]:
+    """One row per mode: ours (flat K=G x 1, or a K x M tree) and TRL (G), each in its own process."""
+    out = []
+    for mode in modes:
+        K, M = (base.G, 1) if mode == "flat" else tree_shape(base.G, tree)
+        spec = dataclasses.replace(base, K=K, M=M)
+        row: dict = {"mode": mode, "ours_shape": f"{K}x{M}", "G": base.G}
+        for trainer in trainers:
+            print(f"[bench] {spec.workload} {mode}: {trainer} ({K}x{M} vs G={base.G}) ...", flush=True)
+            row[trainer] = spawn(trainer, spec, workdir, f"{mode}-{trainer}")
+        if "ours" in row and "trl" in row and "error" not in row["ours"] and "error" not in row["trl"]:
+            row["ratios"] = ratios(row["ours"], row["trl"])
+        out.append(row)
+    return out
+
+
+def scaling(base: BenchSpec, tree: str | None, workdir: Path) -> list[dict]:
+    """Our step time against K, M, the token budget and (VLM) images per prompt, one factor at a time."""
+    K0, M0 = tree_shape(base.G, tree)
+    frac = base.thought_tokens / base.max_new_tokens
+    points = [("K", dict(K=k, M=M0, G=k * M0)) for k in (2, 4, 8)]
+    points += [("M", dict(K=K0, M=m, G=K0 * m)) for m in (1, 2, 4, 8) if K0 * m >= 2]
+    for n in (base.max_new_tokens // 2, base.max_new_tokens, base.max_new_tokens * 2):
+        points.append(("max_new_tokens", dict(K=K0, M=M0, G=K0 * M0, max_new_tokens=n, thought_tokens=max(1, round(n * frac)))))
+    if base.workload == "vlm":
+        points += [("images_per_prompt", dict(K=K0, M=M0, G=K0 * M0, images_per_prompt=i)) for i in (1, 2, 4)]
+    out, seen = [], {}
+    for factor, changes in points:
+        spec = dataclasses.replace(base, **changes)
+        key = json.dumps(dataclasses.asdict(spec), sort_keys=True)
+        if key not in seen:
+            print(f"[bench] scaling {factor}: K={spec.K} M={spec.M} tokens={spec.max_new_tokens} images={spec.images_per_prompt}", flush=True)
+            seen[key] = spawn("ours", spec, workdir, f"scaling-{len(seen)}")
+        res = seen[key]
+        out.append({"factor": factor, "K": spec.K, "M": spec.M, "G": spec.G, "max_new_tokens": spec.max_new_tokens,
+                    "images_per_prompt": spec.images_per_prompt,
+                    **{k: res.get(k) for k in ("seconds_per_step", "rollout_seconds", "update_seconds", "completions_per_s",
+                                               "generated_tokens_per_s", "peak_rss_mib", "error")},
+                    "signal": _signal(res) if "zero_std_frac" in res else None})
+    return out
+
+
+def _signal(result: dict) -> float:
+    """Share of measured prompts whose G rewards are not all equal (the ones with a gradient)."""
+    zero = result["zero_std_frac"][result["warmup"]:] or result["zero_std_frac"]
+    return 1 - statistics.mean(zero)
+
+
+def _fmt(x, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def format_table(report: dict) -> str:
+    """The comparison (or scaling) rows as an aligned text table."""
+    lines = []
+    if "runs" in report:
+        head = (f"{'mode':<5} {'trainer':<8} {'shape':<6} {'s/step':>8} {'rollout':>8} {'update':>8} {'compl/s':>8} "
+                f"{'gen tok/s':>10} {'leaf tok/s':>10} {'RSS MiB':>8} {'signal':>6}")
+        lines += [head, "-" * len(head)]
+        for row in report["runs"]:
+            for trainer in ("ours", "trl"):
+                r = row.get(trainer)
+                if r is None:
+                    continue
+                shape = row["ours_shape"] if trainer == "ours" else f"G={row['G']}"
+                if "error" in r:
+                    lines.append(f"{row['mode']:<5} {trainer:<8} {shape:<6} failed: {r['error'].splitlines()[0]}")
+                    continue
+                lines.append(f"{row['mode']:<5} {trainer:<8} {shape:<6} {_fmt(r['seconds_per_step']):>8} {_fmt(r.get('rollout_seconds')):>8} "
+                             f"{_fmt(r.get('update_seconds')):>8} {_fmt(r['completions_per_s']):>8} {_fmt(r['generated_tokens_per_s'], '.1f'):>10} "
+                             f"{_fmt(r['completion_tokens_per_s'], '.1f'):>10} {_fmt(r['peak_rss_mib'], '.0f'):>8} {_fmt(_signal(r)):>6}")
+            if "ratios" in row:
+                q = row["ratios"]
+                lines.append(f"{row['mode']:<5} {'ours/trl':<8} {'':<6} {_fmt(q['seconds_per_step']):>8} {_fmt(q['rollout_seconds']):>8} "
+                             f"{_fmt(q['update_seconds']):>8} {_fmt(q['completions_per_s']):>8} {_fmt(q['generated_tokens_per_s']):>10} "
+                             f"{_fmt(q['completion_tokens_per_s']):>10} {_fmt(q['peak_rss_mib']):>8}")
+    if "scaling" in report:
+        head = (f"{'factor':<18} {'K':>3} {'M':>3} {'tokens':>6} {'images':>6} {'s/step':>8} {'rollout':>8} {'update':>8} "
+                f"{'compl/s':>8} {'gen tok/s':>10} {'RSS MiB':>8} {'signal':>6}")
+        lines += [head, "-" * len(head)]
+        for r in report["scaling"]:
+            lines.append(f"{r['factor']:<18} {r['K']:>3} {r['M']:>3} {r['max_new_tokens']:>6} {r['images_per_prompt']:>6} "
+                         f"{_fmt(r['seconds_per_step']):>8} {_fmt(r['rollout_seconds']):>8} {_fmt(r['update_seconds']):>8} {_fmt(r['completions_per_s']):>8} "
+                         f"{_fmt(r['generated_tokens_per_s'], '.1f'):>10} {_fmt(r['peak_rss_mib'], '.0f'):>8} {_fmt(r['signal']):>6}")
+    if "runs" in report:
+        lines.append("rollout/update: median seconds of sampling+scoring / of the optimizer update; gen tok/s: tokens sampled "
+                     "(a tree samples each thought once); leaf tok/s: completion lengths summed over the G leaves; signal: "
+                     "share of prompts whose G rewards differ (ours skips the update of the others, TRL computes it)")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workload", choices=sorted(WORKLOADS), default="text", help="text: arithmetic; vlm: synthetic visual task")
+    p.add_argument("--model", help="model name or local directory (default: smollm2-135m-instruct / tiny-qwen2-vl)")
+    p.add_argument("--modes", default="flat,tree", help="comma list of flat (ours G x 1) and tree (ours K x M)")
+    p.add_argument("--trainers", default="ours,trl", help="comma list of ours and trl")
+    p.add_argument("--steps", type=int, default=3, help="measured optimizer steps (after --warmup)")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured steps first")
+    p.add_argument("--prompts-per-step", type=int, default=4)
+    p.add_argument("--micro-batch", type=int, default=0, help="prompts per forward/backward (0 = all of a step's)")
+    p.add_argument("--G", type=int, default=16, help="completions per prompt")
+    p.add_argument("--tree", help="our tree shape KxM for mode tree (default: the squarest split of G)")
+    p.add_argument("--max-new-tokens", type=int, default=40, help="completion budget (ours: thought + continuation)")
+    p.add_argument("--thought-tokens", type=int, default=0, help="our thought budget in trees (0 = 2/5 of --max-new-tokens)")
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--autocast", choices=("none", "bfloat16"), default="bfloat16", help="both: bf16 autocast (TRL bf16=True)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads in each worker (0 = torch default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reward", default="correctness", help="reward for both trainers: built-in name or pkg.module:fn")
+    p.add_argument("--quick", action="store_true", help="tiny-llama (or tiny VLM), 2 steps, small batches: a smoke run")
+    p.add_argument("--scaling", action="store_true", help="time our step against K, M, tokens (and images): ours only")
+    p.add_argument("--out", help="JSON path (default runs/bench/bench[-vlm].json, or scaling[-vlm].json)")
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Build the spec from ``args``, run the comparison or the scaling table, write and return the report."""
+    if args.quick:
+        args.model = args.model or ("tiny-llama" if args.workload == "text" else WORKLOADS["vlm"][0])
+        args.steps, args.prompts_per_step, args.G, args.max_new_tokens = 2, 2, 4, 16
+    model = args.model or WORKLOADS[args.workload][0]
+    suffix = "" if args.workload == "text" else "-vlm"
+    out = Path(args.out or f"runs/bench/{'scaling' if args.scaling else 'bench'}{suffix}.json")
+    trainers = [t for t in args.trainers.split(",") if t]
+    modes = [m for m in args.modes.split(",") if m]
+    if not modes or set(modes) - {"flat", "tree"} or not trainers or set(trainers) - {"ours", "trl"}:
+        raise ConfigError(f"bench: --modes takes flat,tree and --trainers ours,trl; got {args.modes!r} and {args.trainers!r}")
+    if args.steps < 1 or args.warmup < 0:
+        raise ConfigError(f"bench: need --steps >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    notes = []
+    if "trl" in trainers and not trl_available():
+        trainers.remove("trl")
+        notes.append("trl is not installed (pip install '.[bench]'): TRL skipped")
+    K, M = tree_shape(args.G, args.tree)
+    base = BenchSpec(
+        workload=args.workload, model=model, model_dir="", G=args.G, K=K, M=M,
+        max_new_tokens=args.max_new_tokens, thought_tokens=args.thought_tokens or max(1, args.max_new_tokens * 2 // 5),
+        prompts_per_step=args.prompts_per_step, micro_batch=args.micro_batch or args.prompts_per_step,
+        steps=args.steps, warmup=args.warmup, lr=args.lr, autocast=args.autocast, threads=args.threads, seed=args.seed,
+        reward=args.reward,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bench-", dir=out.parent) as tmp:
+        workdir = Path(tmp)
+        model_dir = prepare_model_dir(model, workdir)
+        base = dataclasses.replace(base, model_dir=model_dir)
+        report: dict = {"workload": args.workload, "model": model, "model_dir": model_dir, "machine": machine_info(),
+                        "spec": dataclasses.asdict(base), "notes": notes}
+        if args.scaling:
+            report["scaling"] = scaling(base, args.tree, workdir)
+        else:
+            report["runs"] = compare(base, modes, trainers, args.tree, workdir)
+        logs = out.parent / f"{out.stem}-logs"
+        logs.mkdir(exist_ok=True)
+        for log in workdir.glob("*.log"):
+            log.replace(logs / log.name)
+    out.write_text(json.dumps(report, indent=2))
+    for note in notes:
+        print(f"[bench] {note}")
+    print(format_table(report))
+    print(f"wrote {out}")
+    return report
+
+
+def _worker(trainer: str, spec_path: str, result_path: str) -> None:
+    spec = BenchSpec(**json.loads(Path(spec_path).read_text()))
+    if trainer == "ours":
+        from vlm_treegrpo.bench_ours import run_ours
+
+        result = run_ours(spec)
+    else:
+        from vlm_treegrpo.bench_trl import run_trl
+
+        result = run_trl(spec)
+    Path(result_path).write_text(json.dumps(result, indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_worker"]:
+        _worker(*argv[1:4])
+        return 0
+    parser = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    run(parser.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

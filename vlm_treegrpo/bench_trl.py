@@ -1,0 +1,200 @@
+"""TRL's ``GRPOTrainer`` on a :class:`~vlm_treegrpo.bench.BenchSpec`: the other side of the benchmark.
+
+TRL settings chosen to do the same work as ours (every one is reported in the result):
+
+* one generation batch of ``P * G`` completions per optimizer step: ``per_device_train_batch_size
+  = micro_batch * G`` rows, ``gradient_accumulation_steps = steps_per_generation = P / micro_batch``,
+  ``num_iterations = 1``, so TRL skips its old-log-prob pass exactly as our on-policy update does;
+* ``beta = 0`` (no reference model), ``loss_type = "dapo"`` (token mean over the whole batch, our
+  ``token_mean``), ``scale_rewards = "group"`` (our std scaling), ``epsilon = 0.2``;
+* ``gradient_checkpointing = False`` (TRL's default is True; ours never checkpoints),
+  ``bf16 = (autocast == "bfloat16")`` with ``use_cpu`` on a CPU-only machine;
+* constant learning rate, AdamW betas (0.9, 0.99), no weight decay, grad-norm clip 1.0;
+* no logging, saving, evaluation or progress bar; the dataset is not shuffled, so step s sees
+  the same prompts as ours.
+
+Timing: a :class:`~transformers.TrainerCallback` times ``on_step_begin`` -> ``on_step_end``; the
+rollout share is TRL's ``_generate_and_score_completions`` timed by wrapping it on the instance.
+The reward is ours (correctness by default), wrapped as a TRL reward function; it also counts
+the real completion tokens (TRL's ``completion_ids`` are cut after the first EOS, no padding).
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+
+from vlm_treegrpo.bench import BenchSpec, bench_task, measure
+
+
+def reward_for_trl(name: str, calls: list[dict], G: int):
+    """Our reward ``name`` (:func:`~vlm_treegrpo.rewards.resolve_reward`; correctness by default)
+    in TRL's reward signature. Each call (one per generation batch) appends its completion tokens,
+    mean reward and the fraction of prompts whose G rewards are all equal to ``calls`` (TRL
+    orders a prompt's G completions consecutively)."""
+    from vlm_treegrpo.data.types import Example
+    from vlm_treegrpo.rewards import resolve_reward
+
+    fn = resolve_reward(name)
+
+    def reward(prompts, completions, completion_ids, answer, **kwargs) -> list[float]:
+        texts = [_text_of(c) for c in completions]
+        rewards = [float(fn(t, Example(prompt="", answer=a))) for t, a in zip(texts, answer)]
+        groups = [rewards[i : i + G] for i in range(0, len(rewards), G)]
+        calls.append({"completion_tokens": sum(len(ids) for ids in completion_ids), "reward": sum(rewards) / len(rewards),
+                      "zero_std_frac": sum(len(set(g)) == 1 for g in groups) / len(groups)})
+        return rewards
+
+    reward.__name__ = name.rsplit(":", 1)[-1]  # TRL names its reward metrics after the function
+    return reward
+
+
+def _text_of(completion) -> str:
+    """A TRL completion (a string, or conversational ``[{"role", "content"}]``) as text."""
+    if isinstance(completion, str):
+        return completion
+    content = completion[-1]["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if part.get("type") == "text")
+
+
+def trl_dataset(spec: BenchSpec):
+    """The bench prompts as a TRL conversational dataset (plus ``images`` for the VLM workload)."""
+    from datasets import Dataset
+
+    from vlm_treegrpo.rollout.prompts import user_message
+
+    examples, instruction = bench_task(spec)
+    rows = [{"prompt": [{"role": "user", "content": user_message(ex, instruction)}], "answer": ex.answer} for ex in examples]
+    if spec.workload == "vlm":
+        for row, ex in zip(rows, examples):
+            row["images"] = list(ex.images)
+    return Dataset.from_list(rows), examples, instruction
+
+
+def grpo_args(spec: BenchSpec, output_dir: str):
+    """The :class:`trl.GRPOConfig` for the spec."""
+    import torch
+    from trl import GRPOConfig
+
+    accum = spec.prompts_per_step // spec.micro_batch
+    return GRPOConfig(
+        output_dir=output_dir,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=spec.autocast == "bfloat16",
+        fp16=False,
+        gradient_checkpointing=False,
+        model_init_kwargs={"dtype": "float32" if not torch.cuda.is_available() else "auto", "attn_implementation": "sdpa"},
+        per_device_train_batch_size=spec.micro_batch * spec.G,
+        gradient_accumulation_steps=accum,
+        steps_per_generation=accum,
+        num_iterations=1,
+        num_generations=spec.G,
+        max_completion_length=spec.max_new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        beta=0.0,
+        epsilon=0.2,
+        loss_type="dapo",
+        scale_rewards="group",
+        learning_rate=spec.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        adam_beta1=0.9,
+        adam_beta2=0.99,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        max_steps=spec.warmup + spec.steps,
+        shuffle_dataset=False,
+        seed=spec.seed,
+        logging_strategy="no",
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        log_completions=False,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+
+
+def run_trl(spec: BenchSpec) -> dict:
+    """Train TRL for ``warmup + steps`` steps on the spec and measure them."""
+    import torch
+    from transformers import TrainerCallback
+    from trl import GRPOTrainer
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    dataset, examples, instruction = trl_dataset(spec)
+    calls: list[dict] = []
+    rollout_seconds: list[float] = []
+    autocast_seen: dict[str, bool] = {}
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.t0, self.seconds = 0.0, []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seconds.append(time.perf_counter() - self.t0)
+
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory(prefix="trl-bench-") as out:
+        trainer = GRPOTrainer(model=spec.model_dir, reward_funcs=[reward_for_trl(spec.reward, calls, spec.G)], args=grpo_args(spec, out),
+                              train_dataset=dataset, callbacks=[timer])
+        generate_and_score = trainer._generate_and_score_completions
+
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            result = generate_and_score(*a, **kw)
+            rollout_seconds.append(time.perf_counter() - t0)
+            return result
+
+        trainer._generate_and_score_completions = timed
+
+        def record_autocast(module, inputs):  # is autocast on in generation (no grad) and in training?
+            autocast_seen["train" if torch.is_grad_enabled() else "generate"] = torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+
+        hook = trainer.model.get_input_embeddings().register_forward_pre_hook(record_autocast)
+        trainer.train()
+        hook.remove()
+        prompt_check = _prompts_match(trainer, examples, instruction, spec)
+        args = trainer.args
+    P, G = spec.prompts_per_step, spec.G
+    rows = [{"seconds": s, "rollout_seconds": r, "completions": P * G, "generated_tokens": c["completion_tokens"], **c}
+            for s, r, c in zip(timer.seconds, rollout_seconds, calls)]
+    if not len(timer.seconds) == len(rollout_seconds) == len(calls) == spec.warmup + spec.steps:
+        raise RuntimeError(f"TRL ran {len(timer.seconds)} steps, {len(rollout_seconds)} rollouts, {len(calls)} reward calls; "
+                           f"expected {spec.warmup + spec.steps} of each")
+    import trl
+
+    settings = {
+        "trainer": f"trl {trl.__version__} GRPOTrainer", "num_generations": args.num_generations,
+        "max_completion_length": args.max_completion_length, "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps, "steps_per_generation": args.steps_per_generation,
+        "generation_batch_size": args.generation_batch_size, "num_iterations": args.num_iterations, "beta": args.beta,
+        "loss_type": args.loss_type, "scale_rewards": args.scale_rewards, "epsilon": args.epsilon,
+        "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "bf16": args.bf16, "use_cpu": args.use_cpu,
+        "gradient_checkpointing": args.gradient_checkpointing, "learning_rate": args.learning_rate,
+        "lr_scheduler_type": str(args.lr_scheduler_type), "optim": str(args.optim),
+        "adam_betas": [args.adam_beta1, args.adam_beta2], "max_grad_norm": args.max_grad_norm,
+        "autocast_active": autocast_seen, "torch_threads": torch.get_num_threads(),
+        "prompt_ids_match_ours": prompt_check,
+    }
+    return {"settings": settings, **measure(rows, spec.warmup)}
+
+
+def _prompts_match(trainer, examples, instruction, spec: BenchSpec) -> bool | None:
+    """Whether TRL's prompt token ids equal ours for the first step's prompts (text workload only)."""
+    if spec.workload != "text" or not hasattr(trainer, "_tokenize_prompts"):
+        return None
+    from vlm_treegrpo.rollout.prompts import prompt_ids, user_message
+
+    batch = examples[: spec.prompts_per_step]
+    theirs, _, _ = trainer._tokenize_prompts([[{"role": "user", "content": user_message(ex, instruction)}] for ex in batch])
+    ours = [prompt_ids(trainer.processing_class, ex, instruction) for ex in batch]
+    return [list(t) for t in theirs] == ours
