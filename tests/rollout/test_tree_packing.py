@@ -87,3 +87,20 @@ def test_padding_rows_do_not_change_logp():
     L = alone.input_ids.shape[1]
     assert_close(lp_both[:L], lp_alone, atol=1e-5, rtol=1e-5)
     assert both.target_mask[0, L:].sum() == 0
+
+
+def test_packed_forward_switches_flash_attention_to_a_mask_capable_kernel():
+    from vlm_treegrpo.rollout.logprobs import mask_capable_attention
+
+    model, tok = build_tiny_llama(seed=3)
+    trees = _make_trees(tok)
+    packed = pack_trees(trees, torch.zeros(2, 2), torch.zeros(2, 2, 2), tok.pad_token_id)
+    with torch.no_grad():
+        want = packed_logp(model, packed)
+    model.config._attn_implementation = "flash_attention_2"  # as a CUDA load with flash-attn gives
+    with mask_capable_attention(model):
+        assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == "flash_attention_2"
+    with torch.no_grad():
+        got = packed_logp(model, packed)  # would fail inside a flash kernel without the switch
+    assert_close(got, want)

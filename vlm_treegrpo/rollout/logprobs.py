@@ -1,6 +1,8 @@
 """Per-token log-probs of packed trees under a causal LM (one forward per micro-batch)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -12,6 +14,27 @@ def additive_mask(attention: Tensor, dtype: torch.dtype) -> Tensor:
     mask = torch.zeros(attention.shape, dtype=dtype, device=attention.device)
     mask.masked_fill_(~attention, torch.finfo(dtype).min)
     return mask[:, None]
+
+
+@contextlib.contextmanager
+def mask_capable_attention(model):
+    """Run the packed forward with an attention kernel that takes an arbitrary 4-D mask.
+
+    Flash-attention kernels take no tree mask, so while a model loaded with
+    ``flash_attention_2`` (fast generation) runs the packed training forward, its config points
+    at ``sdpa``, which uses the same weights. Attention functions are looked up from the config
+    at every forward, so this switch is exact and costs nothing.
+    """
+    config = model.config
+    impl = getattr(config, "_attn_implementation", None)
+    if not impl or "flash" not in str(impl):
+        yield
+        return
+    config._attn_implementation = "sdpa"
+    try:
+        yield
+    finally:
+        config._attn_implementation = impl
 
 
 def packed_logp(model, batch: PackedBatch, temperature: float = 1.0) -> Tensor:
@@ -26,13 +49,14 @@ def packed_logp(model, batch: PackedBatch, temperature: float = 1.0) -> Tensor:
     need = torch.unique(batch.pred_pos[batch.target_mask > 0])  # [U] sorted
     if need.numel() == 0:
         need = torch.zeros(1, dtype=torch.long, device=batch.pred_pos.device)
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=additive_mask(batch.attention_mask, dtype),
-        position_ids=batch.position_ids,
-        use_cache=False,
-        logits_to_keep=need,
-    )
+    with mask_capable_attention(model):
+        out = model(
+            input_ids=batch.input_ids,
+            attention_mask=additive_mask(batch.attention_mask, dtype),
+            position_ids=batch.position_ids,
+            use_cache=False,
+            logits_to_keep=need,
+        )
     logits = out.logits.float()  # [N, U, V]
     if temperature != 1.0:
         logits = logits / temperature
