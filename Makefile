@@ -1,4 +1,5 @@
-# Two commands matter: `make demo` and `make test`. Both set up .venv first (idempotent, stamped).
+# Two commands matter: `make demo` and `make test` (plus `make demo-vlm`, the vision-language job).
+# All set up .venv first (idempotent, stamped).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -7,7 +8,7 @@ STAMP  := $(VENV)/.setup-stamp
 # the CI machine's disk; an unpinned torch would download several GB.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup prepare demo test bench clean
+.PHONY: setup prepare demo demo-vlm test bench clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -22,6 +23,11 @@ prepare: setup
 
 demo: prepare
 	$(VENV)/bin/vlm-treegrpo train --config configs/demo-smollm2.yaml
+
+# The vision-language job: a tiny random-init VLM (offline, nothing to download), SFT warm start
+# then tree-style GRPO on the synthetic visual task; writes runs/demo-vlm/summary.json.
+demo-vlm: setup
+	$(VENV)/bin/vlm-treegrpo train --config configs/demo-vlm.yaml
 
 test: setup
 	$(PY) -m pytest -q tests

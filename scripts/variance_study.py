@@ -68,7 +68,7 @@ def sample_big_trees(cfg, n_prompts: int, K_max: int, M_max: int):
     policy.model.eval()
     d, r = cfg.data, cfg.rollout
     task = load_task(d.source, d.format, d.n_train, d.n_test, d.difficulty, d.seed, d.instruction, d.test_source, d.skip_bad,
-                     image_size=d.image_size)
+                     image_size=d.image_size, kinds=d.kinds)
     idx = PromptSampler(len(task.train), cfg.optim.seed).take(n_prompts)
     examples = [task.train[i] for i in idx]
     prompts = [policy.encode(ex, task.instruction) for ex in examples]

@@ -166,7 +166,7 @@ def advise(cfg: TrainConfig, prompts: int = 0) -> dict:
         raise ConfigError("model.name: the advisor's score features are implemented for text policies")
     d, r = cfg.data, cfg.rollout
     task = load_task(d.source, d.format, d.n_train, d.n_test, d.difficulty, d.seed, d.instruction, d.test_source, d.skip_bad,
-                     image_size=d.image_size)
+                     image_size=d.image_size, kinds=d.kinds)
     N = prompts or r.prompts_per_step
     idx = PromptSampler(len(task.train), cfg.optim.seed).take(N)
     examples = [task.train[i] for i in idx]

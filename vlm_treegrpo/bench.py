@@ -102,6 +102,16 @@ class BenchSpec:
 # ----------------------------------------------------------------------------- shared work
 
 
+def length_signal_reward(completion: str, example) -> float:
+    """A benchmarking-only reward that varies with the completion's length (in [0, 1]).
+
+    A random-init tiny model never earns the correctness reward, so every group would have
+    zero std and our trainer would skip every update, which flatters it. With this reward both
+    trainers run their full update: ``--reward vlm_treegrpo.bench:length_signal_reward``.
+    """
+    return (len(completion) % 7) / 6.0
+
+
 def bench_task(spec: BenchSpec):
     """``(examples in step order, instruction)``: step s uses ``examples[s*P:(s+1)*P]``."""
     from vlm_treegrpo.data.sources import load_task

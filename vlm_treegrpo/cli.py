@@ -18,7 +18,7 @@ def _cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg)
     keep = {k: v for k, v in summary.items() if not isinstance(v, dict) or k == "reward_failures"}
-    for key in ("eval_before", "eval_after"):
+    for key in ("eval_before", "eval_warm", "eval_after"):
         if key in summary:
             keep[key] = {k: v for k, v in summary[key].items() if k != "samples"}
     print(json.dumps(keep, indent=2))
@@ -40,7 +40,7 @@ def _cmd_eval(args) -> int:
     policy = make_policy(name, resolve_device(cfg.model.device), cfg.model.dtype, cfg.model.attn_implementation)
     d = cfg.data
     task = load_task(d.source, d.format, d.n_train, d.n_test, d.difficulty, d.seed, d.instruction, d.test_source, d.skip_bad,
-                     image_size=d.image_size)
+                     image_size=d.image_size, kinds=d.kinds)
     prompts = [policy.encode(ex, task.instruction) for ex in task.test]
     res = evaluate(policy, task.test, prompts, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, cfg.eval.batch_size)
     print(json.dumps({"model": name, **res}, indent=2))

@@ -18,6 +18,7 @@ import yaml
 from vlm_treegrpo.core.advantages import ANSWER_SCOPES, BASELINES, SCALES
 from vlm_treegrpo.core.losses import AGGREGATIONS, KL_KINDS, POLICY_LOSSES
 from vlm_treegrpo.data.visual import DIFFICULTIES as VISUAL_DIFFICULTIES
+from vlm_treegrpo.data.visual import KINDS as VISUAL_KINDS
 from vlm_treegrpo.data.visual import MIN_IMAGE_SIZE
 
 CREDITS = ("outcome", "rredcot")
@@ -101,6 +102,8 @@ class DataConfig:
     """Skip (and count) records without an answer instead of failing on the first one."""
     image_size: int = 64
     """Side in pixels of the synthetic visual task's images (source 'visual'; the processor resizes them)."""
+    kinds: list[str] = field(default_factory=list)
+    """Question kinds of the synthetic visual task (count, relation, bar_chart, geometry); [] draws all."""
 
     def __post_init__(self) -> None:
         _require(bool(self.source), "data.source", "must not be empty")
@@ -114,6 +117,10 @@ class DataConfig:
         _require(self.n_train >= 0, "data.n_train", f"must be >= 0, got {self.n_train}")
         _require(self.n_test >= 1, "data.n_test", f"must be >= 1, got {self.n_test}")
         _require(self.difficulty >= 1, "data.difficulty", f"must be >= 1, got {self.difficulty}")
+        _require(not self.kinds or self.source == "visual", "data.kinds", f"only the 'visual' source has kinds, source is {self.source!r}")
+        bad = [k for k in self.kinds if k not in VISUAL_KINDS]
+        _require(not bad, "data.kinds", f"unknown kinds {bad}; the visual task has {list(VISUAL_KINDS)}")
+        _require(len(set(self.kinds)) == len(self.kinds), "data.kinds", f"must not repeat a kind, got {self.kinds}")
 
 
 @dataclass
@@ -271,6 +278,31 @@ class OptimConfig:
 
 
 @dataclass
+class SFTConfig:
+    """Optional supervised warm start before GRPO (:mod:`vlm_treegrpo.sft`): teacher-forced NLL of a
+    target completion built from each training example's reference answer."""
+
+    steps: int = 0
+    """SFT optimizer steps before the first GRPO step; 0 = no warm start."""
+    lr: float = 1e-3
+    """AdamW learning rate of the warm start (its own optimizer; GRPO's starts fresh)."""
+    batch_size: int = 16
+    """Training examples per SFT step (split into rows of `optim.micro_batch` per forward)."""
+    target: str = "Answer: {answer}"
+    """Completion taught for each example; `{answer}` is its reference answer (EOS is appended)."""
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 0, "sft.steps", f"must be >= 0, got {self.steps}")
+        _require(self.lr > 0, "sft.lr", f"must be > 0, got {self.lr}")
+        _require(self.batch_size >= 1, "sft.batch_size", f"must be >= 1, got {self.batch_size}")
+        try:
+            probe = self.target.format(answer="\x00")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ConfigError(f"sft.target: must be a format string whose only field is {{answer}}, got {self.target!r} ({err!r})") from err
+        _require("\x00" in probe, "sft.target", f"must contain {{answer}}, got {self.target!r}")
+
+
+@dataclass
 class EvalConfig:
     """Held-out evaluation (greedy decoding)."""
 
@@ -329,6 +361,8 @@ class TrainConfig:
     """Objective."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """Supervised warm start."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation."""
     log: LogConfig = field(default_factory=LogConfig)
@@ -356,6 +390,13 @@ class TrainConfig:
                 "algo.answer_scope",
                 "credit=rredcot gives per-segment advantages over the prompt group; 'thought' does not apply",
             )
+
+        _require(
+            not (self.sft.steps > 0 and self.model.lora_r > 0 and self.algo.beta > 0),
+            "sft.steps",
+            "a warm start with LoRA and algo.beta > 0 would take the KL to the pre-SFT base model (LoRA's reference); "
+            "train all weights (model.lora_r=0) or set algo.beta=0",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

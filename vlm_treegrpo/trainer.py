@@ -19,6 +19,9 @@ adds the norm of the update with and without the std scaling and the mean pairwi
 per-prompt gradients (on a small parameter subset, :mod:`vlm_treegrpo.scores`). With
 ``algo.credit: rredcot`` the rollout's advantages are replaced by RREDCoT's per-segment ones
 (arXiv 2606.06475, :mod:`vlm_treegrpo.credit`).
+
+With ``sft.steps > 0`` a supervised warm start (:mod:`vlm_treegrpo.sft`) runs between the
+``eval_before`` and the first GRPO step; its greedy accuracy is reported as ``eval_warm``.
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ from vlm_treegrpo.rewards import RewardSet
 from vlm_treegrpo.policy import Policy, TextPolicy, TrainBatch
 from vlm_treegrpo.rollout.tree import SamplingParams, Tree
 from vlm_treegrpo.scores import token_score_features, weighted_row_sums
+from vlm_treegrpo.sft import warm_start
 
 
 def resolve_device(name: str) -> torch.device:
@@ -283,6 +287,28 @@ def _eval(policy: Policy, task: Task, test_prompts, cfg: TrainConfig, label: str
     return res
 
 
+def _sft(policy: Policy, task: Task, train_prompts, cfg: TrainConfig, device, run: Path, bar) -> dict:
+    """The supervised warm start; writes ``sft.jsonl`` and returns its summary fields."""
+    s, device_ctx = cfg.sft, lambda: autocast_ctx(device, cfg.model.autocast)
+    path = run / "sft.jsonl"
+    path.write_text("")
+
+    def log(row: dict) -> None:
+        with path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if bar is not None:
+            bar.set_description(f"sft {row['step']}/{s.steps}")
+            bar.set_postfix(nll=f"{row['nll']:.3f}")
+
+    t0 = time.time()
+    sampler = PromptSampler(len(task.train), cfg.optim.seed + 1)
+    rows = warm_start(policy, task.train, train_prompts, sampler, s.steps, s.lr, s.batch_size, s.target,
+                      cfg.optim.micro_batch, cfg.optim.max_grad_norm, device, device_ctx, log)
+    if bar is not None:
+        bar.set_description("train")
+    return {"sft_steps": s.steps, "sft_seconds": round(time.time() - t0, 2), "sft_final_nll": rows[-1]["nll"]}
+
+
 def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     """Run a whole job; returns (and writes) the summary."""
     t_start = time.time()
@@ -295,12 +321,8 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     device = resolve_device(cfg.model.device)
 
     policy = make_policy(cfg.model.name, device, cfg.model.dtype, cfg.model.attn_implementation)
-    ref_policy = None
     if cfg.model.lora_r > 0:
         policy.model = apply_lora(policy.model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_targets)
-    elif cfg.algo.beta > 0:
-        ref_policy = copy.copy(policy)
-        ref_policy.model = copy.deepcopy(policy.model).eval().requires_grad_(False)
     model = policy.model
     credit = None
     if cfg.algo.credit == "rredcot":
@@ -310,7 +332,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
 
     d = cfg.data
     task = load_task(d.source, d.format, d.n_train, d.n_test, d.difficulty, d.seed, d.instruction, d.test_source, d.skip_bad,
-                     image_size=d.image_size)
+                     image_size=d.image_size, kinds=d.kinds)
     reward_set = RewardSet.from_config(cfg.algo.rewards)
     train_prompts = [policy.encode(ex, task.instruction) for ex in task.train]
     test_prompts = [policy.encode(ex, task.instruction) for ex in task.test]
@@ -329,6 +351,13 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     summary: dict = {"run": str(run), "model": cfg.model.name, "K": cfg.rollout.K, "M": cfg.rollout.M, "data_skipped": task.skipped}
     if cfg.eval.before:
         summary["eval_before"] = _eval(policy, task, test_prompts, cfg, "before", bar)
+    if cfg.sft.steps > 0:
+        summary.update(_sft(policy, task, train_prompts, cfg, device, run, bar))
+        summary["eval_warm"] = _eval(policy, task, test_prompts, cfg, "warm", bar)
+    ref_policy = None  # the KL reference: the policy GRPO starts from (after any warm start)
+    if cfg.algo.beta > 0 and cfg.model.lora_r == 0:  # LoRA: the base model, adapters disabled
+        ref_policy = copy.copy(policy)
+        ref_policy.model = copy.deepcopy(policy.model).eval().requires_grad_(False)
     metrics_path, samples_path = run / "metrics.jsonl", run / "samples.jsonl"
     metrics_path.write_text("")
     samples_path.write_text("")
@@ -378,5 +407,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     )
     if "eval_before" in summary and "eval_after" in summary:
         summary["accuracy_gain"] = summary["eval_after"]["accuracy"] - summary["eval_before"]["accuracy"]
+    if "eval_warm" in summary and "eval_after" in summary:
+        summary["rl_gain"] = summary["eval_after"]["accuracy"] - summary["eval_warm"]["accuracy"]
     (run / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

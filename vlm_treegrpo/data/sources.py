@@ -39,16 +39,16 @@ def _load(source: str, format: str, split: str, limit: int | None, skip_bad: boo
 
 def load_task(source: str, format: str, n_train: int, n_test: int, difficulty: int, seed: int,
               instruction: str = "default", test_source: str = "", skip_bad: bool = False,
-              image_size: int = 64) -> Task:
-    """A synthetic task (``arithmetic``; ``visual``: one ``image_size`` px image per question),
-    or records from a local file / hub dataset in ``format`` (``visual``: image-question records)."""
+              image_size: int = 64, kinds: list[str] | None = None) -> Task:
+    """A synthetic task (``arithmetic``; ``visual``: one ``image_size`` px image per question,
+    question kinds restricted to ``kinds`` when given), or records from a local file / hub dataset in ``format`` (``visual``: image-question records)."""
     key = source if source in SYNTHETIC else format
     instr = DEFAULT_INSTRUCTIONS[key] if instruction == "default" else instruction
     if source == "arithmetic":
         train, test = arithmetic_splits(n_train, n_test, seed, difficulty)
         return Task(train, test, instr)
     if source == "visual":
-        train, test = visual_splits(n_train, n_test, seed, difficulty, image_size)
+        train, test = visual_splits(n_train, n_test, seed, difficulty, image_size, kinds or None)
         return Task(train, test, instr)
     train, skipped_train = _load(source, format, "train", n_train or None, skip_bad)
     test, skipped_test = _load(test_source or source, format, "test", n_test, skip_bad)
