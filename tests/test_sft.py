@@ -120,3 +120,20 @@ def test_data_kinds_validation_and_effect():
             config_from_dict({"data": values})
     task = load_task("visual", "gsm8k", 6, 3, 1, 0, kinds=["bar_chart"])
     assert {ex.meta["kind"] for ex in task.train + task.test} == {"bar_chart"}
+
+
+def test_demo_vlm_config_runs_on_a_tiny_budget(tmp_path):
+    from pathlib import Path
+
+    from vlm_treegrpo.config import load_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "demo-vlm.yaml"
+    cfg = load_config(path, ["data.n_train=8", "data.n_test=2", "sft.steps=2", "sft.batch_size=4", "optim.steps=1",
+                             "rollout.prompts_per_step=2", "eval.every=0", "log.progress=false", f"log.run_dir={tmp_path}"])
+    threads = torch.get_num_threads()
+    try:
+        summary = train(cfg, quiet=True)  # the config sets model.threads, a process-wide setting
+    finally:
+        torch.set_num_threads(threads)
+    assert summary["sft_steps"] == 2 and {"eval_before", "eval_warm", "eval_after", "rl_gain"} <= summary.keys()
+    assert summary["eval_warm"]["format_rate"] >= 0.0 and summary["steps"] == 1
