@@ -28,14 +28,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vlm_treegrpo.core._checks import check_choice
+
 SCALES = ("std", "none")
 BASELINES = ("mean", "rloo", "none")
 ANSWER_SCOPES = ("group", "thought")
-
-
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
 def _as_float(rewards: Tensor) -> Tensor:
@@ -65,8 +62,8 @@ def group_advantages(
         ``[N, G]`` advantages. With ``"mean"``/``"rloo"``, constant groups give exactly 0.
         For G == 1 the std is taken as 0 (never NaN).
     """
-    _check_choice("scale", scale, SCALES)
-    _check_choice("baseline", baseline, BASELINES)
+    check_choice("scale", scale, SCALES)
+    check_choice("baseline", baseline, BASELINES)
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be [N, G], got shape {tuple(rewards.shape)}")
     rewards = _as_float(rewards)  # [N, G]
@@ -136,8 +133,8 @@ def tree_advantages(
     Returns:
         ``(thought_adv [N, K], answer_adv [N, K, M])``.
     """
-    _check_choice("scale", scale, SCALES)
-    _check_choice("answer_scope", answer_scope, ANSWER_SCOPES)
+    check_choice("scale", scale, SCALES)
+    check_choice("answer_scope", answer_scope, ANSWER_SCOPES)
     if rewards.dim() != 3:
         raise ValueError(f"rewards must be [N, K, M], got shape {tuple(rewards.shape)}")
     rewards = _as_float(rewards)  # [N, K, M]

@@ -30,14 +30,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vlm_treegrpo.core._checks import check_choice
+
 POLICY_LOSSES = ("grpo", "rgra")
 AGGREGATIONS = ("token_mean", "seq_mean", "constant")
 KL_KINDS = ("k1", "k3")
-
-
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
 def _valid_and_weights(mask: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -132,8 +129,8 @@ def policy_loss(
     Returns:
         0-dim loss. Masked positions never affect the value or gradient, even if they hold NaN/inf.
     """
-    _check_choice("kind", kind, POLICY_LOSSES)
-    _check_choice("agg", agg, AGGREGATIONS)
+    check_choice("kind", kind, POLICY_LOSSES)
+    check_choice("agg", agg, AGGREGATIONS)
     if logp.dim() != 2:
         raise ValueError(f"logp must be [B, L], got shape {tuple(logp.shape)}")
     if mask.shape != logp.shape:
@@ -221,7 +218,7 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
     Returns:
         ``[B, L]``; apply the mask yourself (e.g. with :func:`masked_mean`).
     """
-    _check_choice("kind", kind, KL_KINDS)
+    check_choice("kind", kind, KL_KINDS)
     if kind == "k1":
         return logp - ref_logp  # [B, L]
     d = ref_logp - logp  # [B, L]

@@ -243,10 +243,23 @@ def load_examples(
     """
     if format not in FORMATS:
         raise ValueError(f"unknown data format {format!r}; expected one of {sorted(FORMATS)}")
+    return convert_records(load_records(source, split=split), FORMATS[format], limit, skip_bad)
+
+
+def convert_records(
+    records: list[dict],
+    convert: Callable[[dict, int], Example],
+    limit: int | None = None,
+    skip_bad: bool = False,
+) -> tuple[list[Example], int]:
+    """Convert records with ``convert(rec, index)``; returns ``(examples, n_skipped)``.
+
+    With ``skip_bad=False`` the first bad record's :class:`DataError` propagates; with
+    ``skip_bad=True`` bad records are skipped and counted. ``limit`` caps the number of
+    examples (records after it are neither converted nor counted).
+    """
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
-    convert = FORMATS[format]
-    records = load_records(source, split=split)
     examples: list[Example] = []
     n_skipped = 0
     for index, rec in enumerate(records):

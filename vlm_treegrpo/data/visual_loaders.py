@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm_treegrpo.data.images import load_image
-from vlm_treegrpo.data.loaders import LOCAL_SUFFIXES, DataError, load_records
+from vlm_treegrpo.data.loaders import LOCAL_SUFFIXES, DataError, convert_records, load_records
 from vlm_treegrpo.data.types import Example
 
 __all__ = ["from_visual_record", "load_visual_examples"]
@@ -135,19 +135,6 @@ def load_visual_examples(
     number of examples (later records are neither converted nor counted).  Image
     paths in a local file's records are resolved relative to that file's directory.
     """
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0 or None, got {limit}")
     base_dir = _local_dir(source)
-    records = load_records(source, split=split)
-    examples: list[Example] = []
-    n_skipped = 0
-    for index, rec in enumerate(records):
-        if limit is not None and len(examples) >= limit:
-            break
-        try:
-            examples.append(from_visual_record(rec, index, base_dir))
-        except DataError:
-            if not skip_bad:
-                raise
-            n_skipped += 1
-    return examples, n_skipped
+    convert = lambda rec, index: from_visual_record(rec, index, base_dir)  # noqa: E731
+    return convert_records(load_records(source, split=split), convert, limit, skip_bad)
