@@ -151,8 +151,16 @@ class QwenVLAdapter(VLMAdapter):
     # ---- tiny build -------------------------------------------------------------------------
 
     def _tiny_text_config(self) -> dict:
-        """Family-specific tiny text sub-config (sizes and mRoPE sections)."""
-        raise NotImplementedError
+        """Tiny text sub-config: head_dim 16, so 8 rotary frequencies split over (t, h, w) as
+        [2, 3, 3] like the real [16, 24, 24] (Qwen2-VL, Qwen2.5-VL); Qwen3-VL overrides it."""
+        return dict(
+            hidden_size=TINY_TEXT_HIDDEN,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        )
 
     def _tiny_vision_config(self) -> dict:
         """Family-specific tiny vision sub-config."""

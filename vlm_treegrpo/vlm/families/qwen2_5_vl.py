@@ -33,16 +33,6 @@ class Qwen25VLAdapter(QwenVLAdapter):
     video_processor_cls = Qwen2VLVideoProcessor
     chat_template = QWEN2_VL_CHAT_TEMPLATE
 
-    def _tiny_text_config(self) -> dict:
-        return dict(
-            hidden_size=TINY_TEXT_HIDDEN,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-        )
-
     def _tiny_vision_config(self) -> dict:
         return dict(
             depth=2,
