@@ -22,10 +22,10 @@ whoever builds the chat message.
 """
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass
 
+from vlm_treegrpo.data.drawing import draw_distinct, stream_rng
 from vlm_treegrpo.data.types import Example
 
 __all__ = [
@@ -228,12 +228,6 @@ def _one_problem(rng: random.Random, difficulty: int) -> tuple[str, int, int, li
     return " ".join(sentences), value, start, ops
 
 
-def _stream_seed(seed: int, stream: str) -> int:
-    """A deterministic 64-bit seed for a named stream (independent of PYTHONHASHSEED)."""
-    digest = hashlib.sha256(f"vlm_treegrpo.arithmetic:{stream}:{int(seed)}".encode()).digest()
-    return int.from_bytes(digest[:8], "little")
-
-
 def _generate(
     n: int, rng: random.Random, difficulty: int, exclude: set[str] | frozenset[str] = frozenset()
 ) -> list[Example]:
@@ -242,29 +236,13 @@ def _generate(
         raise ValueError(f"n must be >= 0, got {n}")
     if difficulty not in DIFFICULTIES:
         raise ValueError(f"difficulty must be one of {sorted(DIFFICULTIES)}, got {difficulty!r}")
-    seen: set[str] = set()
-    out: list[Example] = []
-    attempts, max_attempts = 0, 100 * n + 1000
-    while len(out) < n:
-        attempts += 1
-        if attempts > max_attempts:
-            raise ValueError(
-                f"could not draw {n} distinct arithmetic problems at difficulty {difficulty} "
-                f"(got {len(out)} after {max_attempts} attempts)"
-            )
+
+    def draw(index: int) -> Example:
         prompt, answer, start, ops = _one_problem(rng, difficulty)
-        if prompt in seen or prompt in exclude:
-            continue
-        seen.add(prompt)
-        meta = {
-            "source": "arithmetic",
-            "difficulty": difficulty,
-            "index": len(out),
-            "start": start,
-            "ops": ops,
-        }
-        out.append(Example(prompt=prompt, answer=str(answer), meta=meta))
-    return out
+        meta = {"source": "arithmetic", "difficulty": difficulty, "index": index, "start": start, "ops": ops}
+        return Example(prompt=prompt, answer=str(answer), meta=meta)
+
+    return draw_distinct(n, draw, lambda ex: ex.prompt, exclude, f"arithmetic problems at difficulty {difficulty}")
 
 
 def make_arithmetic(n: int, seed: int, difficulty: int = 1) -> list[Example]:
@@ -273,7 +251,7 @@ def make_arithmetic(n: int, seed: int, difficulty: int = 1) -> list[Example]:
     ``difficulty`` 1, 2, 3, 4 gives 1, 2, 3, 4 operations with operands up to 9, 9, 20, 50
     (level 1 only adds or subtracts; level 4 always contains a multiplication).  Answers are non-negative integers.
     """
-    return _generate(n, random.Random(_stream_seed(seed, "train")), difficulty)
+    return _generate(n, stream_rng("arithmetic", seed, "train"), difficulty)
 
 
 def arithmetic_splits(
@@ -287,7 +265,7 @@ def arithmetic_splits(
     train = make_arithmetic(n_train, seed, difficulty)
     test = _generate(
         n_test,
-        random.Random(_stream_seed(seed, "test")),
+        stream_rng("arithmetic", seed, "test"),
         difficulty,
         exclude={ex.prompt for ex in train},
     )

@@ -35,6 +35,7 @@ builds the chat message.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -43,6 +44,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
+from vlm_treegrpo.data.drawing import draw_distinct, stream_rng
 from vlm_treegrpo.data.types import Example
 
 __all__ = [
@@ -363,12 +365,6 @@ _BUILDERS = {"count": _count_scene, "relation": _relation_scene,
 # ----------------------------------------------------------------------------- public API
 
 
-def _stream_seed(seed: int, stream: str) -> int:
-    """A deterministic 64-bit seed for a named stream (independent of PYTHONHASHSEED)."""
-    digest = hashlib.sha256(f"vlm_treegrpo.visual:{stream}:{int(seed)}".encode()).digest()
-    return int.from_bytes(digest[:8], "little")
-
-
 def _generate(n: int, rng: random.Random, difficulty: int, image_size: int,
               kinds: Sequence[str] | None, exclude: frozenset[str] | set[str] = frozenset()
               ) -> list[Example]:
@@ -383,29 +379,17 @@ def _generate(n: int, rng: random.Random, difficulty: int, image_size: int,
     if not kinds or any(k not in KINDS for k in kinds):
         raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {kinds!r}")
     lv = DIFFICULTIES[difficulty]
-    seen: set[str] = set()
-    out: list[Example] = []
-    attempts, max_attempts = 0, 100 * n + 1000
-    while len(out) < n:
-        attempts += 1
-        if attempts > max_attempts:
-            raise ValueError(
-                f"could not draw {n} distinct visual scenes at difficulty {difficulty} "
-                f"(got {len(out)} after {max_attempts} attempts)"
-            )
+
+    def draw(index: int) -> Example:  # the scene and question; the image is drawn once kept
         kind = rng.choice(kinds)
         scene, query, layout, prompt = _BUILDERS[kind](rng, lv, image_size)
-        meta = {"source": "visual", "kind": kind, "difficulty": difficulty, "index": len(out),
+        meta = {"source": "visual", "kind": kind, "difficulty": difficulty, "index": index,
                 "image_size": image_size, "scene": scene, "query": query, "layout": layout}
-        answer = visual_answer(meta)
-        ex = Example(prompt=prompt, answer=str(answer), meta=meta)
-        key = visual_key(ex)
-        if key in seen or key in exclude:
-            continue
-        seen.add(key)
-        image = _render(kind, scene, layout, image_size)
-        out.append(Example(prompt=prompt, answer=str(answer), images=(image,), meta=meta))
-    return out
+        return Example(prompt=prompt, answer=str(visual_answer(meta)), meta=meta)
+
+    kept = draw_distinct(n, draw, visual_key, exclude, f"visual scenes at difficulty {difficulty}")
+    return [dataclasses.replace(ex, images=(_render(ex.meta["kind"], ex.meta["scene"], ex.meta["layout"], image_size),))
+            for ex in kept]
 
 
 def make_visual(n: int, seed: int, difficulty: int = 1, image_size: int = 64,
@@ -416,7 +400,7 @@ def make_visual(n: int, seed: int, difficulty: int = 1, image_size: int = 64,
     example carries one RGB ``image_size x image_size`` image; answers are
     non-negative integers (``str``).
     """
-    return _generate(n, random.Random(_stream_seed(seed, "train")), difficulty, image_size, kinds)
+    return _generate(n, stream_rng("visual", seed, "train"), difficulty, image_size, kinds)
 
 
 def visual_splits(n_train: int, n_test: int, seed: int, difficulty: int = 1,
@@ -428,6 +412,6 @@ def visual_splits(n_train: int, n_test: int, seed: int, difficulty: int = 1,
     ``test`` comes from a separate seed stream and skips every train scene.
     """
     train = make_visual(n_train, seed, difficulty, image_size, kinds)
-    test = _generate(n_test, random.Random(_stream_seed(seed, "test")), difficulty, image_size,
+    test = _generate(n_test, stream_rng("visual", seed, "test"), difficulty, image_size,
                      kinds, exclude={visual_key(ex) for ex in train})
     return train, test
