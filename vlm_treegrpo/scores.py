@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vlm_treegrpo.rollout.logprobs import additive_mask
+from vlm_treegrpo.rollout.logprobs import packed_forward
 from vlm_treegrpo.rollout.tree import PackedBatch, Tree
 
 
@@ -88,26 +88,16 @@ def token_score_features(model, batch: PackedBatch, temperature: float = 1.0, ro
 
     handle = head.register_forward_pre_hook(hook)
     try:
-        dtype = next(model.parameters()).dtype
         Wf = W.float()  # [V, H]
         for r0 in range(0, N, rows_per_chunk):
             mb = batch.rows(slice(r0, r0 + rows_per_chunk))
             tgt = mb.target_mask > 0  # [n, L]
             if not bool(tgt.any()):
                 continue
-            need = torch.unique(mb.pred_pos[tgt])  # [U]
-            out = model(
-                input_ids=mb.input_ids,
-                attention_mask=additive_mask(mb.attention_mask, dtype),
-                position_ids=mb.position_ids,
-                use_cache=False,
-                logits_to_keep=need,
-            )
+            logits, col = packed_forward(model, mb)  # [n, U, V], [n, L]
             h = captured.pop("h").float()  # [n, U, H]
-            probs = torch.softmax(out.logits.float() / temperature, dim=-1)  # [n, U, V]
+            probs = torch.softmax(logits.float() / temperature, dim=-1)  # [n, U, V]
             pW = probs @ Wf  # [n, U, H]
-            U = need.numel()
-            col = torch.searchsorted(need, mb.pred_pos).clamp(max=U - 1)  # [n, L]
             idx = col.unsqueeze(-1).expand(-1, -1, h.shape[-1])  # [n, L, H]
             u = (Wf[mb.input_ids] - pW.gather(1, idx)) / temperature  # [n, L, H]
             psi = u * h.gather(1, idx)  # [n, L, H]

@@ -37,15 +37,15 @@ def mask_capable_attention(model):
         config._attn_implementation = impl
 
 
-def packed_logp(model, batch: PackedBatch, temperature: float = 1.0) -> Tensor:
-    """Log-prob of every packed token given its own root-to-leaf path. ``[N, L]``, 0 off target.
+def packed_forward(model, batch: PackedBatch) -> tuple[Tensor, Tensor]:
+    """The tree-masked forward of packed rows: ``(logits [N, U, V], col [N, L])``.
 
-    Each token is scored by the logits at ``pred_pos`` (its predecessor on its path), so the
-    prompt runs once per tree and each thought once, whatever K and M are.
+    Only positions that predict a completion token get logits (``U`` of them, shared by the
+    rows): skipping the prompt's saves the vocabulary projection there (a large share of a
+    small model's compute). ``col`` gives, for every packed token, the logits column of its
+    predictor (meaningful on target tokens only).
     """
     dtype = next(model.parameters()).dtype
-    # Only positions that predict a completion token need logits: skipping the prompt's saves
-    # the vocabulary projection there (a large share of a small model's compute).
     need = torch.unique(batch.pred_pos[batch.target_mask > 0])  # [U] sorted
     if need.numel() == 0:
         need = torch.zeros(1, dtype=torch.long, device=batch.pred_pos.device)
@@ -57,11 +57,21 @@ def packed_logp(model, batch: PackedBatch, temperature: float = 1.0) -> Tensor:
             use_cache=False,
             logits_to_keep=need,
         )
-    logits = out.logits.float()  # [N, U, V]
+    col = torch.searchsorted(need, batch.pred_pos).clamp(max=need.numel() - 1)  # [N, L]
+    return out.logits, col
+
+
+def packed_logp(model, batch: PackedBatch, temperature: float = 1.0) -> Tensor:
+    """Log-prob of every packed token given its own root-to-leaf path. ``[N, L]``, 0 off target.
+
+    Each token is scored by the logits at ``pred_pos`` (its predecessor on its path), so the
+    prompt runs once per tree and each thought once, whatever K and M are.
+    """
+    logits, col = packed_forward(model, batch)
+    logits = logits.float()  # [N, U, V]
     if temperature != 1.0:
         logits = logits / temperature
     N, U, V = logits.shape
-    col = torch.searchsorted(need, batch.pred_pos).clamp(max=U - 1)  # [N, L] column of each predictor
     lse = torch.logsumexp(logits, dim=-1)  # [N, U]
     flat = logits.reshape(N * U, V)  # [N*U, V]
     rows = (torch.arange(N, device=logits.device)[:, None] * U + col).reshape(-1)  # [N*L]

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from vlm_treegrpo.core.tree_packing import predictor_positions, tree_attention_mask, tree_positions
-from vlm_treegrpo.rollout.logprobs import additive_mask
+from vlm_treegrpo.rollout.logprobs import packed_forward
 from vlm_treegrpo.rollout.tree import PackedBatch
 
 
@@ -69,7 +69,6 @@ def packed_entropy(model, batch: PackedBatch, temperature: float = 1.0) -> Tenso
 
     One forward per row (logits only at predictor positions, as ``packed_logp``).
     """
-    dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     out = torch.zeros(batch.input_ids.shape)
     for n in range(batch.input_ids.shape[0]):
@@ -77,12 +76,9 @@ def packed_entropy(model, batch: PackedBatch, temperature: float = 1.0) -> Tenso
         tgt = mb.target_mask > 0  # [1, L]
         if not bool(tgt.any()):
             continue
-        need = torch.unique(mb.pred_pos[tgt])  # [U]
-        logits = model(input_ids=mb.input_ids, attention_mask=additive_mask(mb.attention_mask, dtype),
-                       position_ids=mb.position_ids, use_cache=False, logits_to_keep=need).logits.float() / temperature
-        logp = torch.log_softmax(logits, dim=-1)  # [1, U, V]
+        logits, col = packed_forward(model, mb)  # [1, U, V], [1, L]
+        logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # [1, U, V]
         ent = -(logp.exp() * logp).sum(-1)  # [1, U]
-        col = torch.searchsorted(need, mb.pred_pos).clamp(max=need.numel() - 1)  # [1, L]
         per_tok = ent.gather(1, col)  # [1, L]
         out[n] = torch.where(tgt, per_tok, torch.zeros_like(per_tok))[0].cpu()
     return out
