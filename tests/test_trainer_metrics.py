@@ -41,3 +41,12 @@ def test_one_rredcot_step_writes_its_metrics(tmp_path, values):
     (row,) = _run(tmp_path, "algo.credit=rredcot", f"algo.rredcot_values={values}", "algo.diag_every=0")
     assert row["rredcot/segments_per_leaf"] >= 1 and row["rredcot/probe_tokens"] > 0
     assert "norm/update_ratio" not in row and math.isfinite(row["loss"])
+
+
+def test_time_budget_stops_the_loop_and_reports_the_steps_that_ran(tmp_path):
+    rows = _run(tmp_path, "optim.steps=5", "optim.time_budget_s=1e-9", "algo.diag_every=0")
+    assert [r["step"] for r in rows] == [1]  # the budget is spent during step 1
+    summary = json.loads((tmp_path / "m" / "summary.json").read_text())
+    assert summary["steps"] == 1
+    rows = _run(tmp_path, "optim.steps=2", "optim.time_budget_s=0", "algo.diag_every=0")
+    assert [r["step"] for r in rows] == [1, 2]  # 0 = no limit

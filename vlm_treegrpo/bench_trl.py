@@ -198,3 +198,81 @@ def _prompts_match(trainer, examples, instruction, spec: BenchSpec) -> bool | No
     theirs, _, _ = trainer._tokenize_prompts([[{"role": "user", "content": user_message(ex, instruction)}] for ex in batch])
     ours = [prompt_ids(trainer.processing_class, ex, instruction) for ex in batch]
     return [list(t) for t in theirs] == ours
+
+
+def race_args(cfg, output_dir: str, max_steps: int):
+    """TRL's :class:`trl.GRPOConfig` doing the work of our config ``cfg`` (a
+    :class:`~vlm_treegrpo.config.TrainConfig`) with flat groups of ``G = K*M``: the same prompts per
+    step, micro-batch (in prompts), token budget, temperature / top-p / top-k, learning rate,
+    warm-up, betas, clipping and KL weight. TRL's loss is ``dapo`` (token mean) with group std
+    scaling; ours follows ``cfg.algo``."""
+    import torch
+    from trl import GRPOConfig
+
+    r, o = cfg.rollout, cfg.optim
+    G = r.K * r.M
+    accum = max(1, r.prompts_per_step // o.micro_batch)
+    return GRPOConfig(
+        output_dir=output_dir, use_cpu=not torch.cuda.is_available(), bf16=cfg.model.autocast == "bfloat16", fp16=False,
+        gradient_checkpointing=False,
+        model_init_kwargs={"dtype": "float32" if not torch.cuda.is_available() else "auto", "attn_implementation": "sdpa"},
+        per_device_train_batch_size=r.prompts_per_step // accum * G, gradient_accumulation_steps=accum, steps_per_generation=accum,
+        num_iterations=1, num_generations=G, max_completion_length=r.max_new_tokens,
+        temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, beta=cfg.algo.beta, epsilon=0.2, loss_type="dapo",
+        scale_rewards="group", learning_rate=o.lr, lr_scheduler_type="constant_with_warmup" if o.warmup_steps else "constant",
+        warmup_steps=o.warmup_steps, adam_beta1=o.betas[0], adam_beta2=o.betas[1], weight_decay=o.weight_decay,
+        max_grad_norm=o.max_grad_norm, max_steps=max_steps, seed=o.seed, logging_strategy="no", save_strategy="no",
+        eval_strategy="no", report_to="none", disable_tqdm=True, log_completions=False, dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+
+
+def race_trl(cfg, model_dir: str, out_dir: str, budget_s: float, max_steps: int = 100_000) -> dict:
+    """Train TRL from ``model_dir`` on our config's task and rewards until ``budget_s`` seconds of
+    training have passed (checked after each step, as our ``optim.time_budget_s``), then save the
+    model to ``out_dir``. Returns the steps run, the seconds, and the mean reward per step."""
+    import torch
+    from transformers import TrainerCallback
+    from trl import GRPOTrainer
+
+    from datasets import Dataset
+
+    from vlm_treegrpo.data.sources import load_task
+    from vlm_treegrpo.rewards import RewardSet
+    from vlm_treegrpo.rollout.prompts import user_message
+
+    if cfg.model.threads:
+        torch.set_num_threads(cfg.model.threads)
+    d = cfg.data
+    task = load_task(d.source, d.format, d.n_train, d.n_test, d.difficulty, d.seed, d.instruction, d.test_source, d.skip_bad,
+                     image_size=d.image_size, kinds=d.kinds)
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": user_message(ex, task.instruction)}], "answer": ex.answer}
+                                 for ex in task.train])
+    G = cfg.rollout.K * cfg.rollout.M
+    rewards = RewardSet.from_config(cfg.algo.rewards)
+    calls: list[dict] = []
+    funcs = [reward_for_trl(name, calls if i == 0 else [], G) for i, (name, _, _) in enumerate(rewards.fns)]
+
+    class Budget(TrainerCallback):
+        def __init__(self):
+            self.t0, self.steps = 0.0, 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps += 1
+            if time.perf_counter() - self.t0 >= budget_s:
+                control.should_training_stop = True
+
+    budget = Budget()
+    with tempfile.TemporaryDirectory(prefix="trl-race-") as tmp:
+        args = race_args(cfg, tmp, max_steps)
+        args.reward_weights = [w for _, _, w in rewards.fns]
+        trainer = GRPOTrainer(model=model_dir, reward_funcs=funcs, args=args, train_dataset=dataset, callbacks=[budget])
+        trainer.train()
+        seconds = time.perf_counter() - budget.t0
+        trainer.save_model(out_dir)
+        trainer.processing_class.save_pretrained(out_dir)
+    return {"steps": budget.steps, "train_seconds": round(seconds, 2),
+            f"mean_{rewards.names[0]}_per_step": [round(c["reward"], 4) for c in calls]}

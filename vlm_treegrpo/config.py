@@ -264,9 +264,14 @@ class OptimConfig:
     micro-batch, so keep a tree's K*M leaves in one)."""
     seed: int = 0
     """Seed for prompt order and sampling."""
+    time_budget_s: float = 0.0
+    """Stop after the step during which the GRPO loop's wall-clock time (rollouts, updates and any
+    periodic evaluation) reaches this many seconds, even if fewer than ``steps`` ran; 0 = no limit.
+    The summary's ``steps`` is the number of steps that ran."""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 0, "optim.steps", f"must be >= 0, got {self.steps}")
+        _require(self.time_budget_s >= 0, "optim.time_budget_s", f"must be >= 0, got {self.time_budget_s}")
         _require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
         _require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _require(

@@ -364,6 +364,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     failures_total: dict[str, int] = {}
     last_diag: dict = {}
     t_train = time.time()
+    steps_run = 0
     for step in range(1, cfg.optim.steps + 1):
         idx = sampler.take(cfg.rollout.prompts_per_step)
         data = rollout_step(policy, [task.train[i] for i in idx], [train_prompts[i] for i in idx], reward_set, cfg, credit)
@@ -392,6 +393,9 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
             bar.set_postfix(reward=f"{row['reward']:.3f}", std=f"{row['reward_std_within']:.2f}", zero=f"{row['zero_std_frac']:.2f}",
                             cos="-" if cos is None else f"{cos:.2f}", len=f"{row['completion_tokens']:.0f}",
                             loss=f"{row['loss']:.4f}", gen=f"{row['time_generate']:.1f}s", upd=f"{row['time_update']:.1f}s")
+        steps_run = step
+        if cfg.optim.time_budget_s and time.time() - t_train >= cfg.optim.time_budget_s:
+            break
     train_seconds = time.time() - t_train
     if cfg.eval.after:
         summary["eval_after"] = _eval(policy, task, test_prompts, cfg, "after", bar)
@@ -400,7 +404,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     if cfg.log.save_model:
         policy.save(run / "model")
     summary.update(
-        steps=cfg.optim.steps,
+        steps=steps_run,
         train_seconds=round(train_seconds, 2),
         wall_seconds=round(time.time() - t_start, 2),
         reward_failures=failures_total,

@@ -21,9 +21,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from vlm_treegrpo.core.tree_packing import predictor_positions, tree_attention_mask, tree_positions
+from vlm_treegrpo.rollout.sampling import sampling_processors
 
 
 @dataclass
@@ -56,17 +57,22 @@ class SamplingParams:
     top_k: int = 0
     greedy: bool = False
 
-    def generation_config(self, max_new_tokens: int, pad_id: int, eos_ids: list[int], n: int) -> GenerationConfig:
-        kwargs = dict(
+    def generation_config(self, max_new_tokens: int, pad_id: int, eos_ids: list[int]) -> GenerationConfig:
+        """A greedy config: sampling, when asked for, is done by :meth:`logits_processors`."""
+        return GenerationConfig(
             max_new_tokens=max_new_tokens,
             pad_token_id=pad_id,
             eos_token_id=eos_ids,
-            num_return_sequences=n,
-            do_sample=not self.greedy,
+            do_sample=False,
         )
-        if not self.greedy:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
-        return GenerationConfig(**kwargs)
+
+    def logits_processors(self) -> LogitsProcessorList:
+        """Empty for greedy decoding; otherwise the temperature / top-k / top-p warpers and the
+        inverse-CDF sampler (:mod:`vlm_treegrpo.rollout.sampling`), which turn ``generate``'s
+        argmax into an exact draw from the warped distribution."""
+        if self.greedy:
+            return LogitsProcessorList()
+        return LogitsProcessorList(sampling_processors(self.temperature, self.top_k, self.top_p))
 
 
 def eos_ids_of(tokenizer, model) -> list[int]:
@@ -165,20 +171,24 @@ def generate_batch(
     suppress_ids: list[int] | None = None,
 ) -> tuple[list[list[int]], list[bool]]:
     """One batched ``model.generate`` on left-padded model kwargs (``input_ids``, ``attention_mask``
-    and whatever else the model takes, e.g. image tensors), ``n`` samples per row; post-processed
+    and whatever else the model takes, e.g. image tensors), ``n`` samples per row (for ``n > 1``
+every input must be per-row, ``[B, ...]``: rows are repeated; a VLM batch repeats its prompts
+before collating instead and passes ``n = 1``); post-processed
     by :func:`cut_completions`. Rows that contain a stop string stop early (:class:`DelimiterStop`);
     ``suppress_ids`` are never generated (e.g. image placeholder tokens)."""
     eos = eos_ids_of(tokenizer, model)
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
     prompt_len = inputs["input_ids"].shape[1]
-    gen_cfg = sampling.generation_config(max_new_tokens, tokenizer.pad_token_id, eos, n)
+    if n > 1:  # greedy generate (our sampler runs inside it) takes one sequence per row: repeat the rows
+        inputs = {k: v.repeat_interleave(n, dim=0) for k, v in inputs.items()}
+    gen_cfg = sampling.generation_config(max_new_tokens, tokenizer.pad_token_id, eos)
     if suppress_ids:
         gen_cfg.suppress_tokens = list(suppress_ids)
     extra = {}
     if stop_strings:
         extra["stopping_criteria"] = StoppingCriteriaList([DelimiterStop(tokenizer, stop_strings, prompt_len)])
-    out = model.generate(**inputs, generation_config=gen_cfg, **extra)  # [B*n, prompt_len + new]
+    out = model.generate(**inputs, generation_config=gen_cfg, logits_processor=sampling.logits_processors(), **extra)  # [B*n, prompt_len + new]
     return cut_completions(out, prompt_len, tokenizer, eos, stop_strings)
 
 
