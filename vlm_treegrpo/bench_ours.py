@@ -79,7 +79,7 @@ def run_ours(spec: BenchSpec) -> dict:
         "answer_max_tokens": cfg.rollout.answer_max_tokens, "branch_delimiters": cfg.rollout.branch_delimiters,
         "loss": cfg.algo.loss, "agg": cfg.algo.agg, "scale": cfg.algo.scale, "autocast": cfg.model.autocast,
         "dtype": str(next(policy.model.parameters()).dtype), "micro_batch_rows": cfg.optim.micro_batch,
-        "micro_batch_unit": "packed trees" if spec.workload == "text" else "leaves", "device": str(device),
+        "micro_batch_unit": "packed trees" if spec.workload == "text" else "rows (packed trees; leaves for Gemma3)", "device": str(device),
         "torch_threads": torch.get_num_threads(),
     }
     return {"settings": settings, **measure(rows, spec.warmup),

@@ -260,8 +260,8 @@ class OptimConfig:
     """Gradient clipping norm (0 = off)."""
     micro_batch: int = 4
     """Rows per forward/backward (gradient accumulation splits the step): packed prompt trees for
-    text models, leaves for vision-language models (each distinct image is encoded once per
-    micro-batch, so keep a tree's K*M leaves in one)."""
+    text models and for the VLM families that pack trees (all but Gemma3), leaves for Gemma3
+    (each distinct image is encoded once per micro-batch, so keep a tree's K*M leaves in one)."""
     seed: int = 0
     """Seed for prompt order and sampling."""
     time_budget_s: float = 0.0

@@ -20,6 +20,7 @@ from vlm_treegrpo.trainer import StepData, update_step
 from vlm_treegrpo.vlm.adapter import Encoded
 from vlm_treegrpo.vlm.policy import VLMPolicy, tiny_vlm_policy
 from vlm_treegrpo.vlm.registry import FAMILIES, TINY_PARAMS
+from vlm_treegrpo.vlm.tree_batch import VLMTreeBatch
 
 K, M, THOUGHT, ANSWER = 2, 2, 4, 3
 TRAIN, _ = visual_splits(2, 1, seed=0)
@@ -41,7 +42,7 @@ def _tree_setup(policy: VLMPolicy, examples=EXAMPLES, k=K, m=M, thought=THOUGHT,
 def setup(request):
     policy = tiny_vlm_policy(request.param, "cpu")
     prompts, trees, thought_adv, answer_adv = _tree_setup(policy)
-    return policy, prompts, trees, thought_adv, answer_adv, policy.pack(trees, thought_adv, answer_adv)
+    return policy, prompts, trees, thought_adv, answer_adv, policy.leaf_rows(trees, thought_adv, answer_adv)
 
 
 def _plain_leaf_logp(policy: VLMPolicy, prompt: Encoded, completion: list[int]) -> torch.Tensor:
@@ -52,6 +53,34 @@ def _plain_leaf_logp(policy: VLMPolicy, prompt: Encoded, completion: list[int]) 
     with torch.no_grad():
         logits = policy.model(**batch).logits[0, -len(completion) - 1 : -1].float()  # [C, V]
     return logits.log_softmax(-1).gather(-1, ids[0][:, None])[:, 0]
+
+
+def leaf_columns(tree, T: int) -> dict:
+    """``(k, m) -> columns`` of leaf (k, m)'s tokens (thought then continuation) in its packed
+    VLM row: the tree's packed index j (index 0 = the prompt's last token) sits at T - 1 + j."""
+    cols, j = {}, 1
+    for k, thought in enumerate(tree.thoughts):
+        t_cols = list(range(j, j + len(thought)))
+        j += len(thought)
+        conts = tree.answers[k] if not tree.thought_done[k] else [[]] * len(tree.answers[k])
+        for m, ans in enumerate(conts):
+            cols[(k, m)] = [T - 1 + c for c in t_cols + list(range(j, j + len(ans)))]
+            j += len(ans)
+    return cols
+
+
+def check_tree_logp_matches_plain(policy, batch, trees, atol=1e-4):
+    """Every leaf's tokens in a packed tree row score as in a plain single-sample forward."""
+    with torch.no_grad():
+        logp = policy.logp(batch)  # [N, L]
+    assert logp.shape == batch.target_mask.shape == batch.input_ids.shape
+    assert torch.all(logp[batch.target_mask == 0] == 0)
+    T = batch.input_ids.shape[1] - (batch.tree.input_ids.shape[1] - 1)
+    for n, tree in enumerate(trees):
+        for (k, m), cols in leaf_columns(tree, T).items():
+            leaf = tree.leaf_ids(k, m)
+            assert batch.input_ids[n, cols].tolist() == leaf
+            torch.testing.assert_close(logp[n, cols], _plain_leaf_logp(policy, tree.prompt, leaf), atol=atol, rtol=0)
 
 
 def _check_budgets(policy, trees, prompts, k, m, thought, answer):
@@ -120,7 +149,7 @@ def test_flat_k_by_1_is_one_row_per_sample(setup):
     policy = setup[0]
     prompts, trees, thought_adv, answer_adv = _tree_setup(policy, EXAMPLES[:2], k=3, m=1, thought=3)
     assert all(t.thought_done == [True] * 3 and t.answers == [[[]]] * 3 for t in trees)
-    batch = policy.pack(trees, thought_adv, answer_adv)
+    batch = policy.leaf_rows(trees, thought_adv, answer_adv)
     assert batch.leaf.tolist() == [[n, k, 0] for n in range(2) for k in range(3)]
     assert set(batch.target_mask.unique().tolist()) <= {0.0, 1.0}
 
@@ -219,10 +248,14 @@ def test_every_family_samples_packs_and_scores(family):
     assert f"{n_params / 1e6:.2f}M" == TINY_PARAMS[family]
     prompts, trees, thought_adv, answer_adv = _tree_setup(policy, EXAMPLES[:2], thought=3, answer=2)
     _check_budgets(policy, trees, prompts, K, M, 3, 2)
-    batch = policy.pack(trees, thought_adv, answer_adv)
+    batch = policy.leaf_rows(trees, thought_adv, answer_adv)
     _check_logp_matches_plain(policy, batch, trees)
     with torch.no_grad():
         units = _vision_units(policy, lambda: policy.logp(batch))
     assert units == [_unique_image_units(policy, prompts)]
+    packed = policy.pack(trees, thought_adv, answer_adv)  # one row per tree where the family packs
+    assert isinstance(packed, VLMTreeBatch) == policy.adapter.tree_packing
+    if policy.adapter.tree_packing:
+        check_tree_logp_matches_plain(policy, packed, trees)
     outs = policy.greedy(prompts, 3)
     assert len(outs) == 2 and all(1 <= len(o) <= 3 for o in outs) and len(policy.decode(outs)) == 2

@@ -68,6 +68,13 @@ def packed_logp(model, batch: PackedBatch, temperature: float = 1.0) -> Tensor:
     prompt runs once per tree and each thought once, whatever K and M are.
     """
     logits, col = packed_forward(model, batch)
+    return gather_logp(logits, col, batch.input_ids, batch.target_mask, temperature)
+
+
+def gather_logp(logits: Tensor, col: Tensor, input_ids: Tensor, target_mask: Tensor, temperature: float = 1.0) -> Tensor:
+    """``log softmax(logits / temperature)`` at each token: ``logits [N, U, V]`` holds the kept
+    predictor positions, ``col [N, L]`` the column of each token's predictor. ``[N, L]`` fp32,
+    0 where ``target_mask`` is 0."""
     logits = logits.float()  # [N, U, V]
     if temperature != 1.0:
         logits = logits / temperature
@@ -75,6 +82,6 @@ def packed_logp(model, batch: PackedBatch, temperature: float = 1.0) -> Tensor:
     lse = torch.logsumexp(logits, dim=-1)  # [N, U]
     flat = logits.reshape(N * U, V)  # [N*U, V]
     rows = (torch.arange(N, device=logits.device)[:, None] * U + col).reshape(-1)  # [N*L]
-    picked = flat[rows, batch.input_ids.reshape(-1)].view_as(col)  # [N, L] logit of the actual token
+    picked = flat[rows, input_ids.reshape(-1)].view_as(col)  # [N, L] logit of the actual token
     logp = picked - lse.gather(1, col)  # [N, L]
-    return torch.where(batch.target_mask > 0, logp, torch.zeros_like(logp))
+    return torch.where(target_mask > 0, logp, torch.zeros_like(logp))

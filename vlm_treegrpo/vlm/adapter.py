@@ -64,6 +64,10 @@ class VLMAdapter(ABC):
     """Batch keys that are per-token ``[B, T]`` besides input_ids/attention_mask; completion
     tokens get 0 (= text) in them (see :meth:`append_completion`)."""
     flash_attention: bool = True
+    tree_packing: bool = True
+    """True where the training forward may pack a whole tree in one row under a custom 4-D tree
+    mask (:mod:`vlm_treegrpo.vlm.tree_batch`); False where the forward builds its own non-causal
+    mask (Gemma3's bidirectional image blocks): those train one row per leaf."""
     """False where flash-attention gives a different model (Gemma3: it drops the bidirectional
     mask over image tokens); ``attn_implementation: auto`` then picks sdpa."""
 

@@ -9,17 +9,20 @@ family's :class:`~vlm_treegrpo.vlm.adapter.VLMAdapter`:
   ``model.generate`` with their image tensors; a continuation's prompt is the Encoded prompt with
   the thought's ids appended (:func:`with_completion`): same image tensors, nothing re-processed.
   Image placeholder tokens are never sampled (one without an image behind it breaks the forward).
-* **Training batch**: one row PER LEAF (prompt, then thought + continuation), not one packed tree
-  per row as for text: VLM forwards build their own attention and positions (Gemma3's
-  bidirectional image blocks, Qwen's mRoPE), so a custom tree mask cannot be handed to them.
-  GRPO-MA (arXiv 2509.24494) trains each thought once with its thought advantage: a thought that
-  was continued appears in its M leaf rows with weight ``1/M`` on each of its tokens in
-  ``target_mask``, so it counts once under ``token_mean``; continuation tokens weigh 1. A
-  finished thought (EOS inside its budget, its M leaves identical) is one row with weight 1.
-  Departure: under ``agg: seq_mean`` the rows averaged are leaves here, trees on the text path.
-* **Images in the forward**: :meth:`VLMPolicy.logp` calls ``adapter.forward_logits`` with image
-  dedupe, so each distinct image goes through the vision tower once per forward (per
-  micro-batch of rows), however many leaves repeat it.
+* **Training batch**: one row PER TREE (:mod:`vlm_treegrpo.vlm.tree_batch`): the prompt with its
+  image tokens once, each thought once, each continuation once, under a 4-D tree mask with the
+  family's own prompt positions (Qwen's mRoPE included), as on the text path. Families whose
+  forward builds its own non-causal mask (Gemma3's bidirectional image blocks;
+  ``VLMAdapter.tree_packing = False``) get one row PER LEAF (:class:`LeafBatch`, prompt then
+  thought + continuation). There GRPO-MA (arXiv 2509.24494) still trains each thought once with
+  its thought advantage: a thought that was continued appears in its M leaf rows with weight
+  ``1/M`` on each of its tokens in ``target_mask``, so it counts once under ``token_mean``;
+  continuation tokens weigh 1. A finished thought (EOS inside its budget, its M leaves
+  identical) is one row with weight 1. Departure: under ``agg: seq_mean`` the rows averaged are
+  leaves there, trees on the packed paths.
+* **Images in the forward**: both batches call ``adapter.forward_logits`` with image dedupe, so
+  each distinct image goes through the vision tower once per forward (per micro-batch of rows),
+  however many rows repeat it.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from vlm_treegrpo.rollout.tree import SamplingParams, Tree, generate_batch, grow
 from vlm_treegrpo.vlm.adapter import Encoded, VLMAdapter
 from vlm_treegrpo.vlm.batching import flat_image_keys
 from vlm_treegrpo.vlm.registry import get_adapter
+from vlm_treegrpo.vlm.tree_batch import VLMTreeBatch, pack_vlm_trees
 
 
 def with_completion(prompt: Encoded, ids: list[int]) -> Encoded:
@@ -95,6 +99,22 @@ class LeafBatch:
             *(t[idx][:, :width] for t in (self.completion_ids, self.completion_mask, self.weights, self.completion_adv, self.thought_flag)),
             self.leaf[idx],
         )
+
+    def logp(self, model, temperature: float = 1.0) -> Tensor:
+        """Per-token log-probs ``[B, L]`` of the completion tokens (0 on prompt, padding and
+        zero-weight tokens). Only the completion's predictor positions get logits."""
+        B, C = self.completion_ids.shape
+        T = self.input_ids.shape[1] - C
+        logits = self.adapter.forward_logits(
+            model, self.inputs, image_keys=self.image_keys, dedupe_images=True, logits_to_keep=C + 1
+        )  # [B, C+1, V]: positions T-1 .. T+C-1
+        logits = logits[:, :C].float()  # [B, C, V] the predictor of each completion token
+        if temperature != 1.0:
+            logits = logits / temperature
+        picked = logits.gather(-1, self.completion_ids[..., None]).squeeze(-1)  # [B, C]
+        logp = picked - torch.logsumexp(logits, dim=-1)  # [B, C]
+        logp = torch.where(self.weights > 0, logp, torch.zeros_like(logp))
+        return torch.cat([logp.new_zeros((B, T)), logp], dim=1)  # [B, T+C]
 
     def to(self, device) -> "LeafBatch":
         moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), Tensor)}
@@ -189,8 +209,16 @@ class VLMPolicy:
         outs, _ = self._generate(prompts, 1, max_new_tokens, SamplingParams(greedy=True))
         return outs
 
-    def pack(self, trees: list[Tree], thought_adv: Tensor, answer_adv: Tensor) -> LeafBatch:
-        """One row per leaf (see the module docstring); ``thought_adv [N, K]``, ``answer_adv [N, K, M]``."""
+    def pack(self, trees: list[Tree], thought_adv: Tensor, answer_adv: Tensor) -> "LeafBatch | VLMTreeBatch":
+        """The training batch: one row per tree where the family packs trees
+        (:mod:`vlm_treegrpo.vlm.tree_batch`), else one row per leaf (:meth:`leaf_rows`);
+        ``thought_adv [N, K]``, ``answer_adv [N, K, M]``."""
+        if self.adapter.tree_packing:
+            return pack_vlm_trees(self.adapter, self.pad_id, trees, thought_adv, answer_adv)
+        return self.leaf_rows(trees, thought_adv, answer_adv)
+
+    def leaf_rows(self, trees: list[Tree], thought_adv: Tensor, answer_adv: Tensor) -> LeafBatch:
+        """One row per leaf (see the module docstring)."""
         prompts, comps, weights, advs, flags, leaves = [], [], [], [], [], []
         for n, tree in enumerate(trees):
             for k, thought in enumerate(tree.thoughts):
@@ -219,21 +247,9 @@ class VLMPolicy:
             torch.tensor(leaves, dtype=torch.long).view(-1, 3),
         )
 
-    def logp(self, batch: LeafBatch, temperature: float = 1.0) -> Tensor:
-        """Per-token log-probs ``[B, L]`` of the completion tokens (0 on prompt, padding and
-        zero-weight tokens). Only the completion's predictor positions get logits."""
-        B, C = batch.completion_ids.shape
-        T = batch.input_ids.shape[1] - C
-        logits = self.adapter.forward_logits(
-            self.model, batch.inputs, image_keys=batch.image_keys, dedupe_images=True, logits_to_keep=C + 1
-        )  # [B, C+1, V]: positions T-1 .. T+C-1
-        logits = logits[:, :C].float()  # [B, C, V] the predictor of each completion token
-        if temperature != 1.0:
-            logits = logits / temperature
-        picked = logits.gather(-1, batch.completion_ids[..., None]).squeeze(-1)  # [B, C]
-        logp = picked - torch.logsumexp(logits, dim=-1)  # [B, C]
-        logp = torch.where(batch.weights > 0, logp, torch.zeros_like(logp))
-        return torch.cat([logp.new_zeros((B, T)), logp], dim=1)  # [B, T+C]
+    def logp(self, batch: "LeafBatch | VLMTreeBatch", temperature: float = 1.0) -> Tensor:
+        """Per-token log-probs ``[B, L]`` of the batch's completion tokens (0 elsewhere)."""
+        return batch.logp(self.model, temperature)
 
     def decode(self, ids: list[list[int]]) -> list[str]:
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)

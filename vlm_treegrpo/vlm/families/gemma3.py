@@ -109,6 +109,7 @@ class Gemma3Adapter(SiglipFamilyAdapter):
     model_cls = Gemma3ForConditionalGeneration
     image_input_names = ("pixel_values",)
     flash_attention = False
+    tree_packing = False  # its forward builds the bidirectional image-block mask itself
 
     def tiny_parts(self):
         tokenizer = named_tokenizer(

@@ -1,0 +1,145 @@
+"""Vision-language trees packed one per row: the prompt (with its images) once, then every
+thought once and every continuation once, under a tree attention mask.
+
+The text path's packing (:func:`vlm_treegrpo.rollout.tree.pack_trees`) run on the completion part
+of each tree, behind the family's own left-padded prompt batch:
+
+* row ``n`` = the collated prompt ``[T]`` (``adapter.collate``: left padding, image tensors,
+  per-token extras) followed by tree ``n``'s segments. The tree is packed with a one-token root,
+  the prompt's last token, which IS the prompt's last column, so its thoughts are predicted from
+  there exactly as in generation;
+* attention: causal over the prompt's real tokens; every tree token sees all of the prompt and
+  its own ancestors in the tree (:func:`~vlm_treegrpo.core.tree_packing.tree_attention_mask`);
+* positions: the family's prompt positions (``adapter.position_ids``: 1-D ``[N, T]`` or Qwen's
+  mRoPE ``[3, N, T]``), then the prompt's last position plus the token's depth below the root,
+  on every rope axis (a generated token is text: mRoPE gives it equal t/h/w positions, as
+  generation does);
+* only positions that predict a target token get logits (``logits_to_keep``), as on the text path.
+
+Against one row per leaf (:class:`~vlm_treegrpo.vlm.policy.LeafBatch`) this runs the prompt,
+image tokens included, once per tree instead of K*M times, and each thought once instead of M
+times. Families whose forward builds its own non-causal mask (Gemma3's bidirectional image
+blocks) set ``VLMAdapter.tree_packing = False`` and keep leaf rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from vlm_treegrpo.rollout.logprobs import additive_mask, gather_logp, mask_capable_attention
+from vlm_treegrpo.rollout.tree import PackedBatch, Tree, pack_trees
+from vlm_treegrpo.vlm.adapter import Encoded, VLMAdapter
+from vlm_treegrpo.vlm.batching import flat_image_keys
+
+
+@dataclass
+class VLMTreeBatch:
+    """Trees as rows (see the module docstring); ``L = T + C`` (prompt width + tree width)."""
+
+    prompts: list[Encoded]
+    """The prompt of each row (shared objects)."""
+    tree: PackedBatch
+    """The completion part packed under one-token roots (the prompts' last tokens), ``[N, 1 + C]``."""
+    adapter: VLMAdapter
+    pad_id: int
+
+    @property
+    def _T(self) -> int:
+        return max(len(p.input_ids) for p in self.prompts) if self.prompts else 1
+
+    def _left(self, t: Tensor) -> Tensor:  # [N, 1 + C] tree part -> [N, T + C]: zeros over the prompt
+        return torch.cat([t.new_zeros((t.shape[0], self._T)), t[:, 1:]], dim=1)
+
+    @property
+    def input_ids(self) -> Tensor:
+        return self._left(self.tree.input_ids)  # [N, L] (prompt ids are in the model inputs)
+
+    @property
+    def target_mask(self) -> Tensor:
+        return self._left(self.tree.target_mask)  # [N, L]
+
+    @property
+    def advantages(self) -> Tensor:
+        return self._left(self.tree.advantages)  # [N, L]
+
+    @property
+    def is_thought(self) -> Tensor:
+        return self._left(self.tree.is_thought)  # [N, L]
+
+    def _real(self) -> Tensor:
+        """``[N, 1 + C]`` bool: the root and the real tree tokens (a tree token's depth is >= 1;
+        padding has position 0)."""
+        real = self.tree.position_ids > 0
+        real[:, 0] = True
+        return real
+
+    def rows(self, sel: slice | Tensor) -> "VLMTreeBatch":
+        """The rows ``sel`` (slice, index or bool tensor); the tree part trimmed to their longest."""
+        idx = torch.arange(len(self.prompts), device=self.tree.input_ids.device)[sel]
+        sub = dataclasses.replace(self, prompts=[self.prompts[i] for i in idx.tolist()], tree=self.tree.rows(idx))
+        width = int(sub._real().any(0).nonzero().max()) + 1 if len(idx) else 1
+        trim = {f.name: getattr(sub.tree, f.name) for f in dataclasses.fields(PackedBatch)}
+        trim = {k: v[:, :width, :width] if v.dim() == 3 else v[:, :width] for k, v in trim.items()}
+        return dataclasses.replace(sub, tree=PackedBatch(**trim))
+
+    def to(self, device) -> "VLMTreeBatch":
+        return dataclasses.replace(self, tree=self.tree.to(device))
+
+    def model_inputs(self, model) -> dict[str, Tensor]:
+        """Model kwargs of the rows: ids, per-token extras and images (``adapter.collate`` +
+        ``append_completion``), the 4-D additive tree mask and the packed positions."""
+        device = self.tree.input_ids.device
+        prompt = self.adapter.collate(self.prompts, self.pad_id)  # left-padded [N, T] + images
+        T = prompt["input_ids"].shape[1]
+        if T != self._T:
+            raise ValueError(f"{self.adapter.family}: collate padded the prompts to {T} columns, expected {self._T}")
+        real = self._real()[:, 1:].cpu()  # [N, C]
+        inputs = self.adapter.append_completion(prompt, self.tree.input_ids[:, 1:].cpu(), real.long())  # [N, T + C]
+        positions = self.adapter.position_ids(model, prompt)  # [N, T] or [3, N, T]
+        if positions is None:  # the family lets the model count: 0, 1, ... from the first real token
+            positions = (prompt["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+        offsets = self.tree.position_ids[:, 1:].cpu()  # [N, C] depth below the root (>= 1 on tree tokens)
+        inputs["position_ids"] = torch.cat([positions, positions[..., -1:] + offsets], dim=-1)  # [..., N, T + C]
+        mask = self._mask(prompt["attention_mask"].bool(), real)
+        inputs["attention_mask"] = additive_mask(mask, next(model.parameters()).dtype)  # [N, 1, L, L]
+        return {k: v.to(device) for k, v in inputs.items()}
+
+    def _mask(self, prompt_real: Tensor, real: Tensor) -> Tensor:
+        """Bool ``[N, L, L]``: causal over the real prompt tokens; a tree token sees the whole
+        prompt and its tree ancestors; padding attends to itself only (no empty softmax row)."""
+        N, T = prompt_real.shape
+        L = T + real.shape[1]
+        mask = torch.zeros((N, L, L), dtype=torch.bool)
+        mask[:, :T, :T] = torch.ones((T, T), dtype=torch.bool).tril() & prompt_real[:, None, :]
+        mask[:, T:, :T] = real[:, :, None] & prompt_real[:, None, :]
+        mask[:, T:, T:] = self.tree.attention_mask[:, 1:, 1:].cpu() & real[:, :, None] & real[:, None, :]
+        idx = torch.arange(L)
+        mask[:, idx, idx] |= ~torch.cat([prompt_real, real], dim=1)
+        return mask
+
+    def logp(self, model, temperature: float = 1.0) -> Tensor:
+        """Per-token log-probs ``[N, L]`` of the tree tokens, each given its own root-to-leaf
+        path (0 on the prompt, padding and non-target tokens)."""
+        T = self._T
+        inputs = self.model_inputs(model)
+        target = self.target_mask  # [N, L]
+        pred = self._left(self.tree.pred_pos) + (T - 1)  # [N, L]: the tree's index j is column T - 1 + j
+        pred = torch.where(target > 0, pred, torch.zeros_like(pred))
+        need = torch.unique(pred[target > 0])  # [U] sorted
+        if need.numel() == 0:
+            need = torch.zeros(1, dtype=torch.long, device=pred.device)
+        with mask_capable_attention(model):
+            logits = self.adapter.forward_logits(model, inputs, image_keys=flat_image_keys(self.prompts), dedupe_images=True,
+                                                 logits_to_keep=need)  # [N, U, V]
+        col = torch.searchsorted(need, pred).clamp(max=need.numel() - 1)  # [N, L]
+        return gather_logp(logits, col, inputs["input_ids"], target, temperature)
+
+
+def pack_vlm_trees(adapter: VLMAdapter, pad_id: int, trees: list[Tree], thought_adv: Tensor, answer_adv: Tensor) -> VLMTreeBatch:
+    """One row per tree (module docstring); ``thought_adv [N, K]``, ``answer_adv [N, K, M]``."""
+    rooted = [dataclasses.replace(t, prompt_ids=[int(t.prompt.input_ids[-1])]) for t in trees]
+    return VLMTreeBatch(prompts=[t.prompt for t in trees], tree=pack_trees(rooted, thought_adv, answer_adv, pad_id),
+                        adapter=adapter, pad_id=pad_id)
