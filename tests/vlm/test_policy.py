@@ -259,3 +259,21 @@ def test_every_family_samples_packs_and_scores(family):
         check_tree_logp_matches_plain(policy, packed, trees)
     outs = policy.greedy(prompts, 3)
     assert len(outs) == 2 and all(1 <= len(o) <= 3 for o in outs) and len(policy.decode(outs)) == 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generation_encodes_each_image_once_and_matches_plain_generate(family):
+    """Sampling repeats each prompt per sample; the repeats' images go through the vision tower
+    once (precomputed ``mm_encoder_outputs``) and greedy outputs equal a plain ``generate``."""
+    from vlm_treegrpo.rollout.tree import generate_batch
+
+    policy = make_policy(f"tiny-{family}", "cpu")
+    prompts = [policy.encode(ex, VISUAL_INSTRUCTION) for ex in (TRAIN[0], TRAIN[1])]
+    greedy = SamplingParams(greedy=True)
+    with torch.no_grad():
+        sizes = []
+        units = _vision_units(policy, lambda: sizes.append(policy._generate(prompts, 3, 4, greedy)))
+        plain = generate_batch(policy.model, policy.tokenizer, policy.adapter.collate([p for p in prompts for _ in range(3)], policy.pad_id),
+                               1, 4, greedy, None, policy.adapter.placeholder_token_ids(policy.model))
+    assert sizes[0] == plain
+    assert units == [_unique_image_units(policy, prompts)]  # 2 images once each, not 6

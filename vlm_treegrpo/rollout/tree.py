@@ -178,7 +178,7 @@ before collating instead and passes ``n = 1``); post-processed
     ``suppress_ids`` are never generated (e.g. image placeholder tokens)."""
     eos = eos_ids_of(tokenizer, model)
     device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in inputs.items()}
+    inputs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}  # (precomputed image features stay as they are)
     prompt_len = inputs["input_ids"].shape[1]
     if n > 1:  # greedy generate (our sampler runs inside it) takes one sequence per row: repeat the rows
         inputs = {k: v.repeat_interleave(n, dim=0) for k, v in inputs.items()}

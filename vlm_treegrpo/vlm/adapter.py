@@ -125,15 +125,36 @@ class VLMAdapter(ABC):
         ``model.generate`` uses under left padding; None lets the model derive them itself."""
         return None
 
+    def encoder_outputs(self, model, batch: dict[str, Tensor], image_keys) -> dict | None:
+        """``mm_encoder_outputs`` for ``batch`` with each distinct image encoded once (identity
+        from ``image_keys``, one key per image in batch order, else from equal pixels); None when
+        no image repeats or the family cannot precompute them."""
+        return None
+
+    def unique_image_inputs(self, model, batch: dict[str, Tensor], image_keys=None) -> dict:
+        """``batch`` with ``pixel_values`` replaced by :meth:`encoder_outputs` (the transformers
+        ``mm_encoder_outputs`` hook that both ``forward`` and ``generate`` accept), so the
+        vision tower sees each distinct image once; ``batch`` itself when nothing repeats."""
+        if "pixel_values" not in batch:
+            return batch
+        encoded = self.encoder_outputs(model, batch, image_keys)
+        if encoded is None:
+            return batch
+        out = {k: v for k, v in batch.items() if k != "pixel_values"}
+        out["mm_encoder_outputs"] = encoded
+        return out
+
     def forward_logits(
         self, model, batch: dict[str, Tensor], image_keys=None, dedupe_images: bool = True, **model_kwargs
     ) -> Tensor:
         """Logits ``[B, T, V]`` of the training forward on ``batch`` (e.g. from
-        :meth:`append_completion`). Families that can, encode each distinct image once when
-        ``dedupe_images`` (``image_keys``: the batch's images in order, one key per image, e.g.
-        :func:`vlm_treegrpo.vlm.batching.flat_image_keys`); the result equals the plain forward."""
+        :meth:`append_completion`), with :meth:`position_ids` unless given. With
+        ``dedupe_images`` each distinct image goes through the vision tower once
+        (:meth:`unique_image_inputs`); the result equals the plain forward."""
         kwargs = dict(batch)
         if "position_ids" not in kwargs and (pos := self.position_ids(model, batch)) is not None:
             kwargs["position_ids"] = pos
+        if dedupe_images:
+            kwargs = self.unique_image_inputs(model, kwargs, image_keys)
         model_kwargs.setdefault("use_cache", False)
         return model(**kwargs, **model_kwargs).logits

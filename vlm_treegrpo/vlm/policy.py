@@ -191,9 +191,12 @@ class VLMPolicy:
 
     def _generate(self, prompts: list[Encoded], n: int, max_new_tokens: int, sampling: SamplingParams, stop_strings=None):
         """``n`` samples per prompt (sequence-major): the prompts are repeated, not expanded by
-        ``num_return_sequences``, since image tensors are concatenated per image, not per row."""
+        ``num_return_sequences``, since image tensors are concatenated per image, not per row;
+        the repeated images are encoded once (``mm_encoder_outputs``) before ``generate``."""
         repeated = [p for p in prompts for _ in range(n)]
-        inputs = self.adapter.collate(repeated, self.pad_id)
+        inputs = {k: v.to(self.model.device) for k, v in self.adapter.collate(repeated, self.pad_id).items()}
+        with torch.no_grad():  # the vision tower sees each distinct image once, not once per sample
+            inputs = self.adapter.unique_image_inputs(self.model, inputs, flat_image_keys(repeated))
         suppress = self.adapter.placeholder_token_ids(self.model)
         return generate_batch(self.model, self.tokenizer, inputs, 1, max_new_tokens, sampling, stop_strings, suppress)
 

@@ -12,8 +12,8 @@ Left padding: positions come from the model's own ``get_rope_index`` with the at
 computes for the prompt; completion tokens then continue at ``max prompt position + 1``, as
 generation's ``rope_deltas`` do, so the rollout and the training forward agree.
 
-Image dedupe (:meth:`QwenVLAdapter.forward_logits`): the K x M leaves of one prompt repeat its
-images; the vision tower runs once per distinct image and the per-image features are handed to
+Image dedupe (:meth:`QwenVLAdapter.encoder_outputs`, for training forwards and generation): the
+K x M leaves of one prompt repeat its images; the vision tower runs once per distinct image and the per-image features are handed to
 the model through its ``mm_encoder_outputs`` argument (the transformers hook for precomputed
 encoder outputs), so the language model sees exactly what the plain forward computes.
 """
@@ -290,31 +290,21 @@ class QwenVLAdapter(VLMAdapter):
         )
         return position_ids  # [3, B, T]
 
-    def forward_logits(
-        self, model, batch: dict[str, Tensor], image_keys=None, dedupe_images: bool = True, **model_kwargs
-    ) -> Tensor:
-        """Logits ``[B, T, V]``; with ``dedupe_images`` each distinct image goes through the vision
-        tower once (identity from ``image_keys``, else from equal pixels)."""
-        kwargs = dict(batch)
-        if "position_ids" not in kwargs:
-            kwargs["position_ids"] = self.position_ids(model, batch)  # [3, B, T]
-        if dedupe_images and "pixel_values" in kwargs:
-            grid = kwargs["image_grid_thw"]  # [N, 3]
-            chunks = list(kwargs["pixel_values"].split(grid.prod(-1).tolist()))  # N x [n_patches, D]
-            if image_keys is None:
-                groups = _content_groups(chunks)
-            else:
-                if len(image_keys) != len(chunks):
-                    raise ValueError(f"{len(image_keys)} image keys for {len(chunks)} images in the batch")
-                first: dict = {}
-                groups = [first.setdefault(key, len(first)) for key in image_keys]
-            n_unique = max(groups) + 1
-            if n_unique < len(chunks):
-                unique = [groups.index(g) for g in range(n_unique)]  # first occurrence of each group
-                features = _vlm_core(model).get_image_features(
-                    torch.cat([chunks[i] for i in unique]), grid[unique], return_dict=True
-                )
-                kwargs.pop("pixel_values")
-                kwargs["mm_encoder_outputs"] = {"image": _select_images(features, groups)}
-        model_kwargs.setdefault("use_cache", False)
-        return model(**kwargs, **model_kwargs).logits
+    def encoder_outputs(self, model, batch: dict[str, Tensor], image_keys) -> dict | None:
+        """``mm_encoder_outputs`` with each distinct image encoded once (identity from
+        ``image_keys``, else from equal pixels); None when no image repeats."""
+        grid = batch["image_grid_thw"]  # [N, 3]
+        chunks = list(batch["pixel_values"].split(grid.prod(-1).tolist()))  # N x [n_patches, D]
+        if image_keys is None:
+            groups = _content_groups(chunks)
+        else:
+            if len(image_keys) != len(chunks):
+                raise ValueError(f"{len(image_keys)} image keys for {len(chunks)} images in the batch")
+            first: dict = {}
+            groups = [first.setdefault(key, len(first)) for key in image_keys]
+        n_unique = max(groups) + 1
+        if n_unique == len(chunks):
+            return None
+        unique = [groups.index(g) for g in range(n_unique)]  # first occurrence of each group
+        features = _vlm_core(model).get_image_features(torch.cat([chunks[i] for i in unique]), grid[unique], return_dict=True)
+        return {"image": _select_images(features, groups)}

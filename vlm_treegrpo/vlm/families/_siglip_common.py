@@ -11,8 +11,8 @@ features replace placeholder tokens in a 1-D-RoPE LLM.
   encodes an image of a multi-image prompt differently from a lone image).
 * **Positions**: all three use 1-D RoPE, so positions are ``cumsum(mask) - 1`` (0 on padding),
   exactly what ``generate`` derives from the attention mask under left padding.
-* **Image dedupe**: :meth:`SiglipFamilyAdapter.forward_logits` runs the vision tower once per
-  distinct image (or per distinct image set, for SmolVLM) and hands the features to the model via
+* **Image dedupe** (each family's ``encoder_outputs``, for training forwards and generation) runs
+  the vision tower once per distinct image (or per distinct image set, for SmolVLM) and hands the features to the model via
   its ``mm_encoder_outputs`` argument, so the language model sees what the plain forward computes.
 """
 from __future__ import annotations
@@ -212,22 +212,3 @@ class SiglipFamilyAdapter(VLMAdapter):
         mask = batch["attention_mask"].long()
         return (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
 
-    def encoder_outputs(self, model, batch: dict[str, Tensor], image_keys) -> dict | None:
-        """``mm_encoder_outputs`` with each distinct image encoded once; None when nothing repeats."""
-        raise NotImplementedError
-
-    def forward_logits(
-        self, model, batch: dict[str, Tensor], image_keys=None, dedupe_images: bool = True, **model_kwargs
-    ) -> Tensor:
-        """Logits ``[B, T, V]`` of the training forward; with ``dedupe_images`` each distinct
-        image goes through the vision tower once (identity from ``image_keys``, one per image in
-        batch order, else from equal pixels). Equal to the plain forward."""
-        kwargs = dict(batch)
-        if "position_ids" not in kwargs:
-            kwargs["position_ids"] = self.position_ids(model, batch)  # [B, T]
-        if dedupe_images and "pixel_values" in kwargs:
-            encoded = self.encoder_outputs(model, kwargs, image_keys)
-            if encoded is not None:
-                kwargs.pop("pixel_values")
-                kwargs["mm_encoder_outputs"] = encoded
-        return model(**kwargs, use_cache=False, **model_kwargs).logits
