@@ -70,3 +70,26 @@ def test_samples_per_prompt_are_distinct_draws():
     outs, ended = generate(model, tok, prompts, 4, 8, SamplingParams(temperature=1.0))
     assert len(outs) == len(ended) == 8
     assert len({tuple(o) for o in outs[:4]}) > 1  # a random tiny model: 4 draws of 8 tokens differ
+
+
+def test_shared_prefill_cache_equals_the_repeated_rows_cache():
+    """prefill_shared runs each prompt once and repeats its KV cache: the same cache as running
+    the n copies, and the same greedy continuations."""
+    from vlm_treegrpo.rollout.tree import generate_batch, left_pad, prefill_shared
+
+    model, tok, prompts = _tiny()
+    prompts = [prompts[0], prompts[1][:-3]]  # unequal lengths: left padding in the batch
+    ids, mask = left_pad(prompts, tok.pad_token_id, "cpu")
+    cache = prefill_shared(model, {"input_ids": ids, "attention_mask": mask}, 3)
+    rep_ids, rep_mask = ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0)
+    pos = (rep_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = model(input_ids=rep_ids[:, :-1], attention_mask=rep_mask[:, :-1], position_ids=pos[:, :-1], use_cache=True).cache
+    for got, want in zip(cache.layers, ref.layers):
+        real = rep_mask[:, None, :-1, None].bool()  # padded slots hold whatever; compare real tokens
+        torch.testing.assert_close(got.keys * real, want.keys * real, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got.values * real, want.values * real, atol=1e-5, rtol=0)
+    greedy = SamplingParams(greedy=True)
+    shared, _ = generate_batch(model, tok, {"input_ids": ids, "attention_mask": mask}, 3, 6, greedy)
+    plain, _ = generate_batch(model, tok, {"input_ids": rep_ids, "attention_mask": rep_mask}, 1, 6, greedy)
+    assert shared == plain

@@ -277,3 +277,36 @@ def test_generation_encodes_each_image_once_and_matches_plain_generate(family):
                                1, 4, greedy, None, policy.adapter.placeholder_token_ids(policy.model))
     assert sizes[0] == plain
     assert units == [_unique_image_units(policy, prompts)]  # 2 images once each, not 6
+    prefills = []  # (rows, tokens) of every multi-token forward: the prompts, once each
+    hook = policy.model.get_input_embeddings().register_forward_hook(
+        lambda mod, inp, out: prefills.append(tuple(inp[0].shape)) if inp[0].shape[1] > 1 else None)
+    try:
+        with torch.no_grad():
+            policy._generate(prompts, 3, 4, greedy)
+    finally:
+        hook.remove()
+    T = max(len(p.input_ids) for p in prompts)
+    assert prefills == [(2, T - 1)]  # not (6, T): each prompt runs once for its 3 samples
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shared_prefill_gives_the_plain_generate_logits(family):
+    """Every decode step's logits after a shared prefill (each prompt once, its cache repeated,
+    the model's per-row state repeated) equal those of generate over the repeated prompts."""
+    from transformers import GenerationConfig
+
+    from vlm_treegrpo.rollout.tree import prefill_shared
+
+    policy = make_policy(f"tiny-{family}", "cpu")
+    adapter, model = policy.adapter, policy.model
+    prompts = [policy.encode(ex, VISUAL_INSTRUCTION) for ex in (TRAIN[0], EXAMPLES[1], TRAIN[1])]
+    repeated = [p for p in prompts for _ in range(2)]
+    cfg = GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=policy.pad_id, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        plain = model.generate(**adapter.collate(repeated, policy.pad_id), generation_config=cfg).scores
+        cache = prefill_shared(model, adapter.collate(prompts, policy.pad_id), 2, adapter.repeat_generation_state)
+        copies = {k: v for k, v in adapter.collate(repeated, policy.pad_id).items() if not k.startswith("pixel_")}
+        shared = model.generate(**copies, cache=cache, generation_config=cfg).scores
+    assert len(plain) == len(shared) == 3
+    for a, b in zip(plain, shared):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=0)

@@ -159,6 +159,34 @@ def cut_completions(
     return results, ended
 
 
+TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+"""Model kwargs that are per token (``[B, T]``): cut with the prefix, repeated with the rows."""
+
+
+@torch.no_grad()
+def prefill_shared(model, inputs: dict, n: int, repeat_state: Callable[[Any, int], None] | None = None):
+    """The KV cache of every row's first ``T - 1`` tokens, computed ONCE per row and then repeated
+    ``n`` times (row-major), for ``generate`` to continue ``n`` samples per row.
+
+    ``generate`` given ``n`` copies of a row runs the whole prompt ``n`` times (and, in a tree's
+    continuation pass, the prompt plus the thought M times); this runs it once. The prefix forward
+    takes the positions ``generate`` itself would use (the model's own
+    ``_prepare_position_ids_for_generation``: ``cumsum(mask) - 1`` for text, Qwen's mRoPE with the
+    images), so the cache is the one ``generate`` would have built. The last token is left for
+    ``generate``'s own first step, which then samples the first new token as usual.
+    ``repeat_state(model, n)`` repeats any per-row state the model keeps between generation calls
+    (Qwen's mRoPE ``rope_deltas``) for the copies.
+    """
+    positions = model._prepare_position_ids_for_generation(inputs["input_ids"], dict(inputs))  # [B, T] or [R, B, T]
+    prefix = {k: v[:, :-1] if k in TOKEN_KEYS else v for k, v in inputs.items()}
+    out = model(**prefix, position_ids=positions[..., :-1], use_cache=True, logits_to_keep=1)
+    cache = out.cache
+    cache.batch_repeat_interleave(n)
+    if repeat_state is not None:
+        repeat_state(model, n)
+    return cache
+
+
 @torch.no_grad()
 def generate_batch(
     model,
@@ -169,23 +197,37 @@ def generate_batch(
     sampling: SamplingParams,
     stop_strings: list[str] | None = None,
     suppress_ids: list[int] | None = None,
+    decode_inputs: dict[str, Tensor] | None = None,
+    repeat_state: Callable[[Any, int], None] | None = None,
 ) -> tuple[list[list[int]], list[bool]]:
-    """One batched ``model.generate`` on left-padded model kwargs (``input_ids``, ``attention_mask``
-    and whatever else the model takes, e.g. image tensors), ``n`` samples per row (for ``n > 1``
-every input must be per-row, ``[B, ...]``: rows are repeated; a VLM batch repeats its prompts
-before collating instead and passes ``n = 1``); post-processed
-    by :func:`cut_completions`. Rows that contain a stop string stop early (:class:`DelimiterStop`);
-    ``suppress_ids`` are never generated (e.g. image placeholder tokens)."""
+    """``n`` samples per row of left-padded model kwargs ``inputs`` (``input_ids``,
+    ``attention_mask`` and whatever else the model takes, e.g. image tensors), in one batched
+    ``model.generate``; post-processed by :func:`cut_completions` (rows sequence-major).
+
+    With ``n > 1`` the rows' prompts are prefilled once (:func:`prefill_shared`) and ``generate``
+    continues the ``B * n`` copies from that cache: ``decode_inputs`` are the copies' kwargs
+    (default: every per-token input repeated; a VLM passes its re-collated copies without pixel
+    tensors, which the cache already holds; ``repeat_state``: see :func:`prefill_shared`). Rows that contain a stop string stop early
+    (:class:`DelimiterStop`); ``suppress_ids`` are never generated (e.g. image placeholder tokens).
+    """
     eos = eos_ids_of(tokenizer, model)
     device = next(model.parameters()).device
-    inputs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}  # (precomputed image features stay as they are)
+
+    def on_device(kwargs: dict) -> dict:  # (precomputed image features stay as they are)
+        return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in kwargs.items()}
+
+    inputs = on_device(inputs)
     prompt_len = inputs["input_ids"].shape[1]
-    if n > 1:  # greedy generate (our sampler runs inside it) takes one sequence per row: repeat the rows
+    extra = {}
+    if n > 1 and prompt_len > 1:
+        extra["cache"] = prefill_shared(model, inputs, n, repeat_state)
+        inputs = on_device(decode_inputs) if decode_inputs is not None else {
+            k: v.repeat_interleave(n, dim=0) for k, v in inputs.items() if k in TOKEN_KEYS}
+    elif n > 1:  # a one-token prompt: nothing to share; greedy generate takes one sequence per row
         inputs = {k: v.repeat_interleave(n, dim=0) for k, v in inputs.items()}
     gen_cfg = sampling.generation_config(max_new_tokens, tokenizer.pad_token_id, eos)
     if suppress_ids:
         gen_cfg.suppress_tokens = list(suppress_ids)
-    extra = {}
     if stop_strings:
         extra["stopping_criteria"] = StoppingCriteriaList([DelimiterStop(tokenizer, stop_strings, prompt_len)])
     out = model.generate(**inputs, generation_config=gen_cfg, logits_processor=sampling.logits_processors(), **extra)  # [B*n, prompt_len + new]

@@ -125,6 +125,11 @@ class VLMAdapter(ABC):
         ``model.generate`` uses under left padding; None lets the model derive them itself."""
         return None
 
+    def repeat_generation_state(self, model, n: int) -> None:
+        """Repeat, row-major ``n`` times, any per-row state the model keeps between ``generate``
+        steps, after a shared prefill (:func:`vlm_treegrpo.rollout.tree.prefill_shared`) of the
+        rows whose ``n`` copies ``generate`` continues. None by default."""
+
     def encoder_outputs(self, model, batch: dict[str, Tensor], image_keys) -> dict | None:
         """``mm_encoder_outputs`` for ``batch`` with each distinct image encoded once (identity
         from ``image_keys``, one key per image in batch order, else from equal pixels); None when

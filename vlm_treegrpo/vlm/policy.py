@@ -190,15 +190,20 @@ class VLMPolicy:
         return self.adapter.encode(self.processor, user_message(example, instruction), list(example.images))
 
     def _generate(self, prompts: list[Encoded], n: int, max_new_tokens: int, sampling: SamplingParams, stop_strings=None):
-        """``n`` samples per prompt (sequence-major): the prompts are repeated, not expanded by
-        ``num_return_sequences``, since image tensors are concatenated per image, not per row;
-        the repeated images are encoded once (``mm_encoder_outputs``) before ``generate``."""
-        repeated = [p for p in prompts for _ in range(n)]
-        inputs = {k: v.to(self.model.device) for k, v in self.adapter.collate(repeated, self.pad_id).items()}
-        with torch.no_grad():  # the vision tower sees each distinct image once, not once per sample
-            inputs = self.adapter.unique_image_inputs(self.model, inputs, flat_image_keys(repeated))
+        """``n`` samples per prompt (sequence-major). Each prompt, its images included, is
+        prefilled once (distinct images encoded once, ``mm_encoder_outputs``); ``generate`` then
+        continues the ``n`` copies, re-collated without their pixel tensors (image tensors are
+        concatenated per image, so copies are re-collated rather than expanded)."""
+        inputs = {k: v.to(self.model.device) for k, v in self.adapter.collate(prompts, self.pad_id).items()}
+        with torch.no_grad():
+            inputs = self.adapter.unique_image_inputs(self.model, inputs, flat_image_keys(prompts))
+        copies = None
+        if n > 1:
+            repeated = [p for p in prompts for _ in range(n)]
+            copies = {k: v for k, v in self.adapter.collate(repeated, self.pad_id).items() if not k.startswith("pixel_")}
         suppress = self.adapter.placeholder_token_ids(self.model)
-        return generate_batch(self.model, self.tokenizer, inputs, 1, max_new_tokens, sampling, stop_strings, suppress)
+        return generate_batch(self.model, self.tokenizer, inputs, n, max_new_tokens, sampling, stop_strings, suppress, copies,
+                              self.adapter.repeat_generation_state)
 
     def sample(self, prompts, K, M, thought_max_tokens, answer_max_tokens, sampling, branch_delimiters) -> list[Tree]:
         def gen(items, n, max_new_tokens, stop):

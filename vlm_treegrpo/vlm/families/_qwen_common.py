@@ -290,6 +290,12 @@ class QwenVLAdapter(VLMAdapter):
         )
         return position_ids  # [3, B, T]
 
+    def repeat_generation_state(self, model, n: int) -> None:
+        """The mRoPE offsets of the prefilled rows (``rope_deltas [B, 1]``), for their copies."""
+        core = _vlm_core(model)
+        if getattr(core, "rope_deltas", None) is not None:
+            core.rope_deltas = core.rope_deltas.repeat_interleave(n, dim=0)
+
     def encoder_outputs(self, model, batch: dict[str, Tensor], image_keys) -> dict | None:
         """``mm_encoder_outputs`` with each distinct image encoded once (identity from
         ``image_keys``, else from equal pixels); None when no image repeats."""
