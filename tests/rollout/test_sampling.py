@@ -75,7 +75,7 @@ def test_samples_per_prompt_are_distinct_draws():
 def test_shared_prefill_cache_equals_the_repeated_rows_cache():
     """prefill_shared runs each prompt once and repeats its KV cache: the same cache as running
     the n copies, and the same greedy continuations."""
-    from vlm_treegrpo.rollout.tree import generate_batch, left_pad, prefill_shared
+    from vlm_treegrpo.rollout.tree import CACHE_KWARG, generate_batch, left_pad, prefill_shared
 
     model, tok, prompts = _tiny()
     prompts = [prompts[0], prompts[1][:-3]]  # unequal lengths: left padding in the batch
@@ -84,7 +84,8 @@ def test_shared_prefill_cache_equals_the_repeated_rows_cache():
     rep_ids, rep_mask = ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0)
     pos = (rep_mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        ref = model(input_ids=rep_ids[:, :-1], attention_mask=rep_mask[:, :-1], position_ids=pos[:, :-1], use_cache=True).cache
+        ref = model(input_ids=rep_ids[:, :-1], attention_mask=rep_mask[:, :-1], position_ids=pos[:, :-1], use_cache=True)
+        ref = getattr(ref, CACHE_KWARG)
     for got, want in zip(cache.layers, ref.layers):
         real = rep_mask[:, None, :-1, None].bool()  # padded slots hold whatever; compare real tokens
         torch.testing.assert_close(got.keys * real, want.keys * real, atol=1e-5, rtol=0)

@@ -295,7 +295,7 @@ def test_shared_prefill_gives_the_plain_generate_logits(family):
     the model's per-row state repeated) equal those of generate over the repeated prompts."""
     from transformers import GenerationConfig
 
-    from vlm_treegrpo.rollout.tree import prefill_shared
+    from vlm_treegrpo.rollout.tree import CACHE_KWARG, prefill_shared
 
     policy = make_policy(f"tiny-{family}", "cpu")
     adapter, model = policy.adapter, policy.model
@@ -306,7 +306,7 @@ def test_shared_prefill_gives_the_plain_generate_logits(family):
         plain = model.generate(**adapter.collate(repeated, policy.pad_id), generation_config=cfg).scores
         cache = prefill_shared(model, adapter.collate(prompts, policy.pad_id), 2, adapter.repeat_generation_state)
         copies = {k: v for k, v in adapter.collate(repeated, policy.pad_id).items() if not k.startswith("pixel_")}
-        shared = model.generate(**copies, cache=cache, generation_config=cfg).scores
+        shared = model.generate(**copies, **{CACHE_KWARG: cache}, generation_config=cfg).scores
     assert len(plain) == len(shared) == 3
     for a, b in zip(plain, shared):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=0)

@@ -16,7 +16,7 @@ trees into the packed training batch.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -159,6 +159,15 @@ def cut_completions(
     return results, ended
 
 
+def _cache_kwarg() -> str:
+    """The name transformers gives the KV cache (``cache`` since 5.x; ``past_key_values`` before)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
+CACHE_KWARG = _cache_kwarg()
+
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
 """Model kwargs that are per token (``[B, T]``): cut with the prefix, repeated with the rows."""
 
@@ -180,7 +189,7 @@ def prefill_shared(model, inputs: dict, n: int, repeat_state: Callable[[Any, int
     positions = model._prepare_position_ids_for_generation(inputs["input_ids"], dict(inputs))  # [B, T] or [R, B, T]
     prefix = {k: v[:, :-1] if k in TOKEN_KEYS else v for k, v in inputs.items()}
     out = model(**prefix, position_ids=positions[..., :-1], use_cache=True, logits_to_keep=1)
-    cache = out.cache
+    cache = getattr(out, CACHE_KWARG)
     cache.batch_repeat_interleave(n)
     if repeat_state is not None:
         repeat_state(model, n)
@@ -220,7 +229,7 @@ def generate_batch(
     prompt_len = inputs["input_ids"].shape[1]
     extra = {}
     if n > 1 and prompt_len > 1:
-        extra["cache"] = prefill_shared(model, inputs, n, repeat_state)
+        extra[CACHE_KWARG] = prefill_shared(model, inputs, n, repeat_state)
         inputs = on_device(decode_inputs) if decode_inputs is not None else {
             k: v.repeat_interleave(n, dim=0) for k, v in inputs.items() if k in TOKEN_KEYS}
     elif n > 1:  # a one-token prompt: nothing to share; greedy generate takes one sequence per row
