@@ -73,50 +73,11 @@ def trl_dataset(spec: BenchSpec):
 
 
 def grpo_args(spec: BenchSpec, output_dir: str):
-    """The :class:`trl.GRPOConfig` for the spec."""
-    import torch
-    from trl import GRPOConfig
+    """The :class:`trl.GRPOConfig` for the spec: TRL doing our config's work
+    (:func:`vlm_treegrpo.bench_ours.ours_config`), prompts in the bench's order."""
+    from vlm_treegrpo.bench_ours import ours_config
 
-    accum = spec.prompts_per_step // spec.micro_batch
-    return GRPOConfig(
-        output_dir=output_dir,
-        use_cpu=not torch.cuda.is_available(),
-        bf16=spec.autocast == "bfloat16",
-        fp16=False,
-        gradient_checkpointing=False,
-        model_init_kwargs={"dtype": "float32" if not torch.cuda.is_available() else "auto", "attn_implementation": "sdpa"},
-        per_device_train_batch_size=spec.micro_batch * spec.G,
-        gradient_accumulation_steps=accum,
-        steps_per_generation=accum,
-        num_iterations=1,
-        num_generations=spec.G,
-        max_completion_length=spec.max_new_tokens,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=0,
-        beta=0.0,
-        epsilon=0.2,
-        loss_type="dapo",
-        scale_rewards="group",
-        learning_rate=spec.lr,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        adam_beta1=0.9,
-        adam_beta2=0.99,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        max_steps=spec.warmup + spec.steps,
-        shuffle_dataset=False,
-        seed=spec.seed,
-        logging_strategy="no",
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        log_completions=False,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-    )
+    return trl_args(ours_config(spec), output_dir, spec.warmup + spec.steps, spec.micro_batch, shuffle=False)
 
 
 def run_trl(spec: BenchSpec) -> dict:
@@ -200,18 +161,22 @@ def _prompts_match(trainer, examples, instruction, spec: BenchSpec) -> bool | No
     return [list(t) for t in theirs] == ours
 
 
-def race_args(cfg, output_dir: str, max_steps: int):
+def trl_args(cfg, output_dir: str, max_steps: int, micro_prompts: int, shuffle: bool = True):
     """TRL's :class:`trl.GRPOConfig` doing the work of our config ``cfg`` (a
-    :class:`~vlm_treegrpo.config.TrainConfig`) with flat groups of ``G = K*M``: the same prompts per
-    step, micro-batch (in prompts), token budget, temperature / top-p / top-k, learning rate,
-    warm-up, betas, clipping and KL weight. TRL's loss is ``dapo`` (token mean) with group std
-    scaling; ours follows ``cfg.algo``."""
+    :class:`~vlm_treegrpo.config.TrainConfig`) with flat groups of ``G = K*M``: one generation
+    batch of ``prompts_per_step * G`` completions per optimizer step, ``micro_prompts`` prompts
+    per forward (gradient accumulation and ``steps_per_generation`` = the number of
+    micro-batches, ``num_iterations = 1``, so TRL skips its old-log-prob pass as our on-policy
+    update does); the same token budget, temperature / top-p / top-k, learning rate, warm-up,
+    AdamW betas, weight decay, clipping, KL weight and seed; loss ``dapo`` (a token mean over the
+    batch, our ``token_mean``) with group std scaling, ``epsilon = 0.2``; gradient checkpointing
+    off (ours never checkpoints), bf16 as our autocast; no logging, saving or evaluation."""
     import torch
     from trl import GRPOConfig
 
     r, o = cfg.rollout, cfg.optim
     G = r.K * r.M
-    accum = max(1, r.prompts_per_step // o.micro_batch)
+    accum = max(1, r.prompts_per_step // micro_prompts)
     return GRPOConfig(
         output_dir=output_dir, use_cpu=not torch.cuda.is_available(), bf16=cfg.model.autocast == "bfloat16", fp16=False,
         gradient_checkpointing=False,
@@ -221,9 +186,9 @@ def race_args(cfg, output_dir: str, max_steps: int):
         temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, beta=cfg.algo.beta, epsilon=0.2, loss_type="dapo",
         scale_rewards="group", learning_rate=o.lr, lr_scheduler_type="constant_with_warmup" if o.warmup_steps else "constant",
         warmup_steps=o.warmup_steps, adam_beta1=o.betas[0], adam_beta2=o.betas[1], weight_decay=o.weight_decay,
-        max_grad_norm=o.max_grad_norm, max_steps=max_steps, seed=o.seed, logging_strategy="no", save_strategy="no",
-        eval_strategy="no", report_to="none", disable_tqdm=True, log_completions=False, dataloader_num_workers=0,
-        remove_unused_columns=False,
+        max_grad_norm=o.max_grad_norm, max_steps=max_steps, shuffle_dataset=shuffle, seed=o.seed, logging_strategy="no",
+        save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True, log_completions=False,
+        dataloader_num_workers=0, remove_unused_columns=False,
     )
 
 
@@ -267,7 +232,7 @@ def race_trl(cfg, model_dir: str, out_dir: str, budget_s: float, max_steps: int 
 
     budget = Budget()
     with tempfile.TemporaryDirectory(prefix="trl-race-") as tmp:
-        args = race_args(cfg, tmp, max_steps)
+        args = trl_args(cfg, tmp, max_steps, cfg.optim.micro_batch)
         args.reward_weights = [w for _, _, w in rewards.fns]
         trainer = GRPOTrainer(model=model_dir, reward_funcs=funcs, args=args, train_dataset=dataset, callbacks=[budget])
         trainer.train()
