@@ -38,6 +38,7 @@ def run_ours(spec: BenchSpec) -> dict:
     """Our trainer's step (:func:`rollout_step` + :func:`update_step`, as :func:`train` runs them)."""
     import torch
 
+    from vlm_treegrpo.optim import adamw, warmup_constant
     from vlm_treegrpo.policy import make_policy
     from vlm_treegrpo.rewards import RewardSet
     from vlm_treegrpo.trainer import resolve_device, rollout_step, update_step
@@ -52,8 +53,8 @@ def run_ours(spec: BenchSpec) -> dict:
     prompts = [policy.encode(ex, instruction) for ex in examples]
     reward_set = RewardSet.from_config(cfg.algo.rewards)
     params = [p for p in policy.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    optimizer = adamw(params, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
+    scheduler = warmup_constant(optimizer, cfg.optim.warmup_steps)
     P, K, M = spec.prompts_per_step, spec.K, spec.M
     rows = []
     for step in range(spec.warmup + spec.steps):

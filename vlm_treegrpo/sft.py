@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from vlm_treegrpo.data.types import Example
+from vlm_treegrpo.optim import adamw
 from vlm_treegrpo.policy import Policy, TrainBatch
 from vlm_treegrpo.rollout.tree import Tree
 
@@ -109,7 +110,7 @@ def warm_start(
     ``grad_norm``, ``seconds``), each also passed to ``on_step``."""
     targets = [target_ids(policy.tokenizer, ex, template) for ex in examples]
     params = [p for p in policy.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    optimizer = adamw(params, lr)
     rows = []
     t0 = time.time()
     for step in range(1, steps + 1):

@@ -42,9 +42,9 @@ from vlm_treegrpo.core.diagnostics import mean_pairwise_cosine, reward_std_stats
 from vlm_treegrpo.core.losses import kl_penalty, masked_mean, policy_loss, policy_loss_metrics
 from vlm_treegrpo.data.sources import Task, load_task
 from vlm_treegrpo.evaluate import evaluate
-from vlm_treegrpo.policy import make_policy
+from vlm_treegrpo.optim import adamw, warmup_constant
+from vlm_treegrpo.policy import Policy, TextPolicy, TrainBatch, make_policy
 from vlm_treegrpo.rewards import RewardSet
-from vlm_treegrpo.policy import Policy, TextPolicy, TrainBatch
 from vlm_treegrpo.rollout.tree import SamplingParams, Tree
 from vlm_treegrpo.scores import token_score_features, weighted_row_sums
 from vlm_treegrpo.sft import warm_start
@@ -338,9 +338,8 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     test_prompts = [policy.encode(ex, task.instruction) for ex in task.test]
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
-    warm = cfg.optim.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    optimizer = adamw(params, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
+    scheduler = warmup_constant(optimizer, cfg.optim.warmup_steps)
     sampler = PromptSampler(len(task.train), cfg.optim.seed)
 
     bar = None
