@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
+from transformers import TopKLogitsWarper, TopPLogitsWarper
 
 from vlm_treegrpo.data.arithmetic import make_arithmetic
 from vlm_treegrpo.models.tiny import build_tiny_llama
 from vlm_treegrpo.rollout.prompts import prompt_ids
-from vlm_treegrpo.rollout.sampling import InverseCDFSampler, inverse_cdf_sample, sampling_processors
+from vlm_treegrpo.rollout.sampling import InverseCDFSampler, NucleusSampler, inverse_cdf_sample, nucleus, sampling_processors
 from vlm_treegrpo.rollout.tree import SamplingParams, generate
 
 
@@ -46,10 +48,38 @@ def test_processor_puts_all_mass_on_the_drawn_token():
     assert torch.isinf(out).sum(-1).tolist() == [9, 9, 9]
 
 
-def test_warpers_come_before_the_sampler():
-    names = [type(p).__name__ for p in sampling_processors(0.7, 5, 0.9)]
-    assert names == ["TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "InverseCDFSampler"]
-    assert [type(p).__name__ for p in sampling_processors(1.0, 0, 1.0)] == ["InverseCDFSampler"]
+def test_processors_for_each_setting():
+    names = lambda *a: [type(p).__name__ for p in sampling_processors(*a)]  # noqa: E731
+    assert names(0.7, 5, 0.9) == ["TemperatureLogitsWarper", "NucleusSampler"]
+    assert names(1.0, 0, 0.9) == ["NucleusSampler"]
+    assert names(1.0, 0, 1.0) == ["InverseCDFSampler"]
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 0.9), (0, 0.5), (0, 0.999), (5, 1.0), (50, 0.8), (3, 0.3)])
+@pytest.mark.parametrize("candidates", [256, 4])  # 4: most rows fall back to the full sort
+def test_nucleus_keeps_what_the_transformers_warpers_keep(top_k, top_p, candidates):
+    g = torch.Generator().manual_seed(top_k + int(top_p * 100))
+    logits = torch.randn(6, 300, generator=g) * torch.tensor([0.3, 1.0, 3.0, 6.0, 0.01, 2.0])[:, None]  # flat to peaked rows
+    logits[:, 7] = -math.inf  # a suppressed token
+    warped = logits.clone()
+    ids = torch.zeros((6, 1), dtype=torch.long)
+    if top_k:
+        warped = TopKLogitsWarper(top_k)(ids, warped)
+    if top_p < 1:
+        warped = TopPLogitsWarper(top_p)(ids, warped)
+    expected = warped.softmax(-1)  # [6, 300]
+    idx, probs = nucleus(logits, top_k, top_p, candidates)
+    dense = torch.zeros_like(expected).scatter(-1, idx, probs / probs.sum(-1, keepdim=True))
+    torch.testing.assert_close(dense, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_nucleus_sampler_frequencies():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])).repeat(20_000, 1)
+    torch.manual_seed(0)
+    out = NucleusSampler(0, 0.7)(torch.zeros((20_000, 1), dtype=torch.long), logits)  # keeps 0.5, 0.3 -> 5/8, 3/8
+    draws = out.argmax(-1)
+    assert set(draws.tolist()) == {0, 1}
+    assert abs(float((draws == 0).double().mean()) - 0.625) < 5 * (0.625 * 0.375 / 20_000) ** 0.5
 
 
 def _tiny():

@@ -1,21 +1,27 @@
-"""Exact categorical sampling by inverse CDF, as a logits processor for ``model.generate``.
+"""Exact categorical sampling by inverse CDF, as logits processors for ``model.generate``.
 
 ``torch.multinomial`` (what ``generate(do_sample=True)`` calls) draws one exponential variate per
 vocabulary entry: on the CPU that is ~48 ms per decode step for 64 rows over SmolLM2's 49,152
 tokens, more than the 135M model's own forward. Inverse-CDF sampling draws ONE uniform per row
-and binary-searches the cumulative probabilities: the same distribution, ~2 ms for that batch
-(``scripts`` and the README give the measured step times).
+and binary-searches the cumulative probabilities: the same distribution, ~2 ms for that batch.
+Likewise transformers' top-p warper sorts the whole vocabulary of every row (~120 ms per step for
+that batch); :func:`nucleus` finds the nucleus among the 256 most likely tokens (``topk``, ~5 ms)
+and sorts everything only for rows whose 256 best tokens hold less than ``top_p`` of the mass,
+so the kept set and its probabilities are exactly the warpers'.
 
-It runs inside ``generate`` as the last logits processor of a greedy (``do_sample=False``) call:
-the temperature / top-k / top-p warpers and token suppression run first, as in sampling mode,
-then :class:`InverseCDFSampler` draws a token and returns logits that are 0 there and ``-inf``
-elsewhere, so greedy's argmax picks the drawn token.
+The processors run inside ``generate`` as the last logits processors of a greedy
+(``do_sample=False``) call: temperature and token suppression run first, as in sampling mode,
+then :class:`InverseCDFSampler` (or :class:`NucleusSampler` under top-k / top-p) draws a token
+and returns logits that are 0 there and ``-inf`` elsewhere, so greedy's argmax picks it.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from transformers import LogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import LogitsProcessor, TemperatureLogitsWarper
+
+NUCLEUS_CANDIDATES = 256
+"""Tokens :func:`nucleus` looks at first (all of them where these hold less than ``top_p``)."""
 
 
 def inverse_cdf_sample(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -37,6 +43,31 @@ def inverse_cdf_sample(logits: Tensor, generator: torch.Generator | None = None)
     return idx
 
 
+def nucleus(logits: Tensor, top_k: int = 0, top_p: float = 1.0, candidates: int = NUCLEUS_CANDIDATES) -> tuple[Tensor, Tensor]:
+    """The tokens that transformers' top-k then top-p warpers keep, and their probabilities.
+
+    Returns ``(idx [B, k], probs [B, k])``, most likely first: ``probs`` is ``softmax(logits)``
+    renormalized over the top ``top_k`` tokens (all when 0), then zero on every token whose more
+    likely tokens already hold ``top_p`` of that mass (the first token is always kept). Only the
+    ``candidates`` most likely tokens are searched when they hold at least ``top_p`` (every kept
+    token is among them then); otherwise all are sorted.
+    """
+    probs = logits.float().softmax(-1)  # [B, V]
+    V = probs.shape[-1]
+    k = min(top_k if top_k > 0 else candidates, V)
+    vals, idx = probs.topk(k, dim=-1)  # [B, k] descending
+    if top_k > 0:
+        vals = vals / vals.sum(-1, keepdim=True)  # the softmax over the top-k survivors
+    elif k < V and bool((vals.sum(-1) < top_p).any()):
+        vals, idx = probs.sort(dim=-1, descending=True)  # the nucleus may reach past the candidates
+    if top_p < 1.0:
+        before = vals.cumsum(-1) - vals  # [B, k] mass of the more likely tokens
+        keep = before < top_p
+        keep[:, 0] = True
+        vals = torch.where(keep, vals, torch.zeros_like(vals))
+    return idx, vals
+
+
 class InverseCDFSampler(LogitsProcessor):
     """Draws the next token (:func:`inverse_cdf_sample`) and returns logits that make it the argmax."""
 
@@ -47,14 +78,28 @@ class InverseCDFSampler(LogitsProcessor):
         return out
 
 
+class NucleusSampler(LogitsProcessor):
+    """Top-k / top-p and the draw in one step (:func:`nucleus`, :func:`inverse_cdf_sample`)."""
+
+    def __init__(self, top_k: int = 0, top_p: float = 1.0):
+        self.top_k, self.top_p = top_k, top_p
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        idx, probs = nucleus(scores, self.top_k, self.top_p)  # [B, k]
+        choice = inverse_cdf_sample(probs.log())  # [B] (log 0 = -inf: never drawn)
+        token = idx.gather(-1, choice[:, None])  # [B, 1]
+        out = torch.full_like(scores, float("-inf"))
+        out.scatter_(-1, token, 0.0)
+        return out
+
+
 def sampling_processors(temperature: float, top_k: int, top_p: float) -> list[LogitsProcessor]:
-    """The warpers ``generate`` would apply for these settings, then the sampler (in that order)."""
+    """Temperature (as ``generate`` would apply it), then the sampler for these settings."""
     procs: list[LogitsProcessor] = []
     if temperature != 1.0:
         procs.append(TemperatureLogitsWarper(temperature))
-    if top_k and top_k > 0:
-        procs.append(TopKLogitsWarper(top_k))
-    if top_p < 1.0:
-        procs.append(TopPLogitsWarper(top_p))
-    procs.append(InverseCDFSampler())
+    if (top_k and top_k > 0) or top_p < 1.0:
+        procs.append(NucleusSampler(max(top_k or 0, 0), top_p))
+    else:
+        procs.append(InverseCDFSampler())
     return procs

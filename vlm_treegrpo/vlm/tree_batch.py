@@ -89,34 +89,36 @@ class VLMTreeBatch:
         return dataclasses.replace(self, tree=self.tree.to(device))
 
     def model_inputs(self, model) -> dict[str, Tensor]:
-        """Model kwargs of the rows: ids, per-token extras and images (``adapter.collate`` +
-        ``append_completion``), the 4-D additive tree mask and the packed positions."""
+        """Model kwargs of the rows, on the rows' device: ids, per-token extras and images
+        (``adapter.collate`` + ``append_completion``), the 4-D additive tree mask and the packed
+        positions."""
         device = self.tree.input_ids.device
-        prompt = self.adapter.collate(self.prompts, self.pad_id)  # left-padded [N, T] + images
+        prompt = {k: v.to(device) for k, v in self.adapter.collate(self.prompts, self.pad_id).items()}  # left-padded [N, T]
         T = prompt["input_ids"].shape[1]
         if T != self._T:
             raise ValueError(f"{self.adapter.family}: collate padded the prompts to {T} columns, expected {self._T}")
-        real = self._real()[:, 1:].cpu()  # [N, C]
-        inputs = self.adapter.append_completion(prompt, self.tree.input_ids[:, 1:].cpu(), real.long())  # [N, T + C]
+        real = self._real()[:, 1:]  # [N, C]
+        inputs = self.adapter.append_completion(prompt, self.tree.input_ids[:, 1:], real.long())  # [N, T + C]
         positions = self.adapter.position_ids(model, prompt)  # [N, T] or [3, N, T]
         if positions is None:  # the family lets the model count: 0, 1, ... from the first real token
             positions = (prompt["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
-        offsets = self.tree.position_ids[:, 1:].cpu()  # [N, C] depth below the root (>= 1 on tree tokens)
-        inputs["position_ids"] = torch.cat([positions, positions[..., -1:] + offsets], dim=-1)  # [..., N, T + C]
+        offsets = self.tree.position_ids[:, 1:]  # [N, C] depth below the root (>= 1 on tree tokens)
+        inputs["position_ids"] = torch.cat([positions, positions[..., -1:] + offsets.to(positions)], dim=-1)  # [..., N, T + C]
         mask = self._mask(prompt["attention_mask"].bool(), real)
         inputs["attention_mask"] = additive_mask(mask, next(model.parameters()).dtype)  # [N, 1, L, L]
-        return {k: v.to(device) for k, v in inputs.items()}
+        return inputs
 
     def _mask(self, prompt_real: Tensor, real: Tensor) -> Tensor:
         """Bool ``[N, L, L]``: causal over the real prompt tokens; a tree token sees the whole
         prompt and its tree ancestors; padding attends to itself only (no empty softmax row)."""
         N, T = prompt_real.shape
         L = T + real.shape[1]
-        mask = torch.zeros((N, L, L), dtype=torch.bool)
-        mask[:, :T, :T] = torch.ones((T, T), dtype=torch.bool).tril() & prompt_real[:, None, :]
+        device = prompt_real.device
+        mask = torch.zeros((N, L, L), dtype=torch.bool, device=device)
+        mask[:, :T, :T] = torch.ones((T, T), dtype=torch.bool, device=device).tril() & prompt_real[:, None, :]
         mask[:, T:, :T] = real[:, :, None] & prompt_real[:, None, :]
-        mask[:, T:, T:] = self.tree.attention_mask[:, 1:, 1:].cpu() & real[:, :, None] & real[:, None, :]
-        idx = torch.arange(L)
+        mask[:, T:, T:] = self.tree.attention_mask[:, 1:, 1:] & real[:, :, None] & real[:, None, :]
+        idx = torch.arange(L, device=device)
         mask[:, idx, idx] |= ~torch.cat([prompt_real, real], dim=1)
         return mask
 
