@@ -54,7 +54,7 @@ def simulation(a: float, b: float, trials: int, seed: int) -> list[dict]:
 
 def sample_big_trees(cfg, n_prompts: int, K_max: int, M_max: int):
     """One K_max x M_max tree per prompt with the configured model; returns ``(rewards [N, K, M], info)``."""
-    from vlm_treegrpo.data.sources import load_task
+    from vlm_treegrpo.data.sources import task_from_config
     from vlm_treegrpo.policy import make_policy
     from vlm_treegrpo.rewards import RewardSet
     from vlm_treegrpo.rollout.tree import SamplingParams
@@ -66,9 +66,8 @@ def sample_big_trees(cfg, n_prompts: int, K_max: int, M_max: int):
     device = resolve_device(cfg.model.device)
     policy = make_policy(cfg.model.name, device, cfg.model.dtype, cfg.model.attn_implementation)
     policy.model.eval()
-    d, r = cfg.data, cfg.rollout
-    task = load_task(d.source, d.format, d.n_train, d.n_test, d.difficulty, d.seed, d.instruction, d.test_source, d.skip_bad,
-                     image_size=d.image_size, kinds=d.kinds)
+    r = cfg.rollout
+    task = task_from_config(cfg.data)
     idx = PromptSampler(len(task.train), cfg.optim.seed).take(n_prompts)
     examples = [task.train[i] for i in idx]
     prompts = [policy.encode(ex, task.instruction) for ex in examples]

@@ -31,7 +31,7 @@ import torch
 
 from vlm_treegrpo.config import ConfigError, TrainConfig
 from vlm_treegrpo.core.group_size import best_group_size, estimate_components, gradient_mse_curve, tree_components, tree_mse_curve
-from vlm_treegrpo.data.sources import load_task
+from vlm_treegrpo.data.sources import task_from_config
 from vlm_treegrpo.policy import TextPolicy, make_policy
 from vlm_treegrpo.rewards import RewardSet
 from vlm_treegrpo.rollout.tree import SamplingParams, Tree
@@ -164,9 +164,8 @@ def advise(cfg: TrainConfig, prompts: int = 0) -> dict:
     policy = make_policy(cfg.model.name, device, cfg.model.dtype, cfg.model.attn_implementation)
     if not isinstance(policy, TextPolicy):
         raise ConfigError("model.name: the advisor's score features are implemented for text policies")
-    d, r = cfg.data, cfg.rollout
-    task = load_task(d.source, d.format, d.n_train, d.n_test, d.difficulty, d.seed, d.instruction, d.test_source, d.skip_bad,
-                     image_size=d.image_size, kinds=d.kinds)
+    r = cfg.rollout
+    task = task_from_config(cfg.data)
     N = prompts or r.prompts_per_step
     idx = PromptSampler(len(task.train), cfg.optim.seed).take(N)
     examples = [task.train[i] for i in idx]

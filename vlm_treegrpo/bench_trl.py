@@ -202,15 +202,13 @@ def race_trl(cfg, model_dir: str, out_dir: str, budget_s: float, max_steps: int 
 
     from datasets import Dataset
 
-    from vlm_treegrpo.data.sources import load_task
+    from vlm_treegrpo.data.sources import task_from_config
     from vlm_treegrpo.rewards import RewardSet
     from vlm_treegrpo.rollout.prompts import user_message
 
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
-    d = cfg.data
-    task = load_task(d.source, d.format, d.n_train, d.n_test, d.difficulty, d.seed, d.instruction, d.test_source, d.skip_bad,
-                     image_size=d.image_size, kinds=d.kinds)
+    task = task_from_config(cfg.data)
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": user_message(ex, task.instruction)}], "answer": ex.answer}
                                  for ex in task.train])
     G = cfg.rollout.K * cfg.rollout.M

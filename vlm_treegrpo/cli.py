@@ -28,7 +28,7 @@ def _cmd_train(args) -> int:
 def _cmd_eval(args) -> int:
     import torch
 
-    from vlm_treegrpo.data.sources import load_task
+    from vlm_treegrpo.data.sources import task_from_config
     from vlm_treegrpo.evaluate import evaluate
     from vlm_treegrpo.policy import make_policy
     from vlm_treegrpo.trainer import resolve_device
@@ -38,9 +38,7 @@ def _cmd_eval(args) -> int:
         torch.set_num_threads(cfg.model.threads)
     name = args.model or cfg.model.name
     policy = make_policy(name, resolve_device(cfg.model.device), cfg.model.dtype, cfg.model.attn_implementation)
-    d = cfg.data
-    task = load_task(d.source, d.format, d.n_train, d.n_test, d.difficulty, d.seed, d.instruction, d.test_source, d.skip_bad,
-                     image_size=d.image_size, kinds=d.kinds)
+    task = task_from_config(cfg.data)
     prompts = [policy.encode(ex, task.instruction) for ex in task.test]
     res = evaluate(policy, task.test, prompts, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, cfg.eval.batch_size)
     print(json.dumps({"model": name, **res}, indent=2))

@@ -40,7 +40,7 @@ from vlm_treegrpo.config import TrainConfig
 from vlm_treegrpo.core.advantages import group_advantages, tree_advantages
 from vlm_treegrpo.core.diagnostics import mean_pairwise_cosine, reward_std_stats, update_norms
 from vlm_treegrpo.core.losses import kl_penalty, masked_mean, policy_loss, policy_loss_metrics
-from vlm_treegrpo.data.sources import Task, load_task
+from vlm_treegrpo.data.sources import Task, task_from_config
 from vlm_treegrpo.evaluate import evaluate
 from vlm_treegrpo.optim import adamw, warmup_constant
 from vlm_treegrpo.policy import Policy, TextPolicy, TrainBatch, make_policy
@@ -330,9 +330,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
 
         credit = rredcot_for(policy, cfg.algo, cfg.rollout.temperature)
 
-    d = cfg.data
-    task = load_task(d.source, d.format, d.n_train, d.n_test, d.difficulty, d.seed, d.instruction, d.test_source, d.skip_bad,
-                     image_size=d.image_size, kinds=d.kinds)
+    task = task_from_config(cfg.data)
     reward_set = RewardSet.from_config(cfg.algo.rewards)
     train_prompts = [policy.encode(ex, task.instruction) for ex in task.train]
     test_prompts = [policy.encode(ex, task.instruction) for ex in task.test]

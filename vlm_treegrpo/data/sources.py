@@ -53,3 +53,9 @@ def load_task(source: str, format: str, n_train: int, n_test: int, difficulty: i
     train, skipped_train = _load(source, format, "train", n_train or None, skip_bad)
     test, skipped_test = _load(test_source or source, format, "test", n_test, skip_bad)
     return Task(train, test, instr, skipped_train + skipped_test)
+
+
+def task_from_config(d) -> Task:
+    """:func:`load_task` for a :class:`~vlm_treegrpo.config.DataConfig` ``d`` (every one of its fields)."""
+    return load_task(d.source, d.format, d.n_train, d.n_test, d.difficulty, d.seed, d.instruction, d.test_source, d.skip_bad,
+                     image_size=d.image_size, kinds=d.kinds)

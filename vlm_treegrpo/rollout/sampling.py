@@ -68,14 +68,16 @@ def nucleus(logits: Tensor, top_k: int = 0, top_p: float = 1.0, candidates: int 
     return idx, vals
 
 
+def _argmax_at(scores: Tensor, token: Tensor) -> Tensor:
+    """Scores that are 0 at ``token [B, 1]`` and ``-inf`` elsewhere (greedy then picks it)."""
+    return torch.full_like(scores, float("-inf")).scatter_(-1, token, 0.0)
+
+
 class InverseCDFSampler(LogitsProcessor):
     """Draws the next token (:func:`inverse_cdf_sample`) and returns logits that make it the argmax."""
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        token = inverse_cdf_sample(scores)  # [B]
-        out = torch.full_like(scores, float("-inf"))
-        out.scatter_(-1, token[:, None], 0.0)
-        return out
+        return _argmax_at(scores, inverse_cdf_sample(scores)[:, None])
 
 
 class NucleusSampler(LogitsProcessor):
@@ -87,10 +89,7 @@ class NucleusSampler(LogitsProcessor):
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         idx, probs = nucleus(scores, self.top_k, self.top_p)  # [B, k]
         choice = inverse_cdf_sample(probs.log())  # [B] (log 0 = -inf: never drawn)
-        token = idx.gather(-1, choice[:, None])  # [B, 1]
-        out = torch.full_like(scores, float("-inf"))
-        out.scatter_(-1, token, 0.0)
-        return out
+        return _argmax_at(scores, idx.gather(-1, choice[:, None]))
 
 
 def sampling_processors(temperature: float, top_k: int, top_p: float) -> list[LogitsProcessor]:

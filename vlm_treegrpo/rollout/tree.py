@@ -67,8 +67,8 @@ class SamplingParams:
         )
 
     def logits_processors(self) -> LogitsProcessorList:
-        """Empty for greedy decoding; otherwise the temperature / top-k / top-p warpers and the
-        inverse-CDF sampler (:mod:`vlm_treegrpo.rollout.sampling`), which turn ``generate``'s
+        """Empty for greedy decoding; otherwise temperature and the sampler for top-k / top-p
+        (:func:`~vlm_treegrpo.rollout.sampling.sampling_processors`), which turn ``generate``'s
         argmax into an exact draw from the warped distribution."""
         if self.greedy:
             return LogitsProcessorList()
@@ -216,8 +216,9 @@ def generate_batch(
     With ``n > 1`` the rows' prompts are prefilled once (:func:`prefill_shared`) and ``generate``
     continues the ``B * n`` copies from that cache: ``decode_inputs`` are the copies' kwargs
     (default: every per-token input repeated; a VLM passes its re-collated copies without pixel
-    tensors, which the cache already holds; ``repeat_state``: see :func:`prefill_shared`). Rows that contain a stop string stop early
-    (:class:`DelimiterStop`); ``suppress_ids`` are never generated (e.g. image placeholder tokens).
+    tensors, which the cache already holds; ``repeat_state``: see :func:`prefill_shared`). Rows
+    that contain a stop string stop early (:class:`DelimiterStop`); ``suppress_ids`` are never
+    generated (e.g. image placeholder tokens).
     """
     eos = eos_ids_of(tokenizer, model)
     device = next(model.parameters()).device

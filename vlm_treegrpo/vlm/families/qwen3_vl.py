@@ -43,21 +43,18 @@ class Qwen3VLAdapter(QwenVLAdapter):
     image_std = (0.5, 0.5, 0.5)
 
     def _tiny_text_config(self) -> dict:
-        return dict(
-            hidden_size=TINY_TEXT_HIDDEN,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
+        """The shared tiny text config with an explicit head_dim and Qwen3-VL's interleaved mRoPE."""
+        return {
+            **super()._tiny_text_config(),
+            "head_dim": 16,
             # 8 rotary frequencies interleaved over (t, h, w) like the real [24, 20, 20].
-            rope_parameters={
+            "rope_parameters": {
                 "rope_type": "default",
                 "rope_theta": 10000.0,
                 "mrope_section": [4, 2, 2],
                 "mrope_interleaved": True,
             },
-        )
+        }
 
     def _tiny_vision_config(self) -> dict:
         return dict(
