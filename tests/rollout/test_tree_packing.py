@@ -90,7 +90,7 @@ def test_padding_rows_do_not_change_logp():
 
 
 def test_packed_forward_switches_flash_attention_to_a_mask_capable_kernel():
-    from vlm_treegrpo.rollout.logprobs import mask_capable_attention
+    from vlm_treegrpo.rollout.attention import tree_attention
 
     model, tok = build_tiny_llama(seed=3)
     trees = _make_trees(tok)
@@ -98,8 +98,8 @@ def test_packed_forward_switches_flash_attention_to_a_mask_capable_kernel():
     with torch.no_grad():
         want = packed_logp(model, packed)
     model.config._attn_implementation = "flash_attention_2"  # as a CUDA load with flash-attn gives
-    with mask_capable_attention(model):
-        assert model.config._attn_implementation == "sdpa"
+    with tree_attention(model, packed.plan()):
+        assert model.config._attn_implementation == "vlm_treegrpo"
     assert model.config._attn_implementation == "flash_attention_2"
     with torch.no_grad():
         got = packed_logp(model, packed)  # would fail inside a flash kernel without the switch

@@ -1,11 +1,10 @@
 """Per-token log-probs of packed trees under a causal LM (one forward per micro-batch)."""
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor
 
+from vlm_treegrpo.rollout.attention import tree_attention
 from vlm_treegrpo.rollout.tree import PackedBatch
 
 
@@ -16,40 +15,21 @@ def additive_mask(attention: Tensor, dtype: torch.dtype) -> Tensor:
     return mask[:, None]
 
 
-@contextlib.contextmanager
-def mask_capable_attention(model):
-    """Run the packed forward with an attention kernel that takes an arbitrary 4-D mask.
-
-    Flash-attention kernels take no tree mask, so while a model loaded with
-    ``flash_attention_2`` (fast generation) runs the packed training forward, its config points
-    at ``sdpa``, which uses the same weights. Attention functions are looked up from the config
-    at every forward, so this switch is exact and costs nothing.
-    """
-    config = model.config
-    impl = getattr(config, "_attn_implementation", None)
-    if not impl or "flash" not in str(impl):
-        yield
-        return
-    config._attn_implementation = "sdpa"
-    try:
-        yield
-    finally:
-        config._attn_implementation = impl
-
-
 def packed_forward(model, batch: PackedBatch) -> tuple[Tensor, Tensor]:
     """The tree-masked forward of packed rows: ``(logits [N, U, V], col [N, L])``.
 
     Only positions that predict a completion token get logits (``U`` of them, shared by the
     rows): skipping the prompt's saves the vocabulary projection there (a large share of a
     small model's compute). ``col`` gives, for every packed token, the logits column of its
-    predictor (meaningful on target tokens only).
+    predictor (meaningful on target tokens only). Attention runs per segment
+    (:func:`~vlm_treegrpo.rollout.attention.tree_attention`); the dense 4-D mask is what a batch
+    without a segment table uses.
     """
     dtype = next(model.parameters()).dtype
     need = torch.unique(batch.pred_pos[batch.target_mask > 0])  # [U] sorted
     if need.numel() == 0:
         need = torch.zeros(1, dtype=torch.long, device=batch.pred_pos.device)
-    with mask_capable_attention(model):
+    with tree_attention(model, batch.plan()):
         out = model(
             input_ids=batch.input_ids,
             attention_mask=additive_mask(batch.attention_mask, dtype),
@@ -74,14 +54,54 @@ def packed_logp(model, batch: PackedBatch, temperature: float = 1.0) -> Tensor:
 def gather_logp(logits: Tensor, col: Tensor, input_ids: Tensor, target_mask: Tensor, temperature: float = 1.0) -> Tensor:
     """``log softmax(logits / temperature)`` at each token: ``logits [N, U, V]`` holds the kept
     predictor positions, ``col [N, L]`` the column of each token's predictor. ``[N, L]`` fp32,
-    0 where ``target_mask`` is 0."""
-    logits = logits.float()  # [N, U, V]
-    if temperature != 1.0:
-        logits = logits / temperature
+    0 where ``target_mask`` is 0 (:class:`TokenLogp` on the target tokens)."""
     N, U, V = logits.shape
-    lse = torch.logsumexp(logits, dim=-1)  # [N, U]
-    flat = logits.reshape(N * U, V)  # [N*U, V]
-    rows = (torch.arange(N, device=logits.device)[:, None] * U + col).reshape(-1)  # [N*L]
-    picked = flat[rows, input_ids.reshape(-1)].view_as(col)  # [N, L] logit of the actual token
-    logp = picked - lse.gather(1, col)  # [N, L]
-    return torch.where(target_mask > 0, logp, torch.zeros_like(logp))
+    target = target_mask > 0  # [N, L]
+    rows = (torch.arange(N, device=logits.device)[:, None] * U + col)[target]  # [T] row of logits.view(N*U, V)
+    out = torch.zeros(col.shape, dtype=torch.float32, device=logits.device)
+    out[target] = TokenLogp.apply(logits.reshape(N * U, V), rows, input_ids[target], float(temperature))
+    return out
+
+
+class TokenLogp(torch.autograd.Function):
+    """``log softmax(x[r] / t)[i]`` for pairs ``(r, i)``, in row chunks, never materialising
+    the fp32 log-softmax of the whole ``[R, V]`` logits.
+
+    Forward: each referenced row's logsumexp, a chunk at a time in fp32. Backward, the same
+    chunks: ``dx[r] = (onehot(i) - softmax(x[r] / t)) * g / t`` summed over the pairs of row
+    ``r``, written straight in the logits' dtype. Autograd's version (``.float()``,
+    ``logsumexp``, ``gather``) makes several fp32 copies of the whole tensor; with SmolLM2's
+    49,152-token vocabulary that was a quarter of the update's time on the CPU.
+    """
+
+    CHUNK = 64  # rows per step: 64 x 49,152 fp32 is 12.6 MB
+
+    @staticmethod
+    def forward(ctx, x: Tensor, rows: Tensor, ids: Tensor, temperature: float) -> Tensor:  # x [R, V], rows/ids [T]
+        used = torch.unique(rows)  # [R'] rows anybody reads
+        lse = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)  # [R]
+        for c in used.split(TokenLogp.CHUNK):
+            lse[c] = torch.logsumexp(x.index_select(0, c).float() / temperature, dim=-1)
+        ctx.save_for_backward(x, rows, ids, lse, used)
+        ctx.temperature = temperature
+        return x[rows, ids].float() / temperature - lse[rows]  # [T]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # grad [T]
+        x, rows, ids, lse, used = ctx.saved_tensors
+        t = ctx.temperature
+        if rows.numel() == 0:
+            return torch.zeros_like(x), None, None, None
+        g = grad.float() / t  # [T]
+        gsum = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device).index_add_(0, rows, g)  # [R]
+        order = torch.argsort(rows)  # the pairs grouped by row, so a chunk's pairs are one slice
+        srows, sids, sg = rows[order], ids[order], g[order]
+        C = TokenLogp.CHUNK
+        bounds = torch.searchsorted(srows, used[::C].contiguous()).tolist() + [rows.numel()]  # each chunk's first pair
+        dx = torch.zeros_like(x)  # [R, V]
+        for j, c in enumerate(used.split(C)):  # c sorted
+            d = torch.exp(x.index_select(0, c).float() / t - lse[c, None]) * -gsum[c, None]  # [C, V] fp32
+            lo, hi = bounds[j], bounds[j + 1]
+            d.index_put_((torch.searchsorted(c, srows[lo:hi]), sids[lo:hi]), sg[lo:hi], accumulate=True)  # + onehot * g
+            dx[c] = d.to(dx.dtype)
+        return dx, None, None, None

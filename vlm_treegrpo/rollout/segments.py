@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vlm_treegrpo.core.tree_packing import predictor_positions, tree_attention_mask, tree_positions
+from vlm_treegrpo.core.tree_packing import predictor_positions, segment_table, tree_attention_mask, tree_positions
 from vlm_treegrpo.rollout.logprobs import packed_forward
-from vlm_treegrpo.rollout.tree import PackedBatch
+from vlm_treegrpo.rollout.tree import PackedBatch, segment_tables
 
 
 class SegmentRow:
@@ -60,7 +60,8 @@ def pack_rows(rows: list[SegmentRow], pad_id: int) -> PackedBatch:
         pred_pos[n, :T] = torch.where(tgt > 0, predictor_positions(seg, par, lens), torch.zeros(T, dtype=torch.long))
         target_mask[n, :T] = tgt
     zeros = torch.zeros((N, L))
-    return PackedBatch(input_ids, position_ids, attention, pred_pos, target_mask, zeros, torch.zeros((N, L), dtype=torch.bool))
+    return PackedBatch(input_ids, position_ids, attention, pred_pos, target_mask, zeros, torch.zeros((N, L), dtype=torch.bool),
+                       segment_tables([segment_table(r.seg_len, r.parent) for r in rows]))
 
 
 @torch.no_grad()

@@ -23,7 +23,9 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from vlm_treegrpo.core.tree_packing import predictor_positions, tree_attention_mask, tree_positions
+from vlm_treegrpo.core.tree_packing import (SegmentPlan, predictor_positions, segment_plan, segment_table, tree_attention_mask,
+                                             tree_positions)
+from vlm_treegrpo.rollout.attention import decode_attention
 from vlm_treegrpo.rollout.sampling import sampling_processors
 
 
@@ -229,18 +231,19 @@ def generate_batch(
     inputs = on_device(inputs)
     prompt_len = inputs["input_ids"].shape[1]
     extra = {}
-    if n > 1 and prompt_len > 1:
-        extra[CACHE_KWARG] = prefill_shared(model, inputs, n, repeat_state)
-        inputs = on_device(decode_inputs) if decode_inputs is not None else {
-            k: v.repeat_interleave(n, dim=0) for k, v in inputs.items() if k in TOKEN_KEYS}
-    elif n > 1:  # a one-token prompt: nothing to share; greedy generate takes one sequence per row
-        inputs = {k: v.repeat_interleave(n, dim=0) for k, v in inputs.items()}
     gen_cfg = sampling.generation_config(max_new_tokens, tokenizer.pad_token_id, eos)
     if suppress_ids:
         gen_cfg.suppress_tokens = list(suppress_ids)
     if stop_strings:
         extra["stopping_criteria"] = StoppingCriteriaList([DelimiterStop(tokenizer, stop_strings, prompt_len)])
-    out = model.generate(**inputs, generation_config=gen_cfg, logits_processor=sampling.logits_processors(), **extra)  # [B*n, prompt_len + new]
+    with decode_attention(model):
+        if n > 1 and prompt_len > 1:
+            extra[CACHE_KWARG] = prefill_shared(model, inputs, n, repeat_state)
+            inputs = on_device(decode_inputs) if decode_inputs is not None else {
+                k: v.repeat_interleave(n, dim=0) for k, v in inputs.items() if k in TOKEN_KEYS}
+        elif n > 1:  # a one-token prompt: nothing to share; greedy generate takes one sequence per row
+            inputs = {k: v.repeat_interleave(n, dim=0) for k, v in inputs.items()}
+        out = model.generate(**inputs, generation_config=gen_cfg, logits_processor=sampling.logits_processors(), **extra)  # [B*n, prompt_len + new]
     return cut_completions(out, prompt_len, tokenizer, eos, stop_strings)
 
 
@@ -341,12 +344,19 @@ class PackedBatch:
     target_mask: Tensor  # [N, L] float, 1 on completion tokens
     advantages: Tensor  # [N, L] per-token advantage (0 off target)
     is_thought: Tensor  # [N, L] bool, thought tokens of unfinished thoughts (for metrics)
+    segments: Tensor | None = None  # [N, S, 3] (start, length, parent) of each row's segments (length 0: none)
 
     def rows(self, sl: slice | Tensor) -> "PackedBatch":
-        return PackedBatch(**{k: getattr(self, k)[sl] for k in self.__dataclass_fields__})
+        return PackedBatch(**{k: None if getattr(self, k) is None else getattr(self, k)[sl] for k in self.__dataclass_fields__})
 
     def to(self, device) -> "PackedBatch":
-        return PackedBatch(**{k: getattr(self, k).to(device) for k in self.__dataclass_fields__})
+        return PackedBatch(**{k: None if getattr(self, k) is None else getattr(self, k).to(device) for k in self.__dataclass_fields__})
+
+    def plan(self) -> SegmentPlan | None:
+        """The rows' tree attention per segment (:func:`~vlm_treegrpo.core.tree_packing.segment_plan`)."""
+        if self.segments is None:
+            return None
+        return segment_plan(self.segments.cpu(), self.input_ids.shape[1]).to(self.input_ids.device)
 
 
 def pack_trees(trees: list[Tree], thought_adv: Tensor, answer_adv: Tensor, pad_id: int) -> PackedBatch:
@@ -413,4 +423,15 @@ def pack_trees(trees: list[Tree], thought_adv: Tensor, answer_adv: Tensor, pad_i
         target_mask[n, :T] = tgt
         advantages[n, :T] = torch.tensor(adv)
         is_thought[n, :T] = torch.tensor(thought_flag)
-    return PackedBatch(input_ids, position_ids, attention, pred_pos, target_mask, advantages, is_thought)
+    return PackedBatch(input_ids, position_ids, attention, pred_pos, target_mask, advantages, is_thought,
+                       segment_tables([segment_table(r[3], r[2]) for r in rows]))
+
+
+def segment_tables(tables: list[Tensor]) -> Tensor:
+    """Rows' ``[S_n, 3]`` segment tables stacked to ``[N, S, 3]`` (absent segments: length 0, parent -1)."""
+    S = max(t.shape[0] for t in tables)
+    out = torch.zeros((len(tables), S, 3), dtype=torch.long)
+    out[..., 2] = -1
+    for n, t in enumerate(tables):
+        out[n, : t.shape[0]] = t
+    return out

@@ -29,7 +29,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vlm_treegrpo.rollout.logprobs import additive_mask, gather_logp, mask_capable_attention
+from vlm_treegrpo.core.tree_packing import SegmentPlan, segment_plan
+from vlm_treegrpo.rollout.attention import tree_attention
+from vlm_treegrpo.rollout.logprobs import additive_mask, gather_logp
 from vlm_treegrpo.rollout.tree import PackedBatch, Tree, pack_trees
 from vlm_treegrpo.vlm.adapter import Encoded, VLMAdapter
 from vlm_treegrpo.vlm.batching import flat_image_keys
@@ -81,9 +83,9 @@ class VLMTreeBatch:
         idx = torch.arange(len(self.prompts), device=self.tree.input_ids.device)[sel]
         sub = dataclasses.replace(self, prompts=[self.prompts[i] for i in idx.tolist()], tree=self.tree.rows(idx))
         width = int(sub._real().any(0).nonzero().max()) + 1 if len(idx) else 1
-        trim = {f.name: getattr(sub.tree, f.name) for f in dataclasses.fields(PackedBatch)}
+        trim = {f.name: getattr(sub.tree, f.name) for f in dataclasses.fields(PackedBatch) if f.name != "segments"}
         trim = {k: v[:, :width, :width] if v.dim() == 3 else v[:, :width] for k, v in trim.items()}
-        return dataclasses.replace(sub, tree=PackedBatch(**trim))
+        return dataclasses.replace(sub, tree=PackedBatch(**trim, segments=sub.tree.segments))
 
     def to(self, device) -> "VLMTreeBatch":
         return dataclasses.replace(self, tree=self.tree.to(device))
@@ -92,6 +94,9 @@ class VLMTreeBatch:
         """Model kwargs of the rows, on the rows' device: ids, per-token extras and images
         (``adapter.collate`` + ``append_completion``), the 4-D additive tree mask and the packed
         positions."""
+        return self._inputs_and_plan(model)[0]
+
+    def _inputs_and_plan(self, model) -> tuple[dict[str, Tensor], SegmentPlan | None]:
         device = self.tree.input_ids.device
         prompt = {k: v.to(device) for k, v in self.adapter.collate(self.prompts, self.pad_id).items()}  # left-padded [N, T]
         T = prompt["input_ids"].shape[1]
@@ -106,7 +111,24 @@ class VLMTreeBatch:
         inputs["position_ids"] = torch.cat([positions, positions[..., -1:] + offsets.to(positions)], dim=-1)  # [..., N, T + C]
         mask = self._mask(prompt["attention_mask"].bool(), real)
         inputs["attention_mask"] = additive_mask(mask, next(model.parameters()).dtype)  # [N, 1, L, L]
-        return inputs
+        return inputs, self.plan(prompt["attention_mask"].bool())
+
+    def plan(self, prompt_real: Tensor) -> SegmentPlan | None:
+        """The rows' tree attention per segment: the tree's segments shifted behind the prompt
+        (tree index ``j`` is column ``T - 1 + j``), its one-token root widened to the prompt's real
+        tokens. ``None`` (the dense mask) when a prompt's real tokens are not one block at the
+        right, as left padding leaves them."""
+        if self.tree.segments is None:
+            return None
+        N, T = prompt_real.shape
+        n_real = prompt_real.sum(1)  # [N]
+        if not bool((prompt_real == (torch.arange(T, device=prompt_real.device) >= T - n_real[:, None])).all()):
+            return None
+        seg = self.tree.segments.clone().cpu()  # [N, S, 3]
+        seg[..., 0] += T - 1
+        seg[:, 0, 0] = T - n_real.cpu()
+        seg[:, 0, 1] = n_real.cpu()
+        return segment_plan(seg, T + self.tree.input_ids.shape[1] - 1).to(prompt_real.device)
 
     def _mask(self, prompt_real: Tensor, real: Tensor) -> Tensor:
         """Bool ``[N, L, L]``: causal over the real prompt tokens; a tree token sees the whole
@@ -126,14 +148,14 @@ class VLMTreeBatch:
         """Per-token log-probs ``[N, L]`` of the tree tokens, each given its own root-to-leaf
         path (0 on the prompt, padding and non-target tokens)."""
         T = self._T
-        inputs = self.model_inputs(model)
+        inputs, plan = self._inputs_and_plan(model)
         target = self.target_mask  # [N, L]
         pred = self._left(self.tree.pred_pos) + (T - 1)  # [N, L]: the tree's index j is column T - 1 + j
         pred = torch.where(target > 0, pred, torch.zeros_like(pred))
         need = torch.unique(pred[target > 0])  # [U] sorted
         if need.numel() == 0:
             need = torch.zeros(1, dtype=torch.long, device=pred.device)
-        with mask_capable_attention(model):
+        with tree_attention(model, plan):
             logits = self.adapter.forward_logits(model, inputs, image_keys=flat_image_keys(self.prompts), dedupe_images=True,
                                                  logits_to_keep=need)  # [N, U, V]
         col = torch.searchsorted(need, pred).clamp(max=need.numel() - 1)  # [N, L]

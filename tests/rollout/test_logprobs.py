@@ -1,0 +1,47 @@
+"""Token log-probs from kept logits: the chunked TokenLogp equals autograd's log-softmax."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from vlm_treegrpo.rollout.logprobs import TokenLogp, gather_logp
+
+
+def _reference(logits, col, ids, target, temperature):
+    lp = torch.log_softmax(logits.float() / temperature, dim=-1)  # [N, U, V]
+    picked = torch.stack([lp[n, col[n], ids[n]] for n in range(logits.shape[0])])  # [N, L]
+    return torch.where(target > 0, picked, torch.zeros_like(picked))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("chunk", [64, 3])
+def test_gather_logp_values_and_gradients_equal_log_softmax(dtype, temperature, chunk, monkeypatch):
+    monkeypatch.setattr(TokenLogp, "CHUNK", chunk)
+    torch.manual_seed(0)
+    N, U, V, L = 3, 20, 50, 30
+    logits = torch.randn(N, U, V).to(dtype).requires_grad_()
+    col = torch.randint(0, U, (N, L))
+    col[:, :4] = 2  # a branch point: one predictor column shared by several tokens
+    ids = torch.randint(0, V, (N, L))
+    ids[0, 1] = ids[0, 0]  # and twice the same token from it
+    target = (torch.rand(N, L) > 0.3).float()
+    target[0, :2] = 1.0
+    w = torch.randn(N, L)
+    got = gather_logp(logits, col, ids, target, temperature)
+    (g_got,) = torch.autograd.grad((got * w).sum(), logits)
+    want = _reference(logits, col, ids, target, temperature)
+    (g_want,) = torch.autograd.grad((want * w).sum(), logits)
+    assert_close(got, want, atol=2e-6, rtol=1e-6)
+    assert torch.equal(got[target == 0], torch.zeros_like(got[target == 0]))
+    assert g_got.dtype == dtype
+    assert_close(g_got.float(), g_want.float(), atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_gather_logp_without_targets_is_zero_and_keeps_the_graph():
+    logits = torch.randn(2, 4, 7, requires_grad=True)
+    out = gather_logp(logits, torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 5))
+    assert torch.equal(out, torch.zeros(2, 5))
+    out.sum().backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
