@@ -122,8 +122,10 @@ class DelimiterStop(StoppingCriteria):
 
     def __call__(self, input_ids: Tensor, scores, **kwargs) -> Tensor:
         n_new = input_ids.shape[1] - self.prompt_len
-        tails = input_ids[:, -min(n_new, DELIMITER_WINDOW) :].tolist() if n_new > 0 else [[] for _ in range(len(input_ids))]
-        done = [bool(t) and _has_delimiter(self.tokenizer, t, self.delimiters) for t in tails]
+        if n_new <= 0:
+            return torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+        tails = self.tokenizer.batch_decode(input_ids[:, -min(n_new, DELIMITER_WINDOW) :].tolist(), skip_special_tokens=False)
+        done = [any(d in tail for d in self.delimiters) for tail in tails]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
