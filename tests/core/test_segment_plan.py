@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from vlm_treegrpo.core.tree_packing import segment_plan, segment_table, tree_attention_mask
+from vlm_treegrpo.rollout.tree import segment_tables
 
 
 def _dense_from_plan(plan) -> torch.Tensor:
@@ -28,13 +29,7 @@ ROWS = [  # (seg_len, parent) of one row each: prompt, thoughts, continuations i
 
 def test_segment_plan_is_the_tree_mask_block_diagonal_over_rows():
     W = max(sum(lens) for lens, _ in ROWS) + 2  # padding at the end of every row
-    tables = [segment_table(lens, par) for lens, par in ROWS]
-    S = max(t.shape[0] for t in tables)
-    segments = torch.zeros(len(ROWS), S, 3, dtype=torch.long)
-    segments[..., 2] = -1
-    for n, t in enumerate(tables):
-        segments[n, : t.shape[0]] = t
-    plan = segment_plan(segments, W)
+    plan = segment_plan(segment_tables([segment_table(lens, par) for lens, par in ROWS]), W)
     want = torch.zeros(len(ROWS) * W, len(ROWS) * W, dtype=torch.bool)
     real = torch.zeros(len(ROWS) * W, dtype=torch.bool)
     for n, (lens, par) in enumerate(ROWS):

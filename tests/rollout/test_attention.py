@@ -11,7 +11,7 @@ from vlm_treegrpo.core.tree_packing import segment_plan, segment_table, tree_att
 from vlm_treegrpo.models.tiny import build_tiny_llama
 from vlm_treegrpo.rollout import attention as A
 from vlm_treegrpo.rollout.logprobs import packed_logp
-from vlm_treegrpo.rollout.tree import pack_trees
+from vlm_treegrpo.rollout.tree import pack_trees, segment_tables
 
 from test_tree_packing import _make_trees
 
@@ -38,13 +38,10 @@ ROWS = [([3, 2, 1, 2, 2], [-1, 0, 1, 1, 0]), ([4, 1, 3], [-1, 0, 0])]
 
 
 def _rows_and_dense_mask(W):
-    tables = [segment_table(lens, par) for lens, par in ROWS]
-    segments = torch.zeros(len(ROWS), max(t.shape[0] for t in tables), 3, dtype=torch.long)
-    segments[..., 2] = -1
+    segments = segment_tables([segment_table(lens, par) for lens, par in ROWS])
     dense = torch.zeros(len(ROWS), 1, W, W, dtype=torch.bool)
     real = torch.zeros(len(ROWS), W, dtype=torch.bool)
-    for n, ((lens, par), t) in enumerate(zip(ROWS, tables)):
-        segments[n, : t.shape[0]] = t
+    for n, (lens, par) in enumerate(ROWS):
         seg_ids = torch.full((W,), -1)
         seg_ids[: sum(lens)] = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
         dense[n, 0] = tree_attention_mask(seg_ids, torch.tensor(par), seg_ids >= 0)

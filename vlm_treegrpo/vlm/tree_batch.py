@@ -124,10 +124,11 @@ class VLMTreeBatch:
         n_real = prompt_real.sum(1)  # [N]
         if not bool((prompt_real == (torch.arange(T, device=prompt_real.device) >= T - n_real[:, None])).all()):
             return None
-        seg = self.tree.segments.clone().cpu()  # [N, S, 3]
+        n_real = n_real.cpu()
+        seg = self.tree.segments.cpu().clone()  # [N, S, 3]
         seg[..., 0] += T - 1
-        seg[:, 0, 0] = T - n_real.cpu()
-        seg[:, 0, 1] = n_real.cpu()
+        seg[:, 0, 0] = T - n_real
+        seg[:, 0, 1] = n_real
         return segment_plan(seg, T + self.tree.input_ids.shape[1] - 1).to(prompt_real.device)
 
     def _mask(self, prompt_real: Tensor, real: Tensor) -> Tensor:
