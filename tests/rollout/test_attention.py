@@ -2,6 +2,7 @@
 dense tree mask (values and gradients), and the model-level switches restore what they change."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
@@ -121,3 +122,38 @@ def test_packed_logp_per_segment_equals_dense_mask_under_bf16_autocast():
     assert_close(got, want, atol=5e-2, rtol=0)
     with torch.no_grad():
         assert_close(packed_logp(model, packed), packed_logp(model, dense), atol=1e-5, rtol=1e-5)
+
+
+def test_decode_mask_is_the_padding_mask_and_other_masks_are_sdpas():
+    from transformers.masking_utils import causal_mask_function, sdpa_mask, sliding_window_causal_mask_function
+
+    pad = torch.ones(3, 7, dtype=torch.long)
+    pad[0, :2] = 0  # left padding
+    pad[2, :5] = 0
+    got = A.attention_mask(3, 1, 7, q_offset=6, attention_mask=pad)
+    assert got.shape == (3, 1, 1, 7) and got.dtype == torch.bool
+    assert torch.equal(got, sdpa_mask(3, 1, 7, q_offset=6, attention_mask=pad, allow_is_causal_skip=False))
+    for kwargs in (dict(q_length=4, kv_length=7, q_offset=3),  # prefill of a chunk: causal inside it
+                   dict(q_length=1, kv_length=7, q_offset=6, mask_function=sliding_window_causal_mask_function(3)),
+                   dict(q_length=1, kv_length=7, q_offset=4)):  # a query that is not the last key
+        want = sdpa_mask(3, attention_mask=pad, allow_is_causal_skip=False, **kwargs)
+        assert torch.equal(A.attention_mask(3, attention_mask=pad, allow_is_causal_skip=False, **kwargs), want)
+    assert A.attention_mask(3, 4, 4, mask_function=causal_mask_function, attention_mask=None) is None  # sdpa's causal skip
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_generation_through_our_kernel_equals_sdpa_generation(autocast):
+    """Greedy decoding of left-padded rows: our decode mask (and, under bf16 autocast, our matmul
+    kernel) give the tokens transformers' sdpa generation gives."""
+    from vlm_treegrpo.rollout.tree import SamplingParams, cut_completions, eos_ids_of, generate_batch, left_pad
+
+    model, tok = build_tiny_llama(seed=5)
+    ids, mask = left_pad([tok.encode("1 + 2 ="), tok.encode("12 * 34 - 5 ="), tok.encode("7")], tok.pad_token_id, "cpu")
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    eos = eos_ids_of(tok, model)
+    cfg = SamplingParams(greedy=True).generation_config(8, tok.pad_token_id, eos)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        plain = model.generate(**inputs, generation_config=cfg)
+        ours, _ = generate_batch(model, tok, inputs, 1, 8, SamplingParams(greedy=True))
+    assert cut_completions(plain, ids.shape[1], tok, eos)[0] == ours
+    assert sum(map(len, ours)) > 3  # something was generated

@@ -39,3 +39,9 @@ def test_generate_batch_never_emits_suppressed_ids():
     first = free[0][0]
     held, _ = generate_batch(model, tok, inputs, 1, 6, greedy, suppress_ids=[first])
     assert first not in sum(held, []) and held[0][0] != first
+    torch.manual_seed(0)
+    free, _ = generate_batch(model, tok, inputs, 8, 6, SamplingParams(temperature=0.05))  # near-greedy draws
+    banned = sorted({t for row in free for t in row[:2]})
+    torch.manual_seed(0)
+    held, _ = generate_batch(model, tok, inputs, 8, 6, SamplingParams(temperature=0.05), suppress_ids=banned)
+    assert not set(banned) & set(sum(held, []))  # the sampled path (the Sampler) suppresses too

@@ -5,12 +5,12 @@ import math
 
 import pytest
 import torch
-from transformers import TopKLogitsWarper, TopPLogitsWarper
+from transformers import SuppressTokensLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from vlm_treegrpo.data.arithmetic import make_arithmetic
 from vlm_treegrpo.models.tiny import build_tiny_llama
 from vlm_treegrpo.rollout.prompts import prompt_ids
-from vlm_treegrpo.rollout.sampling import InverseCDFSampler, NucleusSampler, inverse_cdf_sample, nucleus, sampling_processors
+from vlm_treegrpo.rollout.sampling import InverseCDFSampler, NucleusSampler, Sampler, inverse_cdf_sample, nucleus, sampling_processors
 from vlm_treegrpo.rollout.tree import SamplingParams, generate
 
 
@@ -49,10 +49,30 @@ def test_processor_puts_all_mass_on_the_drawn_token():
 
 
 def test_processors_for_each_setting():
-    names = lambda *a: [type(p).__name__ for p in sampling_processors(*a)]  # noqa: E731
-    assert names(0.7, 5, 0.9) == ["TemperatureLogitsWarper", "NucleusSampler"]
-    assert names(1.0, 0, 0.9) == ["NucleusSampler"]
-    assert names(1.0, 0, 1.0) == ["InverseCDFSampler"]
+    draw = lambda *a: [type(p.draw).__name__ for p in sampling_processors(*a)]  # noqa: E731
+    assert draw(0.7, 5, 0.9) == ["NucleusSampler"]
+    assert draw(1.0, 0, 0.9) == ["NucleusSampler"]
+    assert draw(1.0, 0, 1.0) == ["InverseCDFSampler"]
+    with pytest.raises(ValueError, match="temperature"):
+        Sampler(0.0)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (0, 0.9)])
+def test_sampler_suppresses_then_warps_as_transformers_does(top_k, top_p):
+    """Sampler = SuppressTokens, Temperature, then the draw: same draws, same generator state,
+    as the transformers processors chained before the draw."""
+    scores = torch.randn(5, 40, generator=torch.Generator().manual_seed(3))
+    ids = torch.zeros((5, 1), dtype=torch.long)
+    chained = TemperatureLogitsWarper(0.7)(ids, SuppressTokensLogitsProcessor([3, 9, 9, 17])(ids, scores))
+    draw = NucleusSampler(top_k, top_p) if top_p < 1 else InverseCDFSampler()
+    torch.manual_seed(5)
+    expected = draw(ids, chained)
+    torch.manual_seed(5)
+    got = Sampler(0.7, top_k, top_p, suppress_ids=[9, 3, 17])(ids, scores)
+    assert torch.equal(got, expected)
+    torch.manual_seed(0)
+    picks = Sampler(1.0, suppress_ids=range(39))(torch.zeros((200, 1), dtype=torch.long), torch.zeros(200, 40)).argmax(-1)
+    assert set(picks.tolist()) == {39}  # every other token suppressed
 
 
 @pytest.mark.parametrize("top_k, top_p", [(0, 0.9), (0, 0.5), (0, 0.999), (5, 1.0), (50, 0.8), (3, 0.3)])

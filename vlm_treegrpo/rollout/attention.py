@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 from vlm_treegrpo.core.tree_packing import SegmentPlan
 
@@ -108,8 +108,21 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
+def attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                   mask_function=causal_mask_function, attention_mask: Tensor | None = None, local_size: int | None = None,
+                   **kwargs) -> Tensor | None:
+    """transformers' mask builder for our kernel: sdpa's 4-D bool mask, except for a plain causal
+    decode step (one query at the last key), whose mask is the 2-D padding mask as ``[B, 1, 1, Lk]``
+    (nothing built per step)."""
+    if (q_length == 1 and mask_function is causal_mask_function and local_size is None and kv_offset == 0
+            and q_offset == kv_length - 1 and attention_mask is not None and attention_mask.dim() == 2
+            and attention_mask.shape == (batch_size, kv_length)):
+        return attention_mask[:, None, None, :].bool()
+    return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, local_size, **kwargs)
+
+
 AttentionInterface.register(NAME, attention_forward)
-AttentionMaskInterface.register(NAME, sdpa_mask)
+AttentionMaskInterface.register(NAME, attention_mask)
 
 
 def causal_configs(model) -> list:

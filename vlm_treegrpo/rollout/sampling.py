@@ -9,16 +9,18 @@ that batch); :func:`nucleus` finds the nucleus among the 256 most likely tokens 
 and sorts everything only for rows whose 256 best tokens hold less than ``top_p`` of the mass,
 so the kept set and its probabilities are exactly the warpers'.
 
-The processors run inside ``generate`` as the last logits processors of a greedy
-(``do_sample=False``) call: temperature and token suppression run first, as in sampling mode,
-then :class:`InverseCDFSampler` (or :class:`NucleusSampler` under top-k / top-p) draws a token
-and returns logits that are 0 there and ``-inf`` elsewhere, so greedy's argmax picks it.
+The draw runs inside ``generate`` as the one logits processor of a greedy (``do_sample=False``)
+call, :class:`Sampler`: token suppression and temperature first, as in sampling mode, then
+:class:`InverseCDFSampler` (or :class:`NucleusSampler` under top-k / top-p) draws a token and
+returns logits that are 0 there and ``-inf`` elsewhere, so greedy's argmax picks it.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
-from transformers import LogitsProcessor, TemperatureLogitsWarper
+from transformers import LogitsProcessor
 
 NUCLEUS_CANDIDATES = 256
 """Tokens :func:`nucleus` looks at first (all of them where these hold less than ``top_p``)."""
@@ -92,13 +94,28 @@ class NucleusSampler(LogitsProcessor):
         return _argmax_at(scores, idx.gather(-1, choice[:, None]))
 
 
-def sampling_processors(temperature: float, top_k: int, top_p: float) -> list[LogitsProcessor]:
-    """Temperature (as ``generate`` would apply it), then the sampler for these settings."""
-    procs: list[LogitsProcessor] = []
-    if temperature != 1.0:
-        procs.append(TemperatureLogitsWarper(temperature))
-    if (top_k and top_k > 0) or top_p < 1.0:
-        procs.append(NucleusSampler(max(top_k or 0, 0), top_p))
-    else:
-        procs.append(InverseCDFSampler())
-    return procs
+class Sampler(LogitsProcessor):
+    """Everything a sampled decode step does to the logits, as ONE processor (``generate`` pays
+    its per-processor overhead once): suppressed tokens to ``-inf`` (as transformers'
+    ``SuppressTokensLogitsProcessor``), division by the temperature (``TemperatureLogitsWarper``),
+    then the draw (:class:`InverseCDFSampler`, or :class:`NucleusSampler` under top-k / top-p)."""
+
+    def __init__(self, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, suppress_ids: Sequence[int] = ()):
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0 to sample, got {temperature}")
+        self.temperature = float(temperature)
+        self.suppress = torch.tensor(sorted(set(int(i) for i in suppress_ids)), dtype=torch.long)
+        nucleus_on = (top_k and top_k > 0) or top_p < 1.0
+        self.draw = NucleusSampler(max(top_k or 0, 0), top_p) if nucleus_on else InverseCDFSampler()
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self.suppress.numel():
+            scores = scores.index_fill(-1, self.suppress.to(scores.device), float("-inf"))
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
+        return self.draw(input_ids, scores)
+
+
+def sampling_processors(temperature: float, top_k: int, top_p: float, suppress_ids: Sequence[int] = ()) -> list[LogitsProcessor]:
+    """The logits processors of a sampled ``generate`` call: one :class:`Sampler`."""
+    return [Sampler(temperature, top_k, top_p, suppress_ids)]

@@ -68,13 +68,14 @@ class SamplingParams:
             do_sample=False,
         )
 
-    def logits_processors(self) -> LogitsProcessorList:
-        """Empty for greedy decoding; otherwise temperature and the sampler for top-k / top-p
-        (:func:`~vlm_treegrpo.rollout.sampling.sampling_processors`), which turn ``generate``'s
-        argmax into an exact draw from the warped distribution."""
+    def logits_processors(self, suppress_ids: Sequence[int] = ()) -> LogitsProcessorList:
+        """Empty for greedy decoding (``generate`` suppresses ``suppress_ids`` itself then);
+        otherwise the one :class:`~vlm_treegrpo.rollout.sampling.Sampler` (suppression,
+        temperature, top-k / top-p, the draw), which turns ``generate``'s argmax into an exact
+        draw from the warped distribution."""
         if self.greedy:
             return LogitsProcessorList()
-        return LogitsProcessorList(sampling_processors(self.temperature, self.top_k, self.top_p))
+        return LogitsProcessorList(sampling_processors(self.temperature, self.top_k, self.top_p, suppress_ids))
 
 
 def eos_ids_of(tokenizer, model) -> list[int]:
@@ -234,7 +235,7 @@ def generate_batch(
     prompt_len = inputs["input_ids"].shape[1]
     extra = {}
     gen_cfg = sampling.generation_config(max_new_tokens, tokenizer.pad_token_id, eos)
-    if suppress_ids:
+    if suppress_ids and sampling.greedy:  # (a sampled call suppresses in its Sampler)
         gen_cfg.suppress_tokens = list(suppress_ids)
     if stop_strings:
         extra["stopping_criteria"] = StoppingCriteriaList([DelimiterStop(tokenizer, stop_strings, prompt_len)])
@@ -245,7 +246,7 @@ def generate_batch(
                 k: v.repeat_interleave(n, dim=0) for k, v in inputs.items() if k in TOKEN_KEYS}
         elif n > 1:  # a one-token prompt: nothing to share; greedy generate takes one sequence per row
             inputs = {k: v.repeat_interleave(n, dim=0) for k, v in inputs.items()}
-        out = model.generate(**inputs, generation_config=gen_cfg, logits_processor=sampling.logits_processors(), **extra)  # [B*n, prompt_len + new]
+        out = model.generate(**inputs, generation_config=gen_cfg, logits_processor=sampling.logits_processors(suppress_ids or ()), **extra)  # [B*n, prompt_len + new]
     return cut_completions(out, prompt_len, tokenizer, eos, stop_strings)
 
 

@@ -22,13 +22,10 @@ def left_pad_ids(ids: list[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
         raise ValueError("left_pad_ids needs at least one sample")
     lengths = torch.tensor([len(x) for x in ids])  # [B]
     T = int(lengths.max())
+    real = torch.arange(T) >= T - lengths[:, None]  # [B, T]: each row's last len(x) columns
     out = torch.full((len(ids), T), pad_id, dtype=ids[0].dtype)  # [B, T]
-    mask = torch.zeros((len(ids), T), dtype=torch.long)  # [B, T]
-    for row, x in enumerate(ids):
-        if len(x):
-            out[row, T - len(x) :] = x
-            mask[row, T - len(x) :] = 1
-    return out, mask
+    out[real] = torch.cat(list(ids)).to(out.dtype)  # row-major: each row's tokens in order
+    return out, real.long()
 
 
 def left_pad_token_inputs(samples) -> dict[str, Tensor]:
