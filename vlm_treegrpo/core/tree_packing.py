@@ -23,13 +23,15 @@ def segment_ancestry(parent: Tensor) -> Tensor:
     ``anc[s, t]`` is True when segment ``t`` is ``s`` itself or one of its ancestors.
     """
     S = parent.numel()
-    anc = torch.eye(S, dtype=torch.bool)  # [S, S]
-    for s in range(S):  # S is the number of segments of one tree (1 + K + K*M), not tokens
-        p = int(parent[s])
-        if p >= 0:
-            if p >= s:
-                raise ValueError(f"segment {s} has parent {p}: parents must come first")
-            anc[s] |= anc[p]
+    rows: list[list[int]] = []  # each segment's ancestors-or-self
+    for s, p in enumerate(parent.tolist()):  # S is the number of segments of one tree (1 + K + K*M), not tokens
+        if p >= s:
+            raise ValueError(f"segment {s} has parent {p}: parents must come first")
+        rows.append(rows[p] + [s] if p >= 0 else [s])
+    anc = torch.zeros((S, S), dtype=torch.bool)  # [S, S]
+    r = torch.tensor([s for s, row in enumerate(rows) for _ in row], dtype=torch.long)
+    c = torch.tensor([t for row in rows for t in row], dtype=torch.long)
+    anc[r, c] = True
     return anc
 
 
@@ -54,11 +56,11 @@ def tree_attention_mask(segment_ids: Tensor, parent: Tensor, valid: Tensor | Non
 def tree_positions(segment_ids: Tensor, parent: Tensor, seg_len: Tensor) -> Tensor:
     """Position id of every packed token: its depth along its own root-to-leaf path. ``[L]``."""
     S = parent.numel()
-    start = torch.zeros(S, dtype=torch.long)  # position of each segment's first token
-    for s in range(S):
-        p = int(parent[s])
-        if p >= 0:
-            start[s] = start[p] + seg_len[p]
+    lens = seg_len.tolist()
+    starts: list[int] = []  # position of each segment's first token
+    for s, p in enumerate(parent.tolist()):
+        starts.append(starts[p] + lens[p] if p >= 0 else 0)
+    start = torch.tensor(starts, dtype=torch.long).view(S)
     seg = segment_ids.clamp(min=0)
     first = torch.zeros(S, dtype=torch.long)
     first[1:] = torch.cumsum(seg_len, 0)[:-1]  # packed offset of each segment
@@ -141,36 +143,41 @@ def segment_plan(segments: Tensor, width: int) -> SegmentPlan:
     are no query.
     """
     N, S, _ = segments.shape
-    table = segments.tolist()
-    by_depth: dict[int, list[tuple[list[int], list[int], int]]] = {}  # depth -> (queries, keys, n ancestor keys)
-    for n in range(N):
-        keys: list[list[int]] = []  # per segment: its ancestors' keys and its own
-        depth: list[int] = []
-        for s in range(S):
-            start, length, par = table[n][s]
-            own = list(range(n * width + start, n * width + start + length))
-            if par >= s:
-                raise ValueError(f"segment {s} of row {n} has parent {par}: parents must come first")
-            anc = keys[par] if par >= 0 else []
-            keys.append(anc + own)
-            depth.append(depth[par] + 1 if par >= 0 else 0)
-            if length:
-                by_depth.setdefault(depth[-1], []).append((own, keys[-1], len(anc)))
+    segments = segments.long().cpu()
+    start, length, parent = segments.unbind(-1)  # [N, S] each
+    bad = (parent >= torch.arange(S)).nonzero()
+    if len(bad):
+        n, s = bad[0].tolist()
+        raise ValueError(f"segment {s} of row {n} has parent {int(parent[n, s])}: parents must come first")
+    up = [torch.arange(S).expand(N, S)]  # up[k][n, s]: the k-th ancestor of segment s (-1 above the root)
+    while bool((up[-1] >= 0).any()):
+        prev = up[-1]
+        up.append(torch.where(prev >= 0, parent.gather(1, prev.clamp(min=0)), prev))
+    depth = sum((u >= 0).long() for u in up[1:]) if len(up) > 1 else torch.zeros(N, S, dtype=torch.long)  # [N, S]
     groups, out = [], []
-    for d in sorted(by_depth):
-        segs = by_depth[d]
-        Lq, Lk = max(len(q) for q, _, _ in segs), max(len(k) for _, k, _ in segs)
-        q_index = torch.tensor([q + [0] * (Lq - len(q)) for q, _, _ in segs])  # [G, Lq]
-        k_index = torch.tensor([k + [0] * (Lk - len(k)) for _, k, _ in segs])  # [G, Lk]
-        q_len = torch.tensor([len(q) for q, _, _ in segs])[:, None, None]  # [G, 1, 1]
-        k_len = torch.tensor([len(k) for _, k, _ in segs])[:, None, None]
-        a = torch.tensor([a for _, _, a in segs])[:, None, None]
-        i, j = torch.arange(Lq)[None, :, None], torch.arange(Lk)[None, None, :]
-        real_q = i < q_len  # [G, Lq, 1]
-        mask = real_q & (j < k_len) & ((j < a) | (j - a <= i))  # [G, Lq, Lk]
-        mask |= ~real_q & (j == 0)
-        q_valid = real_q[..., 0]  # [G, Lq]
-        groups.append(SegmentGroup(q_index, k_index, mask[:, None], q_valid))
-        out.append(q_index[q_valid])
+    for d in range(len(up) - 1):
+        rows, segs = ((depth == d) & (length > 0)).nonzero(as_tuple=True)  # [G] each, row-major
+        if rows.numel() == 0:
+            continue
+        chain = torch.stack([up[d - lvl][rows, segs] for lvl in range(d + 1)], dim=1)  # [G, d+1] root ... self
+        c_start = start[rows[:, None], chain]  # [G, d+1]
+        c_len = length[rows[:, None], chain]
+        base = rows[:, None] * width  # [G, 1]
+        q_len = c_len[:, -1:]  # [G, 1]
+        cum = c_len.cumsum(-1)  # [G, d+1]
+        k_len = cum[:, -1:]  # [G, 1]
+        Lq, Lk = int(q_len.max()), int(k_len.max())
+        i, j = torch.arange(Lq)[None, :], torch.arange(Lk)[None, :]
+        q_real = i < q_len  # [G, Lq]
+        q_index = torch.where(q_real, base + c_start[:, -1:] + i, 0)  # [G, Lq]
+        lvl = torch.searchsorted(cum, j.expand(len(rows), Lk).contiguous(), right=True).clamp(max=d)  # [G, Lk] chain level of key j
+        k_index = base + c_start.gather(1, lvl) + j - (cum - c_len).gather(1, lvl)
+        k_index = torch.where(j < k_len, k_index, 0)  # [G, Lk]
+        a = (k_len - q_len)[:, :, None]  # [G, 1, 1] ancestor keys
+        ii, jj = i[:, :, None], j[:, None, :]
+        mask = q_real[:, :, None] & (jj < k_len[:, :, None]) & ((jj < a) | (jj - a <= ii))  # [G, Lq, Lk]
+        mask |= ~q_real[:, :, None] & (jj == 0)
+        groups.append(SegmentGroup(q_index, k_index, mask[:, None], q_real))
+        out.append(q_index[q_real])
     out_index = torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
     return SegmentPlan(N, width, groups, out_index)
