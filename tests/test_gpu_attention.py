@@ -59,9 +59,9 @@ def _dense(batch):
     import dataclasses
 
     if hasattr(batch, "segments"):
-        return dataclasses.replace(batch, segments=None)
+        return batch.dense()
     if hasattr(batch, "tree"):
-        return dataclasses.replace(batch, tree=dataclasses.replace(batch.tree, segments=None))
+        return dataclasses.replace(batch, tree=batch.tree.dense())
     return batch  # leaf rows (Gemma3): one causal row per leaf, no tree mask
 
 

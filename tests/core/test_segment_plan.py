@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlm_treegrpo.core.tree_packing import segment_plan, segment_table, tree_attention_mask
+from vlm_treegrpo.core.tree_packing import segment_mask, segment_plan, segment_table, tree_attention_mask
 from vlm_treegrpo.rollout.tree import segment_tables
 
 
@@ -64,6 +64,19 @@ def test_segment_plan_needs_far_fewer_scores_than_the_dense_mask():
 def test_segment_plan_rejects_a_child_before_its_parent():
     with pytest.raises(ValueError, match="parents must come first"):
         segment_plan(torch.tensor([[[0, 2, -1], [2, 1, 2], [3, 1, 0]]]), 4)
+    with pytest.raises(ValueError, match="segment 1 of row 0 has parent 2"):
+        segment_mask(torch.tensor([[[0, 2, -1], [2, 1, 2], [3, 1, 0]]]), 4)
+
+
+def test_segment_mask_is_each_rows_tree_attention_mask():
+    W = max(sum(lens) for lens, _ in ROWS) + 2
+    got = segment_mask(segment_tables([segment_table(lens, par) for lens, par in ROWS]), W)
+    assert got.shape == (len(ROWS), W, W)
+    for n, (lens, par) in enumerate(ROWS):
+        seg_ids = torch.full((W,), -1)
+        seg_ids[: sum(lens)] = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
+        assert torch.equal(got[n], tree_attention_mask(seg_ids, torch.tensor(par), seg_ids >= 0))
+    assert torch.equal(got[0, -1], torch.eye(W, dtype=torch.bool)[-1])  # padding attends to itself only
 
 
 def test_segment_table_lays_segments_out_one_after_another():

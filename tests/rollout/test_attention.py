@@ -115,8 +115,8 @@ def test_switches_restore_the_kernel_and_decode_keeps_flash():
 def test_packed_logp_per_segment_equals_dense_mask_under_bf16_autocast():
     model, tok = build_tiny_llama(seed=4)
     packed = pack_trees(_make_trees(tok), torch.zeros(2, 2), torch.zeros(2, 2, 2), tok.pad_token_id)
-    dense = pack_trees(_make_trees(tok), torch.zeros(2, 2), torch.zeros(2, 2, 2), tok.pad_token_id)
-    dense.segments = None  # the dense 4-D mask through sdpa
+    dense = packed.dense()  # the dense 4-D mask through sdpa
+    assert dense.segments is None and packed.attention_mask is None  # (packing builds no dense mask)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         got, want = packed_logp(model, packed), packed_logp(model, dense)
     assert_close(got, want, atol=5e-2, rtol=0)

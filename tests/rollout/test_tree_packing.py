@@ -1,6 +1,7 @@
 """Packed trees score every leaf exactly as the separate sequences would."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.testing import assert_close
 
@@ -104,3 +105,25 @@ def test_packed_forward_switches_flash_attention_to_a_mask_capable_kernel():
     with torch.no_grad():
         got = packed_logp(model, packed)  # would fail inside a flash kernel without the switch
     assert_close(got, want)
+
+
+def test_packed_batch_builds_its_dense_mask_from_the_segments_on_demand():
+    """pack_trees builds no dense mask; mask() is each row's tree_attention_mask (padding to
+    itself), and the dense batch scores the same log-probs."""
+    from vlm_treegrpo.rollout.tree import PackedBatch
+
+    model, tok = build_tiny_llama(seed=3)
+    packed = pack_trees(_make_trees(tok), torch.zeros(2, 2), torch.zeros(2, 2, 2), tok.pad_token_id)
+    assert packed.attention_mask is None
+    L = packed.input_ids.shape[1]
+    for n, row in enumerate(packed.segments):
+        start, length, parent = row.unbind(-1)
+        seg = torch.full((L,), -1)
+        for s, (a, b) in enumerate(zip(start.tolist(), length.tolist())):
+            seg[a:a + b] = s
+        assert torch.equal(packed.mask()[n], tree_attention_mask(seg, parent, seg >= 0))
+    dense = packed.dense()
+    with torch.no_grad():
+        assert_close(packed_logp(model, dense), packed_logp(model, packed), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="dense attention mask or its segment table"):
+        PackedBatch(**{**{f: getattr(packed, f) for f in packed.__dataclass_fields__}, "segments": None})

@@ -96,6 +96,46 @@ def segment_table(seg_len: list[int], parent: list[int], first: int = 0) -> Tens
     return torch.tensor([start, seg_len, parent], dtype=torch.long).T.contiguous()
 
 
+def _ancestors(parent: Tensor) -> list[Tensor]:
+    """``parent [N, S]`` (-1 for roots) -> ``up``: ``up[k][n, s]`` is the k-th ancestor of segment
+    ``s`` of row ``n`` (``up[0]`` the segment itself; -1 above the root), until all are -1. Raises
+    unless every parent comes before its child."""
+    N, S = parent.shape
+    bad = (parent >= torch.arange(S)).nonzero()
+    if len(bad):
+        n, s = bad[0].tolist()
+        raise ValueError(f"segment {s} of row {n} has parent {int(parent[n, s])}: parents must come first")
+    up = [torch.arange(S).expand(N, S)]
+    while bool((up[-1] >= 0).any()):
+        prev = up[-1]
+        up.append(torch.where(prev >= 0, parent.gather(1, prev.clamp(min=0)), prev))
+    return up
+
+
+def segment_mask(segments: Tensor, width: int) -> Tensor:
+    """``segments [N, S, 3]`` (``start, length, parent``) -> the rows' dense tree attention
+    ``[N, width, width]`` bool: :func:`tree_attention_mask` of each row, with the tokens in no
+    segment as padding (attending to themselves only)."""
+    segments = segments.long().cpu()
+    N, S, _ = segments.shape
+    start, length, parent = segments.unbind(-1)  # [N, S]
+    up = _ancestors(parent)
+    anc = torch.zeros((N, S, S), dtype=torch.bool)  # anc[n, s, t]: t is s or an ancestor of s
+    for u in up:
+        n_idx, s_idx = (u >= 0).nonzero(as_tuple=True)
+        anc[n_idx, s_idx, u[n_idx, s_idx]] = True
+    col = torch.arange(width)
+    inside = (col >= start[..., None]) & (col < (start + length)[..., None])  # [N, S, width]: the segments' tokens
+    valid = inside.any(1)  # [N, width]
+    # token i may see token j when j's segment is an ancestor-or-self of i's: two 0/1 products
+    # (exact in fp32: the sums count at most S segments)
+    seen = torch.bmm(inside.transpose(1, 2).float(), anc.float())  # [N, width, S]: the segments token i may see
+    mask = torch.bmm(seen, inside.float()) > 0  # [N, width, width]
+    mask &= torch.ones((width, width), dtype=torch.bool).tril()
+    mask |= torch.eye(width, dtype=torch.bool) & ~valid[:, :, None]
+    return mask
+
+
 @dataclass
 class SegmentGroup:
     """The segments of one depth, padded to a common query and key length."""
@@ -145,14 +185,7 @@ def segment_plan(segments: Tensor, width: int) -> SegmentPlan:
     N, S, _ = segments.shape
     segments = segments.long().cpu()
     start, length, parent = segments.unbind(-1)  # [N, S] each
-    bad = (parent >= torch.arange(S)).nonzero()
-    if len(bad):
-        n, s = bad[0].tolist()
-        raise ValueError(f"segment {s} of row {n} has parent {int(parent[n, s])}: parents must come first")
-    up = [torch.arange(S).expand(N, S)]  # up[k][n, s]: the k-th ancestor of segment s (-1 above the root)
-    while bool((up[-1] >= 0).any()):
-        prev = up[-1]
-        up.append(torch.where(prev >= 0, parent.gather(1, prev.clamp(min=0)), prev))
+    up = _ancestors(parent)  # up[k][n, s]: the k-th ancestor of segment s (-1 above the root)
     depth = sum((u >= 0).long() for u in up[1:]) if len(up) > 1 else torch.zeros(N, S, dtype=torch.long)  # [N, S]
     groups, out = [], []
     for d in range(len(up) - 1):

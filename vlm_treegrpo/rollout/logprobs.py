@@ -32,7 +32,7 @@ def packed_forward(model, batch: PackedBatch) -> tuple[Tensor, Tensor]:
     with tree_attention(model, batch.plan()):
         out = model(
             input_ids=batch.input_ids,
-            attention_mask=additive_mask(batch.attention_mask, dtype),
+            attention_mask=additive_mask(batch.mask(), dtype),
             position_ids=batch.position_ids,
             use_cache=False,
             logits_to_keep=need,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vlm_treegrpo.core.tree_packing import predictor_positions, segment_table, tree_attention_mask, tree_positions
+from vlm_treegrpo.core.tree_packing import predictor_positions, segment_table, tree_positions
 from vlm_treegrpo.rollout.logprobs import packed_forward
 from vlm_treegrpo.rollout.tree import PackedBatch, segment_tables
 
@@ -45,22 +45,18 @@ def pack_rows(rows: list[SegmentRow], pad_id: int) -> PackedBatch:
     N, L = len(rows), max(len(r.toks) for r in rows)
     input_ids = torch.full((N, L), pad_id, dtype=torch.long)
     position_ids = torch.zeros((N, L), dtype=torch.long)
-    attention = torch.zeros((N, L, L), dtype=torch.bool)
     pred_pos = torch.zeros((N, L), dtype=torch.long)
     target_mask = torch.zeros((N, L))
     for n, r in enumerate(rows):
         T = len(r.toks)
         seg, par, lens = torch.tensor(r.seg_ids), torch.tensor(r.parent), torch.tensor(r.seg_len)
-        seg_full = torch.full((L,), -1, dtype=torch.long)
-        seg_full[:T] = seg
-        attention[n] = tree_attention_mask(seg_full, par, seg_full >= 0)
         input_ids[n, :T] = torch.tensor(r.toks)
         position_ids[n, :T] = tree_positions(seg, par, lens)
         tgt = torch.tensor(r.target)
         pred_pos[n, :T] = torch.where(tgt > 0, predictor_positions(seg, par, lens), torch.zeros(T, dtype=torch.long))
         target_mask[n, :T] = tgt
     zeros = torch.zeros((N, L))
-    return PackedBatch(input_ids, position_ids, attention, pred_pos, target_mask, zeros, torch.zeros((N, L), dtype=torch.bool),
+    return PackedBatch(input_ids, position_ids, None, pred_pos, target_mask, zeros, torch.zeros((N, L), dtype=torch.bool),
                        segment_tables([segment_table(r.seg_len, r.parent) for r in rows]))
 
 

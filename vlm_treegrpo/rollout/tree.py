@@ -15,6 +15,7 @@ trees into the packed training batch.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from vlm_treegrpo.core.tree_packing import (SegmentPlan, predictor_positions, segment_plan, segment_table, tree_attention_mask,
+from vlm_treegrpo.core.tree_packing import (SegmentPlan, predictor_positions, segment_mask, segment_plan, segment_table,
                                              tree_positions)
 from vlm_treegrpo.rollout.attention import decode_attention
 from vlm_treegrpo.rollout.sampling import sampling_processors
@@ -342,18 +343,33 @@ class PackedBatch:
 
     input_ids: Tensor  # [N, L]
     position_ids: Tensor  # [N, L]
-    attention_mask: Tensor  # [N, L, L] bool, True = may attend
+    attention_mask: Tensor | None  # [N, L, L] bool, True = may attend; None: built from segments when asked (mask())
     pred_pos: Tensor  # [N, L] index whose logits predict the token (0 where not a target)
     target_mask: Tensor  # [N, L] float, 1 on completion tokens
     advantages: Tensor  # [N, L] per-token advantage (0 off target)
     is_thought: Tensor  # [N, L] bool, thought tokens of unfinished thoughts (for metrics)
     segments: Tensor | None = None  # [N, S, 3] (start, length, parent) of each row's segments (length 0: none)
 
+    def __post_init__(self):
+        if self.attention_mask is None and self.segments is None:
+            raise ValueError("a PackedBatch needs its dense attention mask or its segment table")
+
     def rows(self, sl: slice | Tensor) -> "PackedBatch":
         return PackedBatch(**{k: None if getattr(self, k) is None else getattr(self, k)[sl] for k in self.__dataclass_fields__})
 
     def to(self, device) -> "PackedBatch":
         return PackedBatch(**{k: None if getattr(self, k) is None else getattr(self, k).to(device) for k in self.__dataclass_fields__})
+
+    def mask(self) -> Tensor:
+        """The dense tree attention ``[N, L, L]`` bool: as given, else from the segment table
+        (:func:`~vlm_treegrpo.core.tree_packing.segment_mask`; the per-segment kernel never needs it)."""
+        if self.attention_mask is not None:
+            return self.attention_mask
+        return segment_mask(self.segments.cpu(), self.input_ids.shape[1]).to(self.input_ids.device)
+
+    def dense(self) -> "PackedBatch":
+        """This batch with its dense mask and no segment table: attention through the 4-D mask."""
+        return dataclasses.replace(self, attention_mask=self.mask(), segments=None)
 
     def plan(self) -> SegmentPlan | None:
         """The rows' tree attention per segment (:func:`~vlm_treegrpo.core.tree_packing.segment_plan`)."""
@@ -403,7 +419,6 @@ def pack_trees(trees: list[Tree], thought_adv: Tensor, answer_adv: Tensor, pad_i
     N = len(rows)
     input_ids = torch.full((N, L), pad_id, dtype=torch.long)
     position_ids = torch.zeros((N, L), dtype=torch.long)
-    attention = torch.zeros((N, L, L), dtype=torch.bool)
     pred_pos = torch.zeros((N, L), dtype=torch.long)
     target_mask = torch.zeros((N, L))
     advantages = torch.zeros((N, L))
@@ -413,11 +428,6 @@ def pack_trees(trees: list[Tree], thought_adv: Tensor, answer_adv: Tensor, pad_i
         seg = torch.tensor(seg_ids)
         par = torch.tensor(parent)
         lens = torch.tensor(seg_len)
-        valid = torch.zeros(L, dtype=torch.bool)
-        valid[:T] = True
-        seg_full = torch.full((L,), -1, dtype=torch.long)
-        seg_full[:T] = seg
-        attention[n] = tree_attention_mask(seg_full, par, valid)
         input_ids[n, :T] = torch.tensor(toks)
         position_ids[n, :T] = tree_positions(seg, par, lens)
         pred = predictor_positions(seg, par, lens)
@@ -426,7 +436,7 @@ def pack_trees(trees: list[Tree], thought_adv: Tensor, answer_adv: Tensor, pad_i
         target_mask[n, :T] = tgt
         advantages[n, :T] = torch.tensor(adv)
         is_thought[n, :T] = torch.tensor(thought_flag)
-    return PackedBatch(input_ids, position_ids, attention, pred_pos, target_mask, advantages, is_thought,
+    return PackedBatch(input_ids, position_ids, None, pred_pos, target_mask, advantages, is_thought,
                        segment_tables([segment_table(r[3], r[2]) for r in rows]))
 
 

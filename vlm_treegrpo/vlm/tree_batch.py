@@ -84,7 +84,7 @@ class VLMTreeBatch:
         sub = dataclasses.replace(self, prompts=[self.prompts[i] for i in idx.tolist()], tree=self.tree.rows(idx))
         width = int(sub._real().any(0).nonzero().max()) + 1 if len(idx) else 1
         trim = {f.name: getattr(sub.tree, f.name) for f in dataclasses.fields(PackedBatch) if f.name != "segments"}
-        trim = {k: v[:, :width, :width] if v.dim() == 3 else v[:, :width] for k, v in trim.items()}
+        trim = {k: None if v is None else v[:, :width, :width] if v.dim() == 3 else v[:, :width] for k, v in trim.items()}
         return dataclasses.replace(sub, tree=PackedBatch(**trim, segments=sub.tree.segments))
 
     def to(self, device) -> "VLMTreeBatch":
@@ -140,7 +140,7 @@ class VLMTreeBatch:
         mask = torch.zeros((N, L, L), dtype=torch.bool, device=device)
         mask[:, :T, :T] = torch.ones((T, T), dtype=torch.bool, device=device).tril() & prompt_real[:, None, :]
         mask[:, T:, :T] = real[:, :, None] & prompt_real[:, None, :]
-        mask[:, T:, T:] = self.tree.attention_mask[:, 1:, 1:] & real[:, :, None] & real[:, None, :]
+        mask[:, T:, T:] = self.tree.mask()[:, 1:, 1:] & real[:, :, None] & real[:, None, :]
         idx = torch.arange(L, device=device)
         mask[:, idx, idx] |= ~torch.cat([prompt_real, real], dim=1)
         return mask
