@@ -157,3 +157,29 @@ def test_generation_through_our_kernel_equals_sdpa_generation(autocast):
         ours, _ = generate_batch(model, tok, inputs, 1, 8, SamplingParams(greedy=True))
     assert cut_completions(plain, ids.shape[1], tok, eos)[0] == ours
     assert sum(map(len, ours)) > 3  # something was generated
+
+
+def test_a_causal_attention_that_cannot_take_the_plan_gets_the_dense_mask_built_once():
+    """The packed forwards give the model no tree mask when a plan applies; an attention that
+    cannot take the plan (here: asked for its weights) gets tree_attention's dense mask, built
+    on first use only."""
+    torch.manual_seed(2)
+    W, H, D = 12, 2, 8
+    plan, dense, real = _rows_and_dense_mask(W)
+    q, k, v = (torch.randn(2, H, W, D) for _ in range(3))
+    causal = type("Causal", (), {"is_causal": True, "training": False})()
+    built = []
+
+    def additive():
+        built.append(1)
+        return torch.zeros(dense.shape).masked_fill(~dense, float("-inf"))
+
+    with A.tree_attention(torch.nn.Linear(1, 1), plan, additive):
+        per_segment, _ = A.attention_forward(causal, q, k, v, None)
+        assert built == []  # the plan path never builds it
+        fallback, _ = A.attention_forward(causal, q, k, v, None, output_attentions=True)
+        A.attention_forward(causal, q, k, v, None, output_attentions=True)
+    assert built == [1]  # built once, then cached
+    want = _sdpa(q, k, v, dense, D**-0.5).transpose(1, 2)
+    assert_close(fallback[real], want[real], atol=1e-5, rtol=1e-5)
+    assert_close(per_segment[real], fallback[real], atol=1e-5, rtol=1e-5)

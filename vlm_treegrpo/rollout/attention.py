@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,7 @@ from vlm_treegrpo.core.tree_packing import SegmentPlan
 
 NAME = "vlm_treegrpo"
 _PLAN: contextvars.ContextVar[SegmentPlan | None] = contextvars.ContextVar("vlm_treegrpo_segment_plan", default=None)
+_DENSE: contextvars.ContextVar[Callable[[], Tensor] | None] = contextvars.ContextVar("vlm_treegrpo_dense_mask", default=None)
 _LOW = (torch.bfloat16, torch.float16)
 
 
@@ -99,9 +102,12 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     plan = _PLAN.get()
     plain = kwargs.get("position_bias") is None and kwargs.get("softcap") is None and not kwargs.get("output_attentions")
-    if (plan is not None and plain and getattr(module, "is_causal", False)
-            and query.shape[0] == plan.rows and query.shape[2] == key.shape[2] == plan.width):
-        return segment_attention(query, key, value, plan, scale, dropout), None
+    if plan is not None and getattr(module, "is_causal", False):
+        if plain and query.shape[0] == plan.rows and query.shape[2] == key.shape[2] == plan.width:
+            return segment_attention(query, key, value, plan, scale, dropout), None
+        dense = _DENSE.get()
+        if dense is not None:  # the model was given no tree mask: the exact dense one, built now
+            attention_mask = dense()
     if plain and query.shape[2] == 1 and _low_precision_cpu(query, key, value):
         out = matmul_attention(query, key, value, attention_mask, scale, dropout)  # [B, H, 1, Dv]
         return out.transpose(1, 2).contiguous(), None
@@ -137,10 +143,10 @@ def causal_configs(model) -> list:
 
 
 @contextlib.contextmanager
-def _through_us(model, plan: SegmentPlan | None, only: tuple[str, ...] | None):
+def _through_us(model, plan: SegmentPlan | None, only: tuple[str, ...] | None, dense: Callable[[], Tensor] | None = None):
     configs = [c for c in causal_configs(model) if only is None or c._attn_implementation in only]
     saved = [c._attn_implementation for c in configs]
-    token = _PLAN.set(plan)
+    token, dense_token = _PLAN.set(plan), _DENSE.set(functools.cache(dense) if dense is not None else None)
     for c in configs:
         c._attn_implementation = NAME
     try:
@@ -149,16 +155,21 @@ def _through_us(model, plan: SegmentPlan | None, only: tuple[str, ...] | None):
         for c, impl in zip(configs, saved):
             c._attn_implementation = impl
         _PLAN.reset(token)
+        _DENSE.reset(dense_token)
 
 
-def tree_attention(model, plan: SegmentPlan | None):
+def tree_attention(model, plan: SegmentPlan | None, dense: Callable[[], Tensor] | None = None):
     """Context: the model's causal attention runs through :func:`attention_forward`, per segment
     of ``plan`` (``None``: the dense 4-D mask the forward is given, through sdpa).
+
+    With a plan the forward need not be given the dense tree mask: ``dense()`` builds it (once,
+    on first use) for a causal attention that cannot take the plan (a softcap, another shape),
+    so every path stays exact while the usual one never materializes the ``L x L`` mask.
 
     Every kernel is switched: a flash-attention kernel takes no tree mask, and sdpa and eager
     compute the same function. The switch is read at every forward and restored on exit.
     """
-    return _through_us(model, plan, None)
+    return _through_us(model, plan, None, dense)
 
 
 def decode_attention(model):

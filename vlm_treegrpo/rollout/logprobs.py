@@ -29,10 +29,18 @@ def packed_forward(model, batch: PackedBatch) -> tuple[Tensor, Tensor]:
     need = torch.unique(batch.pred_pos[batch.target_mask > 0])  # [U] sorted
     if need.numel() == 0:
         need = torch.zeros(1, dtype=torch.long, device=batch.pred_pos.device)
-    with tree_attention(model, batch.plan()):
+    plan = batch.plan()
+
+    def dense() -> Tensor:
+        return additive_mask(batch.mask(), dtype)  # [N, 1, L, L]
+
+    # With a plan the model gets an all-ones 2-D mask (transformers then builds no causal mask)
+    # and the dense tree mask is built only if some attention cannot take the plan.
+    given = torch.ones_like(batch.input_ids) if plan is not None else dense()
+    with tree_attention(model, plan, dense):
         out = model(
             input_ids=batch.input_ids,
-            attention_mask=additive_mask(batch.mask(), dtype),
+            attention_mask=given,
             position_ids=batch.position_ids,
             use_cache=False,
             logits_to_keep=need,

@@ -24,6 +24,7 @@ blocks) set ``VLMAdapter.tree_packing = False`` and keep leaf rows.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -96,7 +97,7 @@ class VLMTreeBatch:
         positions."""
         return self._inputs_and_plan(model)[0]
 
-    def _inputs_and_plan(self, model) -> tuple[dict[str, Tensor], SegmentPlan | None]:
+    def _inputs_and_plan(self, model, lazy_mask: bool = False) -> tuple[dict[str, Tensor], SegmentPlan | None, Callable[[], Tensor]]:
         device = self.tree.input_ids.device
         prompt = {k: v.to(device) for k, v in self.adapter.collate(self.prompts, self.pad_id).items()}  # left-padded [N, T]
         T = prompt["input_ids"].shape[1]
@@ -109,9 +110,16 @@ class VLMTreeBatch:
             positions = (prompt["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
         offsets = self.tree.position_ids[:, 1:]  # [N, C] depth below the root (>= 1 on tree tokens)
         inputs["position_ids"] = torch.cat([positions, positions[..., -1:] + offsets.to(positions)], dim=-1)  # [..., N, T + C]
-        mask = self._mask(prompt["attention_mask"].bool(), real)
-        inputs["attention_mask"] = additive_mask(mask, next(model.parameters()).dtype)  # [N, 1, L, L]
-        return inputs, self.plan(prompt["attention_mask"].bool())
+        plan = self.plan(prompt["attention_mask"].bool())
+        dtype = next(model.parameters()).dtype
+
+        def dense() -> Tensor:
+            return additive_mask(self._mask(prompt["attention_mask"].bool(), real), dtype)  # [N, 1, L, L]
+
+        # lazy with a plan: an all-ones 2-D mask (transformers builds no causal mask from it); the
+        # dense tree mask only for an attention that cannot take the plan (tree_attention's fallback)
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"]) if lazy_mask and plan is not None else dense()
+        return inputs, plan, dense
 
     def plan(self, prompt_real: Tensor) -> SegmentPlan | None:
         """The rows' tree attention per segment: the tree's segments shifted behind the prompt
@@ -149,14 +157,14 @@ class VLMTreeBatch:
         """Per-token log-probs ``[N, L]`` of the tree tokens, each given its own root-to-leaf
         path (0 on the prompt, padding and non-target tokens)."""
         T = self._T
-        inputs, plan = self._inputs_and_plan(model)
+        inputs, plan, dense = self._inputs_and_plan(model, lazy_mask=True)
         target = self.target_mask  # [N, L]
         pred = self._left(self.tree.pred_pos) + (T - 1)  # [N, L]: the tree's index j is column T - 1 + j
         pred = torch.where(target > 0, pred, torch.zeros_like(pred))
         need = torch.unique(pred[target > 0])  # [U] sorted
         if need.numel() == 0:
             need = torch.zeros(1, dtype=torch.long, device=pred.device)
-        with tree_attention(model, plan):
+        with tree_attention(model, plan, dense):
             logits = self.adapter.forward_logits(model, inputs, image_keys=flat_image_keys(self.prompts), dedupe_images=True,
                                                  logits_to_keep=need)  # [N, U, V]
         col = torch.searchsorted(need, pred).clamp(max=need.numel() - 1)  # [N, L]
