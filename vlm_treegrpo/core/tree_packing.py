@@ -22,17 +22,7 @@ def segment_ancestry(parent: Tensor) -> Tensor:
 
     ``anc[s, t]`` is True when segment ``t`` is ``s`` itself or one of its ancestors.
     """
-    S = parent.numel()
-    rows: list[list[int]] = []  # each segment's ancestors-or-self
-    for s, p in enumerate(parent.tolist()):  # S is the number of segments of one tree (1 + K + K*M), not tokens
-        if p >= s:
-            raise ValueError(f"segment {s} has parent {p}: parents must come first")
-        rows.append(rows[p] + [s] if p >= 0 else [s])
-    anc = torch.zeros((S, S), dtype=torch.bool)  # [S, S]
-    r = torch.tensor([s for s, row in enumerate(rows) for _ in row], dtype=torch.long)
-    c = torch.tensor([t for row in rows for t in row], dtype=torch.long)
-    anc[r, c] = True
-    return anc
+    return _ancestry(parent.long().view(1, -1))[0]
 
 
 def tree_attention_mask(segment_ids: Tensor, parent: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -112,18 +102,23 @@ def _ancestors(parent: Tensor) -> list[Tensor]:
     return up
 
 
+def _ancestry(parent: Tensor) -> Tensor:
+    """``parent [N, S]`` -> ``anc [N, S, S]`` bool: ``anc[n, s, t]`` when segment ``t`` of row ``n``
+    is ``s`` or one of its ancestors (:func:`_ancestors`)."""
+    N, S = parent.shape
+    anc = torch.zeros((N, S, S), dtype=torch.bool)
+    for u in _ancestors(parent):
+        n_idx, s_idx = (u >= 0).nonzero(as_tuple=True)
+        anc[n_idx, s_idx, u[n_idx, s_idx]] = True
+    return anc
+
+
 def segment_mask(segments: Tensor, width: int) -> Tensor:
     """``segments [N, S, 3]`` (``start, length, parent``) -> the rows' dense tree attention
     ``[N, width, width]`` bool: :func:`tree_attention_mask` of each row, with the tokens in no
     segment as padding (attending to themselves only)."""
-    segments = segments.long().cpu()
-    N, S, _ = segments.shape
-    start, length, parent = segments.unbind(-1)  # [N, S]
-    up = _ancestors(parent)
-    anc = torch.zeros((N, S, S), dtype=torch.bool)  # anc[n, s, t]: t is s or an ancestor of s
-    for u in up:
-        n_idx, s_idx = (u >= 0).nonzero(as_tuple=True)
-        anc[n_idx, s_idx, u[n_idx, s_idx]] = True
+    start, length, parent = segments.long().cpu().unbind(-1)  # [N, S]
+    anc = _ancestry(parent)  # [N, S, S]
     col = torch.arange(width)
     inside = (col >= start[..., None]) & (col < (start + length)[..., None])  # [N, S, width]: the segments' tokens
     valid = inside.any(1)  # [N, width]

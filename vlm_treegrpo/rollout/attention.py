@@ -172,6 +172,14 @@ def tree_attention(model, plan: SegmentPlan | None, dense: Callable[[], Tensor] 
     return _through_us(model, plan, None, dense)
 
 
+def model_mask(plan: SegmentPlan | None, dense: Callable[[], Tensor], input_ids: Tensor) -> Tensor:
+    """The ``attention_mask`` a packed forward gives the model under
+    ``tree_attention(model, plan, dense)``: with a plan an all-ones 2-D mask (transformers then
+    builds no causal mask, and an attention that cannot take the plan gets ``dense()``), else
+    the dense 4-D tree mask itself."""
+    return torch.ones_like(input_ids) if plan is not None else dense()
+
+
 def decode_attention(model):
     """Context for generation: a model on sdpa runs through :func:`attention_forward` (the CPU
     low-precision decode kernel; sdpa otherwise); other kernels (flash on a GPU) are kept."""

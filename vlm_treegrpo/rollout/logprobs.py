@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vlm_treegrpo.rollout.attention import tree_attention
+from vlm_treegrpo.rollout.attention import model_mask, tree_attention
 from vlm_treegrpo.rollout.tree import PackedBatch
 
 
@@ -26,27 +26,32 @@ def packed_forward(model, batch: PackedBatch) -> tuple[Tensor, Tensor]:
     without a segment table uses.
     """
     dtype = next(model.parameters()).dtype
-    need = torch.unique(batch.pred_pos[batch.target_mask > 0])  # [U] sorted
-    if need.numel() == 0:
-        need = torch.zeros(1, dtype=torch.long, device=batch.pred_pos.device)
+    need, col = predictor_columns(batch.pred_pos, batch.target_mask)
     plan = batch.plan()
 
     def dense() -> Tensor:
         return additive_mask(batch.mask(), dtype)  # [N, 1, L, L]
 
-    # With a plan the model gets an all-ones 2-D mask (transformers then builds no causal mask)
-    # and the dense tree mask is built only if some attention cannot take the plan.
-    given = torch.ones_like(batch.input_ids) if plan is not None else dense()
     with tree_attention(model, plan, dense):
         out = model(
             input_ids=batch.input_ids,
-            attention_mask=given,
+            attention_mask=model_mask(plan, dense, batch.input_ids),
             position_ids=batch.position_ids,
             use_cache=False,
             logits_to_keep=need,
         )
-    col = torch.searchsorted(need, batch.pred_pos).clamp(max=need.numel() - 1)  # [N, L]
     return out.logits, col
+
+
+def predictor_columns(pred_pos: Tensor, target_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The positions that need logits and where each token finds its own: ``need [U]`` (sorted
+    predictor positions of the target tokens; ``[0]`` when there are none) for
+    ``logits_to_keep``, and ``col [N, L]``, each token's column among them (meaningful on target
+    tokens only)."""
+    need = torch.unique(pred_pos[target_mask > 0])  # [U] sorted
+    if need.numel() == 0:
+        need = torch.zeros(1, dtype=torch.long, device=pred_pos.device)
+    return need, torch.searchsorted(need, pred_pos).clamp(max=need.numel() - 1)
 
 
 def packed_logp(model, batch: PackedBatch, temperature: float = 1.0) -> Tensor:

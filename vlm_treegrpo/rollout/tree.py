@@ -365,7 +365,7 @@ class PackedBatch:
         (:func:`~vlm_treegrpo.core.tree_packing.segment_mask`; the per-segment kernel never needs it)."""
         if self.attention_mask is not None:
             return self.attention_mask
-        return segment_mask(self.segments.cpu(), self.input_ids.shape[1]).to(self.input_ids.device)
+        return segment_mask(self.segments, self.input_ids.shape[1]).to(self.input_ids.device)
 
     def dense(self) -> "PackedBatch":
         """This batch with its dense mask and no segment table: attention through the 4-D mask."""
@@ -375,7 +375,7 @@ class PackedBatch:
         """The rows' tree attention per segment (:func:`~vlm_treegrpo.core.tree_packing.segment_plan`)."""
         if self.segments is None:
             return None
-        return segment_plan(self.segments.cpu(), self.input_ids.shape[1]).to(self.input_ids.device)
+        return segment_plan(self.segments, self.input_ids.shape[1]).to(self.input_ids.device)
 
 
 def pack_trees(trees: list[Tree], thought_adv: Tensor, answer_adv: Tensor, pad_id: int) -> PackedBatch:

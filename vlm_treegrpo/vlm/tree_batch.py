@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from vlm_treegrpo.core.tree_packing import SegmentPlan, segment_plan
-from vlm_treegrpo.rollout.attention import tree_attention
-from vlm_treegrpo.rollout.logprobs import additive_mask, gather_logp
+from vlm_treegrpo.rollout.attention import model_mask, tree_attention
+from vlm_treegrpo.rollout.logprobs import additive_mask, gather_logp, predictor_columns
 from vlm_treegrpo.rollout.tree import PackedBatch, Tree, pack_trees
 from vlm_treegrpo.vlm.adapter import Encoded, VLMAdapter
 from vlm_treegrpo.vlm.batching import flat_image_keys
@@ -116,9 +116,8 @@ class VLMTreeBatch:
         def dense() -> Tensor:
             return additive_mask(self._mask(prompt["attention_mask"].bool(), real), dtype)  # [N, 1, L, L]
 
-        # lazy with a plan: an all-ones 2-D mask (transformers builds no causal mask from it); the
-        # dense tree mask only for an attention that cannot take the plan (tree_attention's fallback)
-        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"]) if lazy_mask and plan is not None else dense()
+        # lazy: the dense tree mask only for an attention that cannot take the plan (tree_attention's fallback)
+        inputs["attention_mask"] = model_mask(plan, dense, inputs["input_ids"]) if lazy_mask else dense()
         return inputs, plan, dense
 
     def plan(self, prompt_real: Tensor) -> SegmentPlan | None:
@@ -160,14 +159,10 @@ class VLMTreeBatch:
         inputs, plan, dense = self._inputs_and_plan(model, lazy_mask=True)
         target = self.target_mask  # [N, L]
         pred = self._left(self.tree.pred_pos) + (T - 1)  # [N, L]: the tree's index j is column T - 1 + j
-        pred = torch.where(target > 0, pred, torch.zeros_like(pred))
-        need = torch.unique(pred[target > 0])  # [U] sorted
-        if need.numel() == 0:
-            need = torch.zeros(1, dtype=torch.long, device=pred.device)
+        need, col = predictor_columns(pred, target)  # [U], [N, L]
         with tree_attention(model, plan, dense):
             logits = self.adapter.forward_logits(model, inputs, image_keys=flat_image_keys(self.prompts), dedupe_images=True,
                                                  logits_to_keep=need)  # [N, U, V]
-        col = torch.searchsorted(need, pred).clamp(max=need.numel() - 1)  # [N, L]
         return gather_logp(logits, col, inputs["input_ids"], target, temperature)
 
 
