@@ -1,4 +1,10 @@
-"""GPU only (skipped without CUDA + flash-attn), bf16:
+"""GPU only (skipped without CUDA), our tree attention on the device:
+
+* the tree-packed training forward (our per-segment attention, sdpa inside) gives the same
+  log-probs as the dense 4-D tree mask through sdpa, for text and every VLM family, in fp32 and
+  under bf16 autocast;
+
+and with the flash-attn package installed (bf16):
 
 * a plain padded forward (what generation's prefill runs) gives the same log-probs with
   flash-attention as with sdpa, for text and each VLM family that supports it;
@@ -12,13 +18,8 @@ import importlib.util
 import pytest
 import torch
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        not (torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None),
-        reason="needs CUDA and the flash-attn package",
-    ),
-]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+needs_flash = pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="needs the flash-attn package")
 
 FAMILIES = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "smolvlm", "llava-onevision"]  # gemma3: no FA2 in transformers
 
@@ -81,6 +82,7 @@ def _compare(policy):
     return plain, packed
 
 
+@needs_flash
 def test_text_flash_attention_matches_sdpa():
     from vlm_treegrpo.data.arithmetic import make_arithmetic
     from vlm_treegrpo.policy import make_policy
@@ -90,6 +92,7 @@ def test_text_flash_attention_matches_sdpa():
     print("tiny-llama max |dlogp| plain, packed:", _compare(policy))
 
 
+@needs_flash
 @pytest.mark.parametrize("family", FAMILIES)
 def test_vlm_flash_attention_matches_sdpa(family):
     from vlm_treegrpo.data.visual import make_visual
@@ -98,3 +101,22 @@ def test_vlm_flash_attention_matches_sdpa(family):
     policy = make_policy(f"tiny-{family}", "cuda", dtype="bfloat16", attn_implementation="flash_attention_2")
     policy._bench_examples = make_visual(3, seed=0)
     print(f"tiny-{family} max |dlogp| plain, packed:", _compare(policy))
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("name", ["tiny-llama", *(f"tiny-{f}" for f in [*FAMILIES, "gemma3"])])
+def test_segment_attention_matches_dense_sdpa_on_cuda(name, autocast):
+    from vlm_treegrpo.data.arithmetic import make_arithmetic
+    from vlm_treegrpo.data.visual import make_visual
+    from vlm_treegrpo.policy import make_policy
+
+    policy = make_policy(name, "cuda", dtype="float32", attn_implementation="sdpa")
+    examples = make_arithmetic(3, seed=0) if name == "tiny-llama" else make_visual(3, seed=0)
+    batch = _sample_batch(policy, examples).to("cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        packed = policy.logp(batch)  # the segment plan: per-segment attention
+        dense = policy.logp(_dense(batch))
+    target = batch.target_mask > 0
+    err = (packed - dense).abs()[target].max().item()
+    print(f"{name} autocast={autocast} max |dlogp| per-segment vs dense:", err)
+    assert err < (5e-2 if autocast else 1e-4), err

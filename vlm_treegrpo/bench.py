@@ -129,10 +129,28 @@ def bench_task(spec: BenchSpec):
     return examples, task.instruction
 
 
+def sync(device) -> None:
+    """Wait for the device's queued work, so a step's time includes it (a no-op on the CPU)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_cuda_mib() -> float | None:
+    """Peak GPU memory held by tensors in this process (None without CUDA in use)."""
+    import torch
+
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
 def measure(rows: list[dict], warmup: int) -> dict:
     """Median step time and rates over the measured rows, and this process's peak RSS. A row is
     one step: ``seconds``, ``rollout_seconds``, ``completions``, ``generated_tokens``,
-    ``completion_tokens``, ``reward`` (mean) and ``zero_std_frac``."""
+    ``completion_tokens``, ``reward`` (mean) and ``zero_std_frac``. On a GPU also the peak memory its
+    tensors held (``peak_cuda_mib``; None on the CPU)."""
     timed = rows[warmup:]
     med = statistics.median(r["seconds"] for r in timed)
     total = sum(r["seconds"] for r in timed)
@@ -146,6 +164,7 @@ def measure(rows: list[dict], warmup: int) -> dict:
         "rollout_seconds": statistics.median(r["rollout_seconds"] for r in timed),
         "update_seconds": statistics.median(r["seconds"] - r["rollout_seconds"] for r in timed),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_cuda_mib": peak_cuda_mib(),
         "warmup": warmup,
         "reward": [round(r["reward"], 4) for r in rows],
         "zero_std_frac": [round(r["zero_std_frac"], 4) for r in rows],
@@ -196,12 +215,13 @@ def spawn(trainer: str, spec: BenchSpec, workdir: Path, label: str) -> dict:
     return result
 
 
-RATIO_KEYS = ("seconds_per_step", "rollout_seconds", "update_seconds", "completions_per_s", "generated_tokens_per_s", "completion_tokens_per_s", "peak_rss_mib")
+RATIO_KEYS = ("seconds_per_step", "rollout_seconds", "update_seconds", "completions_per_s", "generated_tokens_per_s", "completion_tokens_per_s",
+              "peak_rss_mib", "peak_cuda_mib")
 
 
 def ratios(ours: dict, trl: dict) -> dict:
     """ours / TRL for each measured quantity (None where either side is missing)."""
-    return {k: (ours[k] / trl[k] if k in ours and trl.get(k) else None) for k in RATIO_KEYS}
+    return {k: (ours[k] / trl[k] if ours.get(k) is not None and trl.get(k) else None) for k in RATIO_KEYS}
 
 
 def tree_shape(G: int, tree: str | None) -> tuple[int, int]:
@@ -294,7 +314,7 @@ def format_table(report: dict) -> str:
     lines = []
     if "runs" in report:
         head = (f"{'mode':<5} {'trainer':<8} {'shape':<6} {'s/step':>8} {'rollout':>8} {'update':>8} {'compl/s':>8} "
-                f"{'gen tok/s':>10} {'leaf tok/s':>10} {'RSS MiB':>8} {'signal':>6}")
+                f"{'gen tok/s':>10} {'leaf tok/s':>10} {'RSS MiB':>8} {'GPU MiB':>8} {'signal':>6}")
         lines += [head, "-" * len(head)]
         for row in report["runs"]:
             for trainer in ("ours", "trl"):
@@ -307,12 +327,12 @@ def format_table(report: dict) -> str:
                     continue
                 lines.append(f"{row['mode']:<5} {trainer:<8} {shape:<6} {_fmt(r['seconds_per_step']):>8} {_fmt(r.get('rollout_seconds')):>8} "
                              f"{_fmt(r.get('update_seconds')):>8} {_fmt(r['completions_per_s']):>8} {_fmt(r['generated_tokens_per_s'], '.1f'):>10} "
-                             f"{_fmt(r['completion_tokens_per_s'], '.1f'):>10} {_fmt(r['peak_rss_mib'], '.0f'):>8} {_fmt(_signal(r)):>6}")
+                             f"{_fmt(r['completion_tokens_per_s'], '.1f'):>10} {_fmt(r['peak_rss_mib'], '.0f'):>8} {_fmt(r.get('peak_cuda_mib'), '.0f'):>8} {_fmt(_signal(r)):>6}")
             if "ratios" in row:
                 q = row["ratios"]
                 lines.append(f"{row['mode']:<5} {'ours/trl':<8} {'':<6} {_fmt(q['seconds_per_step']):>8} {_fmt(q['rollout_seconds']):>8} "
                              f"{_fmt(q['update_seconds']):>8} {_fmt(q['completions_per_s']):>8} {_fmt(q['generated_tokens_per_s']):>10} "
-                             f"{_fmt(q['completion_tokens_per_s']):>10} {_fmt(q['peak_rss_mib']):>8}")
+                             f"{_fmt(q['completion_tokens_per_s']):>10} {_fmt(q['peak_rss_mib']):>8} {_fmt(q.get('peak_cuda_mib')):>8}")
     if "scaling" in report:
         head = (f"{'factor':<18} {'K':>3} {'M':>3} {'tokens':>6} {'images':>6} {'s/step':>8} {'rollout':>8} {'update':>8} "
                 f"{'compl/s':>8} {'gen tok/s':>10} {'RSS MiB':>8} {'signal':>6}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from vlm_treegrpo.bench import WORKLOADS, BenchSpec, bench_task, measure
+from vlm_treegrpo.bench import WORKLOADS, BenchSpec, bench_task, measure, sync
 
 
 def ours_config(spec: BenchSpec):
@@ -20,7 +20,7 @@ def ours_config(spec: BenchSpec):
 
     flat = spec.M == 1
     return config_from_dict({
-        "model": {"name": spec.model_dir, "autocast": spec.autocast, "threads": spec.threads},
+        "model": {"name": spec.model_dir, "dtype": "float32", "autocast": spec.autocast, "threads": spec.threads},
         "data": {"source": WORKLOADS[spec.workload][1], "difficulty": spec.difficulty, "seed": spec.seed},
         "rollout": {"K": spec.K, "M": spec.M, "thought_max_tokens": spec.max_new_tokens if flat else spec.thought_tokens,
                     "answer_max_tokens": 0 if flat else spec.max_new_tokens - spec.thought_tokens,
@@ -61,8 +61,10 @@ def run_ours(spec: BenchSpec) -> dict:
         sl = slice(step * P, (step + 1) * P)
         t0 = time.perf_counter()
         data = rollout_step(policy, examples[sl], prompts[sl], reward_set, cfg)
+        sync(device)
         t1 = time.perf_counter()
         stats = update_step(policy, None, optimizer, scheduler, data, cfg, device)
+        sync(device)
         t2 = time.perf_counter()
         rows.append({
             "seconds": t2 - t0,

