@@ -1,15 +1,16 @@
 """GPU only (skipped without CUDA), our tree attention on the device:
 
-* the tree-packed training forward (our per-segment attention, sdpa inside) gives the same
-  log-probs as the dense 4-D tree mask through sdpa, for text and every VLM family, in fp32 and
-  under bf16 autocast;
+* the tree-packed training forward through our per-segment attention (sdpa inside; forced here,
+  as a GPU's default is the dense mask) gives the same log-probs as the dense 4-D tree mask
+  through sdpa, for text and every VLM family, in fp32 and under bf16 autocast;
 
 and with the flash-attn package installed (bf16):
 
 * a plain padded forward (what generation's prefill runs) gives the same log-probs with
   flash-attention as with sdpa, for text and each VLM family that supports it;
 * the tree-packed training forward of a model loaded with flash-attention runs (it switches to
-  our per-segment tree attention, sdpa inside) and equals the dense 4-D tree mask through sdpa.
+  our kernel, sdpa over the tree mask, since a flash kernel takes no tree mask) and equals a
+  model loaded with sdpa.
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def _compare(policy):
     assert plain < 5e-2, plain
     batch = _sample_batch(policy, policy._bench_examples).to("cuda")
     with torch.no_grad():
-        packed_flash = policy.logp(batch)  # loaded with flash-attention: the packed forward runs per segment
+        packed_flash = policy.logp(batch)  # loaded with flash-attention: the packed forward switches to sdpa + tree mask
         policy.model.set_attn_implementation("sdpa")
         packed_dense = policy.logp(_dense(batch))
     target = batch.target_mask > 0
@@ -105,7 +106,8 @@ def test_vlm_flash_attention_matches_sdpa(family):
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("name", ["tiny-llama", *(f"tiny-{f}" for f in [*FAMILIES, "gemma3"])])
-def test_segment_attention_matches_dense_sdpa_on_cuda(name, autocast):
+def test_segment_attention_matches_dense_sdpa_on_cuda(name, autocast, monkeypatch):
+    from vlm_treegrpo.rollout import attention
     from vlm_treegrpo.data.arithmetic import make_arithmetic
     from vlm_treegrpo.data.visual import make_visual
     from vlm_treegrpo.policy import make_policy
@@ -113,6 +115,7 @@ def test_segment_attention_matches_dense_sdpa_on_cuda(name, autocast):
     policy = make_policy(name, "cuda", dtype="float32", attn_implementation="sdpa")
     examples = make_arithmetic(3, seed=0) if name == "tiny-llama" else make_visual(3, seed=0)
     batch = _sample_batch(policy, examples).to("cuda")
+    monkeypatch.setattr(attention, "PLAN_DEVICES", frozenset({"cpu", "cuda"}))  # a GPU's default is the dense mask
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         packed = policy.logp(batch)  # the segment plan: per-segment attention
         dense = policy.logp(_dense(batch))

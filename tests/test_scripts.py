@@ -37,3 +37,26 @@ def test_normalization_study_quick(tmp_path):
         assert arm["step"] == [1] and arm["update_ratio"][0] is not None and arm["reward_std_within"][0] > 0
     assert (tmp_path / "normalization_study.png").stat().st_size > 0
     assert (tmp_path / "grpo" / "metrics.jsonl").exists() and (tmp_path / "reinforce" / "config.yaml").exists()
+
+
+def test_profile_step_quick(tmp_path):
+    out = tmp_path / "profile.json"
+    args = ["--model", "tiny-llama", "--steps", "1", "--prompts-per-step", "2", "--G", "4", "--tree", "2x2",
+            "--max-new-tokens", "8", "--threads", "1", "--top", "5", "--out", str(out)]
+    assert _script("profile_step").main(args) == 0
+    rep = json.loads(out.read_text())
+    assert rep["device"] == "cpu" and [s["shape"] for s in rep["shapes"]] == ["4x1", "2x2"]
+    for s in rep["shapes"]:
+        assert s["rollout_s"] > 0 and s["update_s"] > 0 and len(s["rollout_top_calls"]) == 5
+        assert s["logp_backward_per_segment_s"] > 0 and s["logp_backward_dense_mask_s"] > 0
+        assert s["threads_1"]["rollout_s"] > 0
+
+
+def test_profile_step_gives_a_config_only_directory_random_weights(tmp_path):
+    from vlm_treegrpo.models.tiny import build_tiny_llama
+
+    model, tok = build_tiny_llama(seed=0)
+    model.config.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    _script("profile_step").random_weights_if_missing(str(tmp_path))
+    assert list(tmp_path.glob("*.safetensors"))

@@ -50,3 +50,20 @@ def test_time_budget_stops_the_loop_and_reports_the_steps_that_ran(tmp_path):
     assert summary["steps"] == 1
     rows = _run(tmp_path, "optim.steps=2", "optim.time_budget_s=0", "algo.diag_every=0")
     assert [r["step"] for r in rows] == [1, 2]  # 0 = no limit
+
+
+def test_set_threads_all_cores_on_the_cpu_few_on_a_gpu_host_or_as_configured():
+    import torch
+
+    from vlm_treegrpo.trainer import GPU_HOST_THREADS, set_threads
+
+    before = torch.get_num_threads()
+    try:
+        set_threads(0, torch.device("cpu"))
+        assert torch.get_num_threads() == before  # torch's default: left alone
+        set_threads(0, torch.device("cuda"))  # no GPU needed: only the count is set
+        assert torch.get_num_threads() == min(GPU_HOST_THREADS, before)
+        set_threads(1, torch.device("cuda"))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -154,13 +154,12 @@ def format_table(adv: dict) -> str:
 
 def advise(cfg: TrainConfig, prompts: int = 0) -> dict:
     """Sample one batch with ``cfg``'s model and rollout settings and return (and write) the advice."""
-    from vlm_treegrpo.trainer import PromptSampler, autocast_ctx, leaf_texts, resolve_device
+    from vlm_treegrpo.trainer import PromptSampler, autocast_ctx, leaf_texts, resolve_device, set_threads
 
     t0 = time.time()
-    if cfg.model.threads:
-        torch.set_num_threads(cfg.model.threads)
     torch.manual_seed(cfg.optim.seed)
     device = resolve_device(cfg.model.device)
+    set_threads(cfg.model.threads, device)
     policy = make_policy(cfg.model.name, device, cfg.model.dtype, cfg.model.attn_implementation)
     if not isinstance(policy, TextPolicy):
         raise ConfigError("model.name: the advisor's score features are implemented for text policies")

@@ -41,13 +41,12 @@ def run_ours(spec: BenchSpec) -> dict:
     from vlm_treegrpo.optim import adamw, warmup_constant
     from vlm_treegrpo.policy import make_policy
     from vlm_treegrpo.rewards import RewardSet
-    from vlm_treegrpo.trainer import resolve_device, rollout_step, update_step
+    from vlm_treegrpo.trainer import resolve_device, rollout_step, set_threads, update_step
 
     cfg = ours_config(spec)
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)
     device = resolve_device(cfg.model.device)
+    set_threads(cfg.model.threads, device)
     policy = make_policy(spec.model_dir, device, cfg.model.dtype, cfg.model.attn_implementation)
     examples, instruction = bench_task(spec)
     prompts = [policy.encode(ex, instruction) for ex in examples]

@@ -26,18 +26,16 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    import torch
-
     from vlm_treegrpo.data.sources import task_from_config
     from vlm_treegrpo.evaluate import evaluate
     from vlm_treegrpo.policy import make_policy
-    from vlm_treegrpo.trainer import resolve_device
+    from vlm_treegrpo.trainer import resolve_device, set_threads
 
     cfg = load_config(args.config, args.overrides)
-    if cfg.model.threads:
-        torch.set_num_threads(cfg.model.threads)
+    device = resolve_device(cfg.model.device)
+    set_threads(cfg.model.threads, device)
     name = args.model or cfg.model.name
-    policy = make_policy(name, resolve_device(cfg.model.device), cfg.model.dtype, cfg.model.attn_implementation)
+    policy = make_policy(name, device, cfg.model.dtype, cfg.model.attn_implementation)
     task = task_from_config(cfg.data)
     prompts = [policy.encode(ex, task.instruction) for ex in task.test]
     res = evaluate(policy, task.test, prompts, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, cfg.eval.batch_size)

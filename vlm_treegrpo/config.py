@@ -60,7 +60,7 @@ class ModelConfig:
     )
     """Module names that get LoRA adapters."""
     threads: int = 0
-    """torch CPU threads; 0 uses all cores."""
+    """torch CPU threads; 0: all cores when the model is on the CPU, 4 when it is on a GPU."""
     autocast: str = "none"
     """Mixed precision for rollouts and the training forward/backward: none or bfloat16 (weights
     and optimizer state stay in `dtype`; evaluation always runs in `dtype`)."""

@@ -56,6 +56,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+GPU_HOST_THREADS = 4
+"""torch CPU threads by default when the model runs on a GPU. There the host only runs small
+bookkeeping ops and launches kernels, and more threads cost wake-ups: on an H200 host (16 cores)
+our SmolLM2-shaped step sampled in 1.13-1.18 s with 4 threads against 1.27-1.88 s with 16."""
+
+
+def set_threads(threads: int, device: torch.device) -> None:
+    """torch's CPU threads for ``model.threads``: that many when set; else all cores on the CPU
+    (torch's default, left alone) and :data:`GPU_HOST_THREADS` when the model is on a GPU."""
+    if threads:
+        torch.set_num_threads(threads)
+    elif device.type != "cpu":
+        torch.set_num_threads(min(GPU_HOST_THREADS, torch.get_num_threads()))
+
+
 def autocast_ctx(device: torch.device, kind: str):
     """bf16 autocast for the training forward when asked (about 2x faster on CPUs with AVX512-BF16/AMX)."""
     if kind == "none":
@@ -315,10 +330,9 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     run = cfg.log.path
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    if cfg.model.threads:
-        torch.set_num_threads(cfg.model.threads)
     torch.manual_seed(cfg.optim.seed)
     device = resolve_device(cfg.model.device)
+    set_threads(cfg.model.threads, device)
 
     policy = make_policy(cfg.model.name, device, cfg.model.dtype, cfg.model.attn_implementation)
     if cfg.model.lora_r > 0:

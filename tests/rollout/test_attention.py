@@ -183,3 +183,25 @@ def test_a_causal_attention_that_cannot_take_the_plan_gets_the_dense_mask_built_
     want = _sdpa(q, k, v, dense, D**-0.5).transpose(1, 2)
     assert_close(fallback[real], want[real], atol=1e-5, rtol=1e-5)
     assert_close(per_segment[real], fallback[real], atol=1e-5, rtol=1e-5)
+
+
+def test_per_segment_on_the_cpu_dense_mask_on_a_gpu_unless_the_mask_is_large():
+    assert A.per_segment("cpu", 4, 700)
+    assert not A.per_segment("cuda", 4, 700)  # a GPU: one fused sdpa call over the dense mask
+    assert A.per_segment(torch.device("cuda", 0), 1, 1 + int(A.DENSE_MASK_MAX**0.5))  # too large a mask
+
+
+def test_packed_logp_where_the_device_takes_the_dense_mask_builds_no_plan_and_agrees(monkeypatch):
+    """With the device's default the dense mask (a GPU's), packing and scoring build no segment
+    plan and give the per-segment log-probs."""
+    model, tok = build_tiny_llama(seed=4)
+    packed = pack_trees(_make_trees(tok), torch.zeros(2, 2), torch.zeros(2, 2, 2), tok.pad_token_id)
+    with torch.no_grad():
+        want = packed_logp(model, packed)  # the CPU's default: per segment
+    planned = []
+    monkeypatch.setattr(type(packed), "plan", lambda self: planned.append(1))
+    monkeypatch.setattr(A, "PLAN_DEVICES", frozenset())
+    with torch.no_grad():
+        got = packed_logp(model, packed)
+    assert planned == []
+    assert_close(got, want, atol=1e-5, rtol=1e-5)

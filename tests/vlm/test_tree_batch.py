@@ -110,3 +110,20 @@ def test_prompt_runs_once_per_tree(setup):
     assert inputs["input_ids"].shape[1] == T + max(widths)
     leaves = policy.leaf_rows(trees, *setup[3:5])
     assert inputs["input_ids"].numel() < leaves.input_ids.numel()
+
+
+def test_dense_mask_default_of_a_gpu_builds_no_plan_and_agrees(setup, monkeypatch):
+    """Where the device's default is the dense tree mask (a GPU's), scoring builds no segment
+    plan and gives the per-segment log-probs."""
+    from vlm_treegrpo.rollout import attention
+
+    policy, _, _, _, _, packed = setup
+    with torch.no_grad():
+        want = packed.logp(policy.model)
+    planned = []
+    monkeypatch.setattr(VLMTreeBatch, "plan", lambda self, prompt_real: planned.append(1))
+    monkeypatch.setattr(attention, "PLAN_DEVICES", frozenset())
+    with torch.no_grad():
+        got = packed.logp(policy.model)
+    assert planned == []
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

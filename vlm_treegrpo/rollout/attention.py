@@ -40,6 +40,24 @@ _DENSE: contextvars.ContextVar[Callable[[], Tensor] | None] = contextvars.Contex
 _LOW = (torch.bfloat16, torch.float16)
 
 
+PLAN_DEVICES = frozenset({"cpu"})
+"""Device types whose packed training forwards attend per segment (:func:`segment_attention`).
+On the CPU that kernel computes only the scores a tree needs and is several times faster than
+the dense mask. On a GPU one fused sdpa call per layer over the dense 4-D tree mask was faster:
+in an H200 profile the packed log-prob forward + backward of the bench's batches (SmolLM2 shape)
+took 0.10 s dense against 0.14 s per segment (16x1 trees) and 0.12 against 0.21 s (4x4), the
+per-segment gathers being launch-bound there."""
+DENSE_MASK_MAX = 2**28
+"""Above this many mask entries (rows x width x width) the packed forward attends per segment
+on every device: the dense mask's memory grows as the square of the row."""
+
+
+def per_segment(device, rows: int, width: int) -> bool:
+    """Whether a packed forward of ``rows`` rows of ``width`` tokens on ``device`` attends per
+    segment (else through the dense tree mask): see :data:`PLAN_DEVICES`, :data:`DENSE_MASK_MAX`."""
+    return torch.device(device).type in PLAN_DEVICES or rows * width * width > DENSE_MASK_MAX
+
+
 def matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, dropout: float = 0.0) -> Tensor:
     """Softmax attention by two matmuls, grouped-query aware without repeating k/v.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vlm_treegrpo.rollout.attention import model_mask, tree_attention
+from vlm_treegrpo.rollout.attention import model_mask, per_segment, tree_attention
 from vlm_treegrpo.rollout.tree import PackedBatch
 
 
@@ -21,13 +21,13 @@ def packed_forward(model, batch: PackedBatch) -> tuple[Tensor, Tensor]:
     Only positions that predict a completion token get logits (``U`` of them, shared by the
     rows): skipping the prompt's saves the vocabulary projection there (a large share of a
     small model's compute). ``col`` gives, for every packed token, the logits column of its
-    predictor (meaningful on target tokens only). Attention runs per segment
-    (:func:`~vlm_treegrpo.rollout.attention.tree_attention`); the dense 4-D mask is what a batch
-    without a segment table uses.
+    predictor (meaningful on target tokens only). Attention runs per segment on the CPU
+    (:func:`~vlm_treegrpo.rollout.attention.tree_attention`), through the dense 4-D tree mask on a
+    GPU (:func:`~vlm_treegrpo.rollout.attention.per_segment`) and for a batch without a segment table.
     """
     dtype = next(model.parameters()).dtype
     need, col = predictor_columns(batch.pred_pos, batch.target_mask)
-    plan = batch.plan()
+    plan = batch.plan() if per_segment(batch.input_ids.device, *batch.input_ids.shape) else None
 
     def dense() -> Tensor:
         return additive_mask(batch.mask(), dtype)  # [N, 1, L, L]

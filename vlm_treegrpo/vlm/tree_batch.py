@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from vlm_treegrpo.core.tree_packing import SegmentPlan, segment_plan
-from vlm_treegrpo.rollout.attention import model_mask, tree_attention
+from vlm_treegrpo.rollout.attention import model_mask, per_segment, tree_attention
 from vlm_treegrpo.rollout.logprobs import additive_mask, gather_logp, predictor_columns
 from vlm_treegrpo.rollout.tree import PackedBatch, Tree, pack_trees
 from vlm_treegrpo.vlm.adapter import Encoded, VLMAdapter
@@ -110,7 +110,7 @@ class VLMTreeBatch:
             positions = (prompt["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
         offsets = self.tree.position_ids[:, 1:]  # [N, C] depth below the root (>= 1 on tree tokens)
         inputs["position_ids"] = torch.cat([positions, positions[..., -1:] + offsets.to(positions)], dim=-1)  # [..., N, T + C]
-        plan = self.plan(prompt["attention_mask"].bool())
+        plan = self.plan(prompt["attention_mask"].bool()) if per_segment(device, *inputs["input_ids"].shape) else None
         dtype = next(model.parameters()).dtype
 
         def dense() -> Tensor:
