@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.setup-stamp
 # the CI machine's disk; an unpinned torch would download several GB.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup prepare demo demo-vlm test bench clean
+.PHONY: setup prepare demo demo-vlm test bench gpu-check clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -36,6 +36,11 @@ test: setup
 bench: prepare
 	$(PY) -m pip install -q -e '.[bench]'
 	$(VENV)/bin/vlm-treegrpo bench $(BENCH_ARGS)
+
+# On a CUDA machine: GPU tests, both benchmark workloads and the step profile (scripts/gpu_check.sh).
+gpu-check: prepare
+	$(PY) -m pip install -q -e '.[bench]'
+	PYTHON=$(PY) scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs

