@@ -1,3 +1,4 @@
+# Historical record: the exact script run on the H200 at commit 1cda363. scripts/profile_step.py is the maintained form.
 """Where our step's time goes on this device: SmolLM2-shaped model, P=4, G=16, 40 tokens."""
 import cProfile, io, pstats, statistics, sys, time
 from pathlib import Path
