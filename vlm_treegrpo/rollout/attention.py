@@ -47,9 +47,9 @@ the dense mask. On a GPU one fused sdpa call per layer over the dense 4-D tree m
 in an H200 profile the packed log-prob forward + backward of the bench's batches (SmolLM2 shape)
 took 0.10 s dense against 0.14 s per segment (16x1 trees) and 0.12 against 0.21 s (4x4), the
 per-segment gathers being launch-bound there."""
-DENSE_MASK_MAX = 2**28
-"""Above this many mask entries (rows x width x width) the packed forward attends per segment
-on every device: the dense mask's memory grows as the square of the row."""
+DENSE_MASK_MAX = 2**26
+"""Above this many mask entries (rows x width x width; 256 MB as an fp32 additive mask) the
+packed forward attends per segment on every device: the dense mask grows as the row squared."""
 
 
 def per_segment(device, rows: int, width: int) -> bool:
