@@ -78,6 +78,25 @@ def test_quick_bench_ours_writes_the_report(tmp_path):
     assert min(ours["trees_updated"]) > 0 and ours["update_seconds"] > 0  # varied rewards: the update runs
 
 
+def test_both_trainers_hold_the_same_weights_and_attention(tmp_path):
+    """fp32 weights (under bf16 autocast) on every device for both sides, and TRL gets the
+    attention kernel ours picks (``auto`` would give bf16 weights on a GPU)."""
+    pytest.importorskip("trl")
+    import torch
+
+    from vlm_treegrpo.bench_ours import ours_config
+    from vlm_treegrpo.bench_trl import grpo_args
+    from vlm_treegrpo.models.loader import pick_attn_implementation
+
+    spec = BenchSpec(workload="text", model="m", model_dir=str(tmp_path), G=4, K=2, M=2, max_new_tokens=16, thought_tokens=6,
+                     prompts_per_step=2, micro_batch=2, steps=1)
+    assert ours_config(spec).model.dtype == "float32" and ours_config(spec).model.autocast == "bfloat16"
+    args = grpo_args(spec, str(tmp_path))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert args.model_init_kwargs == {"dtype": "float32", "attn_implementation": pick_attn_implementation(device, torch.float32)}
+    assert args.bf16 is True
+
+
 def test_quick_bench_against_trl(tmp_path):
     pytest.importorskip("trl")
     report = _bench(tmp_path, "--trainers", "trl", "--modes", "flat")
@@ -89,5 +108,6 @@ def test_quick_bench_against_trl(tmp_path):
     assert s["num_generations"] == 4 and s["max_completion_length"] == 16 and s["beta"] == 0.0
     assert s["num_iterations"] == 1 and s["generation_batch_size"] == 2 * 4 and s["gradient_checkpointing"] is False
     assert s["prompt_ids_match_ours"] is True
+    assert s["model_init_kwargs"] == {"dtype": "float32", "attn_implementation": "sdpa"}
     assert trl["generated_tokens_per_s"] == trl["completion_tokens_per_s"]  # flat: every leaf token is sampled
     assert max(trl["zero_std_frac"]) < 1.0

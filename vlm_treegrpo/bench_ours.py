@@ -80,7 +80,7 @@ def run_ours(spec: BenchSpec) -> dict:
         "trainer": "vlm_treegrpo", "K": K, "M": M, "thought_max_tokens": cfg.rollout.thought_max_tokens,
         "answer_max_tokens": cfg.rollout.answer_max_tokens, "branch_delimiters": cfg.rollout.branch_delimiters,
         "loss": cfg.algo.loss, "agg": cfg.algo.agg, "scale": cfg.algo.scale, "autocast": cfg.model.autocast,
-        "dtype": str(next(policy.model.parameters()).dtype), "micro_batch_rows": cfg.optim.micro_batch,
+        "dtype": str(next(policy.model.parameters()).dtype), "attn_implementation": policy.model.config._attn_implementation, "micro_batch_rows": cfg.optim.micro_batch,
         "micro_batch_unit": "packed trees" if spec.workload == "text" else "rows (packed trees; leaves for Gemma3)", "device": str(device),
         "torch_threads": torch.get_num_threads(),
     }

@@ -141,7 +141,8 @@ def run_trl(spec: BenchSpec) -> dict:
         "generation_batch_size": args.generation_batch_size, "num_iterations": args.num_iterations, "beta": args.beta,
         "loss_type": args.loss_type, "scale_rewards": args.scale_rewards, "epsilon": args.epsilon,
         "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "bf16": args.bf16, "use_cpu": args.use_cpu,
-        "gradient_checkpointing": args.gradient_checkpointing, "learning_rate": args.learning_rate,
+        "gradient_checkpointing": args.gradient_checkpointing, "model_init_kwargs": args.model_init_kwargs,
+        "learning_rate": args.learning_rate,
         "lr_scheduler_type": str(args.lr_scheduler_type), "optim": str(args.optim),
         "adam_betas": [args.adam_beta1, args.adam_beta2], "max_grad_norm": args.max_grad_norm,
         "autocast_active": autocast_seen, "torch_threads": torch.get_num_threads(),
@@ -169,22 +170,28 @@ def trl_args(cfg, output_dir: str, max_steps: int, micro_prompts: int, shuffle: 
     per forward (gradient accumulation and ``steps_per_generation`` = the number of
     micro-batches, ``num_iterations = 1``, so TRL skips its old-log-prob pass as our on-policy
     update does); the same token budget, temperature / top-p / top-k, learning rate, warm-up,
-    AdamW betas, weight decay, clipping, KL weight and seed; the weights in our ``model.dtype``; loss ``dapo`` (a token mean over the
+    AdamW betas, weight decay, clipping, KL weight and seed; the weights in our ``model.dtype``, the
+    attention kernel ours would pick (flash-attention on a GPU with flash-attn and half-precision
+    weights, else sdpa); loss ``dapo`` (a token mean over the
     batch, our ``token_mean``) with group std scaling, ``epsilon = 0.2``; gradient checkpointing
     off (ours never checkpoints), bf16 as our autocast; no logging, saving or evaluation."""
     import torch
     from trl import GRPOConfig
 
-    from vlm_treegrpo.models.loader import pick_dtype
+    from vlm_treegrpo.models.loader import pick_attn_implementation, pick_dtype
 
     r, o = cfg.rollout, cfg.optim
     G = r.K * r.M
-    weight_dtype = str(pick_dtype("cuda" if torch.cuda.is_available() else "cpu", cfg.model.dtype)).removeprefix("torch.")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = pick_dtype(device, cfg.model.dtype)
+    weight_dtype = str(dtype).removeprefix("torch.")
+    attn = cfg.model.attn_implementation
+    attn = pick_attn_implementation(device, dtype) if attn == "auto" else attn
     accum = max(1, r.prompts_per_step // micro_prompts)
     return GRPOConfig(
         output_dir=output_dir, use_cpu=not torch.cuda.is_available(), bf16=cfg.model.autocast == "bfloat16", fp16=False,
         gradient_checkpointing=False,
-        model_init_kwargs={"dtype": weight_dtype, "attn_implementation": "sdpa"},
+        model_init_kwargs={"dtype": weight_dtype, "attn_implementation": attn},
         per_device_train_batch_size=r.prompts_per_step // accum * G, gradient_accumulation_steps=accum, steps_per_generation=accum,
         num_iterations=1, num_generations=G, max_completion_length=r.max_new_tokens,
         temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, beta=cfg.algo.beta, epsilon=0.2, loss_type="dapo",
