@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks in one pass, on a machine with CUDA: the GPU tests, the benchmark against TRL on
-# both workloads (10 measured steps: GPU hosts are noisy), and the step profile.
+# both workloads (10 measured steps: GPU hosts are noisy), the step profile, and ours with
+# compiled decoding (CUDA graphs).
 #
 #   scripts/gpu_check.sh [OUT_DIR]          (default runs/gpu-check; PYTHON=... picks the interpreter)
 #
@@ -22,5 +23,10 @@ failed=0
 "$PY" scripts/profile_step.py --model smollm2-135m-instruct --threads 4,16 --out "$OUT/profile.json" \
     2>&1 | tee "$OUT/profile.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || failed=$((failed + 1))
+# Last (compilation takes minutes): ours with compiled decoding (rollout.compile_decode), 2 warm-up steps.
+for w in vlm text; do
+    "$PY" -m vlm_treegrpo.cli bench --workload "$w" --trainers ours --compile-decode "${LEN[@]}" --warmup 2 --steps 10 \
+        --out "$OUT/bench-$w-compiled.json" || failed=$((failed + 1))
+done
 echo "gpu_check: $failed part(s) failed; results in $OUT"
 exit "$failed"

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import CompileConfig, GenerationConfig, LogitsProcessorList, StaticCache, StoppingCriteria, StoppingCriteriaList
 
 from vlm_treegrpo.core.tree_packing import (SegmentPlan, predictor_positions, segment_mask, segment_plan, segment_table,
                                              tree_positions)
@@ -59,15 +59,23 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     greedy: bool = False
+    compile: bool = False
+    """Decode through a static KV cache with the model's forward compiled (:func:`static_cache`)."""
 
     def generation_config(self, max_new_tokens: int, pad_id: int, eos_ids: list[int]) -> GenerationConfig:
-        """A greedy config: sampling, when asked for, is done by :meth:`logits_processors`."""
-        return GenerationConfig(
+        """A greedy config: sampling, when asked for, is done by :meth:`logits_processors`. With
+        ``compile``, ``generate`` compiles the decode step (on every device) when given a
+        static cache (:func:`static_cache`)."""
+        cfg = GenerationConfig(
             max_new_tokens=max_new_tokens,
             pad_token_id=pad_id,
             eos_token_id=eos_ids,
             do_sample=False,
         )
+        if self.compile:
+            cfg.compile_config = CompileConfig()
+            cfg.compile_config._compile_all_devices = True  # (transformers compiles on accelerators only, unless told)
+        return cfg
 
     def logits_processors(self, suppress_ids: Sequence[int] = ()) -> LogitsProcessorList:
         """Empty for greedy decoding (``generate`` suppresses ``suppress_ids`` itself then);
@@ -202,6 +210,27 @@ def prefill_shared(model, inputs: dict, n: int, repeat_state: Callable[[Any, int
     return cache
 
 
+STATIC_CACHE_BUCKET = 64
+"""A static cache's length is rounded up to a multiple of this, so batches whose prompts differ
+a little in length reuse one compiled decode step."""
+
+
+def static_cache(model, max_len: int, prefilled=None) -> StaticCache:
+    """A :class:`~transformers.StaticCache` of ``max_len`` positions (rounded up to
+    :data:`STATIC_CACHE_BUCKET`) for the model's decoder, holding ``prefilled``'s keys and values
+    (a cache from :func:`prefill_shared`) at its first positions, or empty for ``generate`` to
+    prefill. A static cache keeps every tensor's shape fixed across decode steps, which is what
+    lets ``generate`` run a compiled forward (and CUDA graphs) for them."""
+    length = -(-max_len // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    if prefilled is not None:
+        if len(prefilled.layers) != len(cache.layers):
+            raise ValueError(f"static_cache: the prefilled cache has {len(prefilled.layers)} layers, the model {len(cache.layers)}")
+        for static, layer in zip(cache.layers, prefilled.layers):
+            static.update(layer.keys, layer.values)  # allocates [B, H, length, D], writes positions 0 .. T-2
+    return cache
+
+
 @torch.no_grad()
 def generate_batch(
     model,
@@ -224,7 +253,8 @@ def generate_batch(
     (default: every per-token input repeated; a VLM passes its re-collated copies without pixel
     tensors, which the cache already holds; ``repeat_state``: see :func:`prefill_shared`). Rows
     that contain a stop string stop early (:class:`DelimiterStop`); ``suppress_ids`` are never
-    generated (e.g. image placeholder tokens).
+    generated (e.g. image placeholder tokens). With ``sampling.compile`` the cache is a static
+    one (:func:`static_cache`) and ``generate`` decodes through the compiled forward.
     """
     eos = eos_ids_of(tokenizer, model)
     device = next(model.parameters()).device
@@ -247,6 +277,8 @@ def generate_batch(
                 k: v.repeat_interleave(n, dim=0) for k, v in inputs.items() if k in TOKEN_KEYS}
         elif n > 1:  # a one-token prompt: nothing to share; greedy generate takes one sequence per row
             inputs = {k: v.repeat_interleave(n, dim=0) for k, v in inputs.items()}
+        if sampling.compile:
+            extra[CACHE_KWARG] = static_cache(model, prompt_len + max_new_tokens, extra.get(CACHE_KWARG))
         out = model.generate(**inputs, generation_config=gen_cfg, logits_processor=sampling.logits_processors(suppress_ids or ()), **extra)  # [B*n, prompt_len + new]
     return cut_completions(out, prompt_len, tokenizer, eos, stop_strings)
 
