@@ -20,9 +20,10 @@ failed=0
 [ "${PIPESTATUS[0]}" -eq 0 ] || failed=$((failed + 1))
 "$PY" -m vlm_treegrpo.cli bench --workload vlm "${LEN[@]}" --steps 10 --out "$OUT/bench-vlm.json" || failed=$((failed + 1))
 "$PY" -m vlm_treegrpo.cli bench "${LEN[@]}" --steps 10 --out "$OUT/bench-text.json" || failed=$((failed + 1))
-"$PY" scripts/profile_step.py --model smollm2-135m-instruct --threads 4,16 --out "$OUT/profile.json" \
-    2>&1 | tee "$OUT/profile.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || failed=$((failed + 1))
+for w in text vlm; do
+    "$PY" scripts/profile_step.py --workload "$w" --threads 4,16 --out "$OUT/profile-$w.json" 2>&1 | tee "$OUT/profile-$w.txt"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || failed=$((failed + 1))
+done
 # Last (compilation takes minutes): ours with compiled decoding (rollout.compile_decode), 2 warm-up steps.
 for w in vlm text; do
     "$PY" -m vlm_treegrpo.cli bench --workload "$w" --trainers ours --compile-decode "${LEN[@]}" --warmup 2 --steps 10 \

@@ -1,6 +1,6 @@
 """Where our training step's time goes on this machine (CPU or GPU), in one process.
 
-For the flat (G x 1) and the tree (K x M) shape of the bench's text workload it prints:
+For the flat (G x 1) and the tree (K x M) shape of a bench workload (text or vlm) it prints:
 
 * the median rollout and update seconds over ``--steps`` steps after a warm-up step;
 * a cProfile of one rollout (the calls with the most time of their own: on a GPU the host-side
@@ -45,7 +45,7 @@ def random_weights_if_missing(model: str) -> None:
 class Step:
     """Our trainer's rollout and update (as the bench runs them) on the bench's text prompts."""
 
-    def __init__(self, model: str, prompts_per_step: int, G: int, max_new_tokens: int):
+    def __init__(self, workload: str, model: str, prompts_per_step: int, G: int, max_new_tokens: int):
         from vlm_treegrpo.bench import BenchSpec, bench_task
         from vlm_treegrpo.bench_ours import ours_config
         from vlm_treegrpo.optim import adamw, warmup_constant
@@ -53,7 +53,7 @@ class Step:
         from vlm_treegrpo.rewards import RewardSet
         from vlm_treegrpo.trainer import resolve_device, set_threads
 
-        self.spec = dict(workload="text", model=model, model_dir=model, G=G, max_new_tokens=max_new_tokens,
+        self.spec = dict(workload=workload, model=model, model_dir=model, G=G, max_new_tokens=max_new_tokens,
                          thought_tokens=max(1, max_new_tokens * 2 // 5), prompts_per_step=prompts_per_step,
                          micro_batch=prompts_per_step, steps=8, warmup=0, lr=1e-12, reward="vlm_treegrpo.bench:length_signal_reward")
         self.BenchSpec, self.ours_config = BenchSpec, ours_config
@@ -168,7 +168,8 @@ def profile_shape(step: Step, K: int, M: int, steps: int, threads: list[int], to
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m-instruct", help="built-in name or directory (config-only: random weights)")
+    p.add_argument("--workload", choices=("text", "vlm"), default="text")
+    p.add_argument("--model", help="built-in name or directory (config-only: random weights); default: the workload's bench model")
     p.add_argument("--steps", type=int, default=3, help="timed steps per figure")
     p.add_argument("--prompts-per-step", type=int, default=4)
     p.add_argument("--G", type=int, default=16)
@@ -182,9 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     if K * M != args.G:
         p.error(f"--tree {args.tree} must have K*M = G = {args.G}")
     t0 = time.time()
-    random_weights_if_missing(args.model)
-    step = Step(args.model, args.prompts_per_step, args.G, args.max_new_tokens)
-    head = {"model": args.model, "device": str(step.device), "torch_threads": torch.get_num_threads(),
+    from vlm_treegrpo.bench import WORKLOADS
+
+    model = args.model or WORKLOADS[args.workload][0]
+    random_weights_if_missing(model)
+    step = Step(args.workload, model, args.prompts_per_step, args.G, args.max_new_tokens)
+    head = {"workload": args.workload, "model": model, "device": str(step.device), "torch_threads": torch.get_num_threads(),
             "attn_implementation": step.policy.model.config._attn_implementation, "setup_s": round(time.time() - t0, 1)}
     if step.device.type == "cuda":
         head["gpu"] = torch.cuda.get_device_name(step.device)

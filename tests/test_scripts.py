@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+
+import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,9 +41,10 @@ def test_normalization_study_quick(tmp_path):
     assert (tmp_path / "grpo" / "metrics.jsonl").exists() and (tmp_path / "reinforce" / "config.yaml").exists()
 
 
-def test_profile_step_quick(tmp_path):
+@pytest.mark.parametrize("workload, model", [("text", "tiny-llama"), ("vlm", "tiny-qwen2-vl")])
+def test_profile_step_quick(tmp_path, workload, model):
     out = tmp_path / "profile.json"
-    args = ["--model", "tiny-llama", "--steps", "1", "--prompts-per-step", "2", "--G", "4", "--tree", "2x2",
+    args = ["--workload", workload, "--model", model, "--steps", "1", "--prompts-per-step", "2", "--G", "4", "--tree", "2x2",
             "--max-new-tokens", "8", "--threads", "1", "--top", "5", "--out", str(out)]
     assert _script("profile_step").main(args) == 0
     rep = json.loads(out.read_text())
