@@ -1,11 +1,12 @@
-"""The two study scripts run end to end on the tiny Llama (--quick) and write their JSON and PNG."""
+"""The scripts run end to end on tiny models: the two studies (--quick, their JSON and PNG), the
+step profile, and the GPU check's refusal without CUDA."""
 from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
-from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 REWARD = "algo.rewards=[test_advise:length_reward]"  # the random tiny model earns varying rewards
