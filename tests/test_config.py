@@ -87,3 +87,23 @@ def test_theory_fields_defaults_and_validation():
         assert str(info.value).startswith(field)
     with pytest.raises(ConfigError, match=r"^algo.answer_scope"):
         config_from_dict({"rollout": {"K": 2, "M": 2}}, ["algo.credit=rredcot", "algo.answer_scope=thought"])
+
+
+def test_training_weights_are_fp32_under_auto_except_a_frozen_lora_base_on_a_gpu():
+    from vlm_treegrpo.config import ModelConfig
+
+    assert ModelConfig().training_dtype("cpu") == "float32"
+    assert ModelConfig().training_dtype("cuda") == "float32"  # master weights; autocast does the bf16 math
+    assert ModelConfig(lora_r=8).training_dtype("cuda") == "bfloat16"  # frozen base, adapters trained
+    assert ModelConfig(lora_r=8).training_dtype("cpu") == "float32"
+    assert ModelConfig(dtype="bfloat16").training_dtype("cpu") == "bfloat16"  # as asked
+
+
+def test_autocast_auto_is_bf16_on_a_gpu_and_off_on_the_cpu():
+    from vlm_treegrpo.config import ModelConfig, resolve_autocast
+
+    assert ModelConfig().autocast == "auto"
+    assert resolve_autocast("auto", "cuda") == "bfloat16" and resolve_autocast("auto", "cpu") == "none"
+    assert resolve_autocast("bfloat16", "cpu") == "bfloat16" and resolve_autocast("none", "cuda") == "none"
+    with pytest.raises(ConfigError, match="model.autocast"):
+        ModelConfig(autocast="fp8")

@@ -170,7 +170,7 @@ def trl_args(cfg, output_dir: str, max_steps: int, micro_prompts: int, shuffle: 
     per forward (gradient accumulation and ``steps_per_generation`` = the number of
     micro-batches, ``num_iterations = 1``, so TRL skips its old-log-prob pass as our on-policy
     update does); the same token budget, temperature / top-p / top-k, learning rate, warm-up,
-    AdamW betas, weight decay, clipping, KL weight and seed; the weights in our ``model.dtype``, the
+    AdamW betas, weight decay, clipping, KL weight and seed; the weights in our training dtype, the
     attention kernel ours would pick (flash-attention on a GPU with flash-attn and half-precision
     weights, else sdpa); loss ``dapo`` (a token mean over the
     batch, our ``token_mean``) with group std scaling, ``epsilon = 0.2``; gradient checkpointing
@@ -178,18 +178,19 @@ def trl_args(cfg, output_dir: str, max_steps: int, micro_prompts: int, shuffle: 
     import torch
     from trl import GRPOConfig
 
+    from vlm_treegrpo.config import resolve_autocast
     from vlm_treegrpo.models.loader import pick_attn_implementation, pick_dtype
 
     r, o = cfg.rollout, cfg.optim
     G = r.K * r.M
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = pick_dtype(device, cfg.model.dtype)
+    dtype = pick_dtype(device, cfg.model.training_dtype(device))
     weight_dtype = str(dtype).removeprefix("torch.")
     attn = cfg.model.attn_implementation
     attn = pick_attn_implementation(device, dtype) if attn == "auto" else attn
     accum = max(1, r.prompts_per_step // micro_prompts)
     return GRPOConfig(
-        output_dir=output_dir, use_cpu=not torch.cuda.is_available(), bf16=cfg.model.autocast == "bfloat16", fp16=False,
+        output_dir=output_dir, use_cpu=not torch.cuda.is_available(), bf16=resolve_autocast(cfg.model.autocast, device) == "bfloat16", fp16=False,
         gradient_checkpointing=False,
         model_init_kwargs={"dtype": weight_dtype, "attn_implementation": attn},
         per_device_train_batch_size=r.prompts_per_step // accum * G, gradient_accumulation_steps=accum, steps_per_generation=accum,

@@ -46,7 +46,10 @@ class ModelConfig:
     name: str = "tiny-llama"
     """Built-in name (see `vlm-treegrpo presets`), local directory or Hugging Face hub id."""
     dtype: str = "auto"
-    """auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16."""
+    """auto, float32, bfloat16 or float16. For training, auto is fp32 weights (the master copy
+    under autocast: AdamW steps smaller than bf16's resolution would otherwise be lost), except a
+    frozen LoRA base on a GPU, which is bf16 (:meth:`training_dtype`); evaluation and sampling
+    alone load auto as bf16 on CUDA, fp32 on the CPU."""
     attn_implementation: str = "auto"
     """auto (flash_attention_2 on CUDA when flash-attn is installed, else sdpa), sdpa or eager."""
     device: str = "auto"
@@ -61,9 +64,10 @@ class ModelConfig:
     """Module names that get LoRA adapters."""
     threads: int = 0
     """torch CPU threads; 0: all cores when the model is on the CPU, 4 when it is on a GPU."""
-    autocast: str = "none"
-    """Mixed precision for rollouts and the training forward/backward: none or bfloat16 (weights
-    and optimizer state stay in `dtype`; evaluation always runs in `dtype`)."""
+    autocast: str = "auto"
+    """Mixed precision for rollouts and the training forward/backward: auto (bfloat16 on a GPU,
+    none on the CPU), none or bfloat16 (weights and optimizer state stay in `dtype`; evaluation
+    always runs in `dtype`)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "model.name", "must not be empty")
@@ -72,7 +76,22 @@ class ModelConfig:
         _require(self.lora_r >= 0, "model.lora_r", f"must be >= 0, got {self.lora_r}")
         _require(self.lora_alpha > 0, "model.lora_alpha", f"must be > 0, got {self.lora_alpha}")
         _require(self.threads >= 0, "model.threads", f"must be >= 0, got {self.threads}")
-        _choice(self.autocast, ("none", "bfloat16"), "model.autocast")
+        _choice(self.autocast, ("auto", "none", "bfloat16"), "model.autocast")
+
+
+    def training_dtype(self, device_type: str) -> str:
+        """The weights' dtype for training on a ``device_type`` (``cpu``, ``cuda``, ...) device."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if device_type != "cpu" and self.lora_r > 0 else "float32"
+
+
+def resolve_autocast(kind: str, device_type: str) -> str:
+    """``model.autocast`` on a ``device_type`` device: ``auto`` is bfloat16 on an accelerator,
+    none on the CPU (where bf16 pays only on CPUs with AVX512-BF16 or AMX: set it there)."""
+    if kind != "auto":
+        return kind
+    return "none" if device_type == "cpu" else "bfloat16"
 
 
 @dataclass

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from vlm_treegrpo.config import TrainConfig
+from vlm_treegrpo.config import TrainConfig, resolve_autocast
 from vlm_treegrpo.core.advantages import group_advantages, tree_advantages
 from vlm_treegrpo.core.diagnostics import mean_pairwise_cosine, reward_std_stats, update_norms
 from vlm_treegrpo.core.losses import kl_penalty, masked_mean, policy_loss, policy_loss_metrics
@@ -72,8 +72,10 @@ def set_threads(threads: int, device: torch.device) -> None:
 
 
 def autocast_ctx(device: torch.device, kind: str):
-    """bf16 autocast for the training forward when asked (about 2x faster on CPUs with AVX512-BF16/AMX)."""
-    if kind == "none":
+    """bf16 autocast for the training forward when asked (``model.autocast``; ``auto`` is bf16 on
+    a GPU: :func:`~vlm_treegrpo.config.resolve_autocast`). About 2x faster on CPUs with
+    AVX512-BF16/AMX."""
+    if resolve_autocast(kind, device.type) == "none":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
@@ -334,7 +336,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     device = resolve_device(cfg.model.device)
     set_threads(cfg.model.threads, device)
 
-    policy = make_policy(cfg.model.name, device, cfg.model.dtype, cfg.model.attn_implementation)
+    policy = make_policy(cfg.model.name, device, cfg.model.training_dtype(device.type), cfg.model.attn_implementation)
     if cfg.model.lora_r > 0:
         policy.model = apply_lora(policy.model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_targets)
     model = policy.model
