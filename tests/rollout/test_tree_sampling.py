@@ -66,3 +66,35 @@ def test_thought_stops_at_delimiter():
         assert not e
         assert "\n\n" in tok.decode(ids)
         assert len(ids) < 10
+
+
+def test_continuations_from_the_thought_cache_sample_what_a_new_prefill_samples(monkeypatch):
+    """The continuation pass starts from the thought pass's KV cache (no second prefill of
+    prompt + thought) and samples the same tokens as prefilling prompt + thought again, with
+    thoughts cut at different lengths by a frequent delimiter and some ended by EOS."""
+    import vlm_treegrpo.rollout.tree as T
+
+    model, tok, prompts = _setup(4)
+    model.generation_config.eos_token_id = [tok.eos_token_id, *range(300, 420)]  # some thoughts end with "EOS"
+    sampling = SamplingParams(temperature=1.0)
+    K, M, delims = 3, 2, ["1", "e", "\n"]
+
+    def fresh_gen(seqs, n, max_new_tokens, stop):
+        return generate(model, tok, seqs, n, max_new_tokens, sampling, stop)
+
+    torch.manual_seed(3)
+    want = T.grow_trees(prompts, list, lambda p, th: list(p) + th, fresh_gen, K, M, 8, 5, delims)
+    prefills, made = [], []
+    prefill, cont = T.prefill_shared, T.continuation_cache
+    monkeypatch.setattr(T, "prefill_shared", lambda *a, **kw: prefills.append(1) or prefill(*a, **kw))
+    monkeypatch.setattr(T, "continuation_cache", lambda *a, **kw: made.append(cont(*a, **kw)) or made[-1])
+    torch.manual_seed(3)
+    got = sample_trees(model, tok, prompts, K, M, 8, 5, sampling, delims)
+    assert len(prefills) == 1  # the prompts, once; not prompt + thought again
+    assert len(made) == 1 and made[0] is not None  # the continuations' cache came from the thought pass
+    lens = {len(th) for t in want for th, done in zip(t.thoughts, t.thought_done) if not done}
+    assert len(lens) > 1  # thoughts of several lengths were continued
+    assert 0 < sum(d for t in want for d in t.thought_done) < len(prompts) * K  # and some were not (EOS)
+    for a, b in zip(got, want):
+        assert (a.thoughts, a.thought_done, a.answers) == (b.thoughts, b.thought_done, b.answers)
+

@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import CompileConfig, GenerationConfig, LogitsProcessorList, StaticCache, StoppingCriteria, StoppingCriteriaList
+from transformers import (CompileConfig, DynamicCache, GenerationConfig, LogitsProcessorList, StaticCache, StoppingCriteria,
+                          StoppingCriteriaList)
+from transformers.cache_utils import DynamicLayer
 
 from vlm_treegrpo.core.tree_packing import (SegmentPlan, predictor_positions, segment_mask, segment_plan, segment_table,
                                              tree_positions)
@@ -210,6 +212,47 @@ def prefill_shared(model, inputs: dict, n: int, repeat_state: Callable[[Any, int
     return cache
 
 
+@dataclass
+class ThoughtPass:
+    """A thought pass's KV cache, kept for its continuations (:func:`continuation_cache`)."""
+
+    cache: Any
+    """The cache ``generate`` ended with: one row per sample, ``prompt_len + T - 1`` positions
+    (``T`` tokens were sampled; the last one was never fed)."""
+    prompt_len: int
+    """The pass's padded prompt length: every row's thought starts at this column."""
+
+
+def continuation_cache(thought: ThoughtPass, rows: list[int], thought_lens: list[int], width: int, n: int):
+    """The KV cache a continuation pass would prefill, taken from the thought pass instead.
+
+    The continuation rows are prompt + thought, left-padded to ``width`` columns; row ``j``
+    continues thought-pass row ``rows[j]``, whose thought kept ``thought_lens[j]`` tokens. Its
+    cache holds every column but the last (as :func:`prefill_shared` leaves it): column ``c``
+    is the thought pass's column ``c + prompt_len + thought_len - width``, the same token at the
+    same position (positions count real tokens only), so the keys carry the right rotary
+    angles. Columns left of the row's first token are left padding, masked. Then repeated
+    ``n`` times, row-major. None where the cache is not plain per-token keys and values (a
+    sliding window, a static cache): the caller prefills instead.
+    """
+    cache = thought.cache
+    if cache is None or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None
+    device = cache.layers[0].keys.device
+    keep = torch.tensor(rows, dtype=torch.long, device=device)  # [R']
+    shift = torch.tensor([thought.prompt_len + t - width for t in thought_lens], dtype=torch.long, device=device)  # [R']
+    cols = torch.arange(width - 1, device=device)[None, :] + shift[:, None]  # [R', width - 1] thought-pass columns
+    for layer in cache.layers:
+        L = layer.keys.shape[2]
+        if int(cols.max()) >= L:
+            raise ValueError(f"continuation_cache: a thought needs column {int(cols.max())} of a {L}-column cache")
+        idx = cols.clamp(0, L - 1)[:, None, :, None]  # [R', 1, width - 1, 1]
+        layer.keys = layer.keys.index_select(0, keep).gather(2, idx.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3]))
+        layer.values = layer.values.index_select(0, keep).gather(2, idx.expand(-1, layer.values.shape[1], -1, layer.values.shape[3]))
+    cache.batch_repeat_interleave(n)
+    return cache
+
+
 STATIC_CACHE_BUCKET = 64
 """A static cache's length is rounded up to a multiple of this, so batches whose prompts differ
 a little in length reuse one compiled decode step."""
@@ -243,6 +286,8 @@ def generate_batch(
     suppress_ids: list[int] | None = None,
     decode_inputs: dict[str, Tensor] | None = None,
     repeat_state: Callable[[Any, int], None] | None = None,
+    prefilled=None,
+    keep: list | None = None,
 ) -> tuple[list[list[int]], list[bool]]:
     """``n`` samples per row of left-padded model kwargs ``inputs`` (``input_ids``,
     ``attention_mask`` and whatever else the model takes, e.g. image tensors), in one batched
@@ -255,6 +300,10 @@ def generate_batch(
     that contain a stop string stop early (:class:`DelimiterStop`); ``suppress_ids`` are never
     generated (e.g. image placeholder tokens). With ``sampling.compile`` the cache is a static
     one (:func:`static_cache`) and ``generate`` decodes through the compiled forward.
+
+    ``prefilled``: the rows' cache, already made (:func:`continuation_cache`; every column but
+    the last, repeated ``n`` times), in place of the shared prefill. ``keep``: a list that gets
+    this pass's :class:`ThoughtPass`, for its continuations.
     """
     eos = eos_ids_of(tokenizer, model)
     device = next(model.parameters()).device
@@ -271,7 +320,11 @@ def generate_batch(
     if stop_strings:
         extra["stopping_criteria"] = StoppingCriteriaList([DelimiterStop(tokenizer, stop_strings, prompt_len)])
     with decode_attention(model):
-        if n > 1 and prompt_len > 1:
+        if prefilled is not None:
+            extra[CACHE_KWARG] = prefilled
+            inputs = on_device(decode_inputs) if decode_inputs is not None else {
+                k: v.repeat_interleave(n, dim=0) for k, v in inputs.items() if k in TOKEN_KEYS}
+        elif n > 1 and prompt_len > 1:
             extra[CACHE_KWARG] = prefill_shared(model, inputs, n, repeat_state)
             inputs = on_device(decode_inputs) if decode_inputs is not None else {
                 k: v.repeat_interleave(n, dim=0) for k, v in inputs.items() if k in TOKEN_KEYS}
@@ -279,7 +332,11 @@ def generate_batch(
             inputs = {k: v.repeat_interleave(n, dim=0) for k, v in inputs.items()}
         if sampling.compile:
             extra[CACHE_KWARG] = static_cache(model, prompt_len + max_new_tokens, extra.get(CACHE_KWARG))
+        elif keep is not None and CACHE_KWARG not in extra:
+            extra[CACHE_KWARG] = DynamicCache(config=model.config)  # (ours, so it outlives generate)
         out = model.generate(**inputs, generation_config=gen_cfg, logits_processor=sampling.logits_processors(suppress_ids or ()), **extra)  # [B*n, prompt_len + new]
+    if keep is not None:
+        keep.append(ThoughtPass(extra[CACHE_KWARG], prompt_len))
     return cut_completions(out, prompt_len, tokenizer, eos, stop_strings)
 
 
@@ -291,16 +348,23 @@ def generate(
     max_new_tokens: int,
     sampling: SamplingParams,
     stop_strings: list[str] | None = None,
+    keep: list | None = None,
+    reuse: tuple[ThoughtPass, list[int], list[int]] | None = None,
 ) -> tuple[list[list[int]], list[bool]]:
     """Sample ``n`` continuations of every token-id sequence in one batched ``generate`` call.
 
     Returns ``(new_ids, ended)`` for the ``len(seqs) * n`` outputs (sequence-major): the new
     tokens of each, cut after the first EOS (kept) or after a stop string, and whether it
-    ended with EOS.
+    ended with EOS. ``keep``: see :func:`generate_batch`. ``reuse = (thought_pass, rows,
+    thought_lens)``: the sequences are those rows' prompt + thought, whose cache is taken from
+    the thought pass (:func:`continuation_cache`) rather than prefilled again.
     """
     input_ids, attention_mask = left_pad(seqs, tokenizer.pad_token_id, "cpu")
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    return generate_batch(model, tokenizer, inputs, n, max_new_tokens, sampling, stop_strings)
+    prefilled = None
+    if reuse is not None and input_ids.shape[1] > 1:
+        prefilled = continuation_cache(*reuse, input_ids.shape[1], n)
+    return generate_batch(model, tokenizer, inputs, n, max_new_tokens, sampling, stop_strings, prefilled=prefilled, keep=keep)
 
 
 GenerateFn = Callable[[list, int, int, "list[str] | None"], tuple[list[list[int]], list[bool]]]
@@ -348,6 +412,37 @@ def grow_trees(
     return trees
 
 
+def resuming_generator(M: int, sample, resume) -> GenerateFn:
+    """The ``gen`` of a K x M tree sampler (:func:`grow_trees`) whose continuations resume the
+    thought pass's KV cache instead of prefilling prompt + thought again.
+
+    ``sample(prompts, n, max_new_tokens, stop, keep)`` samples (``keep``: None, or a list that
+    gets the pass's :class:`ThoughtPass`); ``resume(prompts, n, max_new_tokens, (thought_pass,
+    rows, thought_lens))`` samples the continuations of those thought-pass rows from its cache,
+    or returns None where it cannot (the prompts are then sampled afresh). ``grow_trees`` asks
+    first for the thoughts, then for the continuations of the unfinished ones, in row order.
+    """
+    kept: list[ThoughtPass] = []
+    thoughts: list[tuple[list[list[int]], list[bool]]] = []
+
+    def gen(prompts, n, max_new_tokens, stop):
+        if M > 1 and not thoughts:  # the thought pass: keep its cache
+            out = sample(prompts, n, max_new_tokens, stop, kept)
+            thoughts.append(out)
+            return out
+        if kept:  # the continuations of the unfinished thoughts, in row order
+            ids, ended = thoughts[0]
+            rows = [r for r, done in enumerate(ended) if not done]
+            thought = kept.pop()
+            if len(rows) == len(prompts):
+                out = resume(prompts, n, max_new_tokens, (thought, rows, [len(ids[r]) for r in rows]))
+                if out is not None:
+                    return out
+        return sample(prompts, n, max_new_tokens, stop, None)
+
+    return gen
+
+
 def sample_trees(
     model,
     tokenizer,
@@ -359,10 +454,17 @@ def sample_trees(
     sampling: SamplingParams,
     branch_delimiters: list[str] | None = None,
 ) -> list[Tree]:
-    """Sample a K x M tree for every prompt (token-id lists, already chat-formatted)."""
+    """Sample a K x M tree for every prompt (token-id lists, already chat-formatted).
 
-    def gen(seqs, n, max_new_tokens, stop):
-        return generate(model, tokenizer, seqs, n, max_new_tokens, sampling, stop)
+    The continuations start from the thought pass's KV cache (:func:`continuation_cache`): each
+    prompt + thought is not prefilled a second time."""
+    def sample(seqs, n, max_new_tokens, stop, keep):
+        return generate(model, tokenizer, seqs, n, max_new_tokens, sampling, stop, keep=keep)
+
+    def resume(seqs, n, max_new_tokens, reuse):
+        return generate(model, tokenizer, seqs, n, max_new_tokens, sampling, None, reuse=reuse)
+
+    gen = resuming_generator(M, sample, resume)
 
     return grow_trees(
         prompts, list, lambda p, thought: list(p) + thought, gen, K, M, thought_max_tokens, answer_max_tokens, branch_delimiters

@@ -130,6 +130,11 @@ class VLMAdapter(ABC):
         steps, after a shared prefill (:func:`vlm_treegrpo.rollout.tree.prefill_shared`) of the
         rows whose ``n`` copies ``generate`` continues. None by default."""
 
+    def select_generation_state(self, model, rows: list[int], n: int) -> None:
+        """Keep the per-row generation state of the ``rows`` of the last ``generate`` call,
+        each repeated ``n`` times (row-major), for continuations that resume its cache
+        (:func:`vlm_treegrpo.rollout.tree.continuation_cache`). None by default."""
+
     def encoder_outputs(self, model, batch: dict[str, Tensor], image_keys) -> dict | None:
         """``mm_encoder_outputs`` for ``batch`` with each distinct image encoded once (identity
         from ``image_keys``, one key per image in batch order, else from equal pixels); None when

@@ -36,7 +36,8 @@ from torch import Tensor
 from vlm_treegrpo.data.types import Example
 from vlm_treegrpo.models.loader import pick_attn_implementation, pick_dtype
 from vlm_treegrpo.rollout.prompts import user_message
-from vlm_treegrpo.rollout.tree import SamplingParams, Tree, generate_batch, grow_trees
+from vlm_treegrpo.rollout.tree import (SamplingParams, Tree, continuation_cache, generate_batch, grow_trees,
+                                       resuming_generator)
 from vlm_treegrpo.vlm.adapter import Encoded, VLMAdapter
 from vlm_treegrpo.vlm.batching import flat_image_keys
 from vlm_treegrpo.vlm.registry import get_adapter
@@ -180,6 +181,8 @@ class VLMPolicy:
     def __init__(self, model, processor, adapter: VLMAdapter):
         self.model, self.processor, self.adapter = model, processor, adapter
         self.tokenizer = processor.tokenizer
+        self.reuse_thought_cache = True
+        """Continuations resume the thought pass's KV cache (off: prompt + thought prefilled again)."""
 
     @property
     def pad_id(self) -> int:
@@ -189,7 +192,7 @@ class VLMPolicy:
         """Process the prompt (question + instruction) with the example's images, once."""
         return self.adapter.encode(self.processor, user_message(example, instruction), list(example.images))
 
-    def _generate(self, prompts: list[Encoded], n: int, max_new_tokens: int, sampling: SamplingParams, stop_strings=None):
+    def _generate(self, prompts: list[Encoded], n: int, max_new_tokens: int, sampling: SamplingParams, stop_strings=None, keep=None):
         """``n`` samples per prompt (sequence-major). Each prompt, its images included, is
         prefilled once (distinct images encoded once, ``mm_encoder_outputs``); ``generate`` then
         continues the ``n`` copies, re-collated without their pixel tensors (image tensors are
@@ -203,12 +206,34 @@ class VLMPolicy:
             copies = {k: v for k, v in self.adapter.collate(repeated, self.pad_id).items() if not k.startswith("pixel_")}
         suppress = self.adapter.placeholder_token_ids(self.model)
         return generate_batch(self.model, self.tokenizer, inputs, n, max_new_tokens, sampling, stop_strings, suppress, copies,
-                              self.adapter.repeat_generation_state)
+                              self.adapter.repeat_generation_state, keep=keep)
+
+    def _resume(self, prompts: list[Encoded], n: int, max_new_tokens: int, sampling: SamplingParams, reuse):
+        """``n`` continuations of each prompt + thought, from the thought pass's cache
+        (:func:`~vlm_treegrpo.rollout.tree.continuation_cache`): no image is encoded and no prompt
+        prefilled again. None where the cache cannot be reused (a sliding window)."""
+        thought, rows, lens = reuse
+        repeated = [p for p in prompts for _ in range(n)]
+        copies = {k: v for k, v in self.adapter.collate(repeated, self.pad_id).items() if not k.startswith("pixel_")}
+        cache = continuation_cache(thought, rows, lens, copies["input_ids"].shape[1], n)
+        if cache is None:
+            return None
+        self.adapter.select_generation_state(self.model, rows, n)
+        inputs = {k: v for k, v in self.adapter.collate(prompts, self.pad_id).items() if not k.startswith("pixel_")}
+        suppress = self.adapter.placeholder_token_ids(self.model)
+        return generate_batch(self.model, self.tokenizer, inputs, n, max_new_tokens, sampling, None, suppress, copies,
+                              prefilled=cache)
 
     def sample(self, prompts, K, M, thought_max_tokens, answer_max_tokens, sampling, branch_delimiters) -> list[Tree]:
-        def gen(items, n, max_new_tokens, stop):
-            return self._generate(items, n, max_new_tokens, sampling, stop)
+        """K x M trees; the continuations resume the thought pass's KV cache
+        (:func:`~vlm_treegrpo.rollout.tree.resuming_generator`) unless ``reuse_thought_cache`` is off."""
+        def sample_(items, n, max_new_tokens, stop, keep):
+            return self._generate(items, n, max_new_tokens, sampling, stop, keep if self.reuse_thought_cache else None)
 
+        def resume(items, n, max_new_tokens, reuse):
+            return self._resume(items, n, max_new_tokens, sampling, reuse)
+
+        gen = resuming_generator(M, sample_, resume)
         return grow_trees(
             prompts, lambda p: p.input_ids.tolist(), with_completion, gen, K, M, thought_max_tokens, answer_max_tokens, branch_delimiters
         )

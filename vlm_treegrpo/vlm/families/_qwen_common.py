@@ -296,6 +296,14 @@ class QwenVLAdapter(VLMAdapter):
         if getattr(core, "rope_deltas", None) is not None:
             core.rope_deltas = core.rope_deltas.repeat_interleave(n, dim=0)
 
+    def select_generation_state(self, model, rows: list[int], n: int) -> None:
+        """The mRoPE offsets of the kept rows: an offset counts from the row's real tokens, so it
+        holds for the row's prompt + thought wherever the padding puts them."""
+        core = _vlm_core(model)
+        if getattr(core, "rope_deltas", None) is not None:
+            keep = torch.tensor(rows, dtype=torch.long, device=core.rope_deltas.device)
+            core.rope_deltas = core.rope_deltas.index_select(0, keep).repeat_interleave(n, dim=0)
+
     def encoder_outputs(self, model, batch: dict[str, Tensor], image_keys) -> dict | None:
         """``mm_encoder_outputs`` with each distinct image encoded once (identity from
         ``image_keys``, else from equal pixels); None when no image repeats."""
