@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from vlm_treegrpo.models.tiny import build_tiny_llama
-from vlm_treegrpo.rollout.tree import STATIC_CACHE_BUCKET, SamplingParams, generate, static_cache
+from vlm_treegrpo.rollout.kv_cache import STATIC_CACHE_BUCKET, static_cache
+from vlm_treegrpo.rollout.tree import SamplingParams, generate
 
 PROMPTS = ["1 + 2 =", "12 * 34 - 5 =", "7"]
 
@@ -52,7 +53,8 @@ def test_prompts_in_one_cache_bucket_reuse_the_compiled_step(tiny):
 
 
 def test_static_cache_holds_the_prefill_and_rounds_its_length_up(tiny):
-    from vlm_treegrpo.rollout.tree import left_pad, prefill_shared
+    from vlm_treegrpo.rollout.kv_cache import prefill_shared
+    from vlm_treegrpo.rollout.tree import left_pad
 
     model, tok = tiny
     ids, mask = left_pad([tok.encode(p) for p in PROMPTS], tok.pad_token_id, "cpu")

@@ -125,7 +125,8 @@ def test_samples_per_prompt_are_distinct_draws():
 def test_shared_prefill_cache_equals_the_repeated_rows_cache():
     """prefill_shared runs each prompt once and repeats its KV cache: the same cache as running
     the n copies, and the same greedy continuations."""
-    from vlm_treegrpo.rollout.tree import CACHE_KWARG, generate_batch, left_pad, prefill_shared
+    from vlm_treegrpo.rollout.kv_cache import CACHE_KWARG, prefill_shared
+    from vlm_treegrpo.rollout.tree import generate_batch, left_pad
 
     model, tok, prompts = _tiny()
     prompts = [prompts[0], prompts[1][:-3]]  # unequal lengths: left padding in the batch

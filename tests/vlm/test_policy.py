@@ -295,7 +295,7 @@ def test_shared_prefill_gives_the_plain_generate_logits(family):
     the model's per-row state repeated) equal those of generate over the repeated prompts."""
     from transformers import GenerationConfig
 
-    from vlm_treegrpo.rollout.tree import CACHE_KWARG, prefill_shared
+    from vlm_treegrpo.rollout.kv_cache import CACHE_KWARG, prefill_shared
 
     policy = make_policy(f"tiny-{family}", "cpu")
     adapter, model = policy.adapter, policy.model

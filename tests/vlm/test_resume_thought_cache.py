@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import vlm_treegrpo.rollout.tree as T
+import vlm_treegrpo.rollout.kv_cache as KV
 from vlm_treegrpo.data.visual import make_visual
 from vlm_treegrpo.rollout.tree import SamplingParams
 from vlm_treegrpo.vlm.policy import tiny_vlm_policy
@@ -30,7 +30,7 @@ def test_resumed_continuations_equal_a_new_prefill(family, monkeypatch):
     policy.model.generation_config.eos_token_id = [*(eos if isinstance(eos, list) else [eos]), *range(200, 230)]  # some thoughts end
     want = _trees(policy, prompts, reuse=False)
     made = []
-    cont = T.continuation_cache
+    cont = KV.continuation_cache
     monkeypatch.setattr("vlm_treegrpo.vlm.policy.continuation_cache", lambda *a, **kw: made.append(cont(*a, **kw)) or made[-1])
     got = _trees(policy, prompts, reuse=True)
     assert got == want

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_policy import EXAMPLES, _tree_setup, _unique_image_units, _vision_units, check_tree_logp_matches_plain
+from test_policy import _tree_setup, _unique_image_units, _vision_units, check_tree_logp_matches_plain
 from vlm_treegrpo.config import config_from_dict
 from vlm_treegrpo.trainer import StepData, update_step
 from vlm_treegrpo.vlm.policy import tiny_vlm_policy

@@ -10,25 +10,26 @@ This module only samples and bookkeeps token ids; rewards, advantages and losses
 elsewhere. :func:`grow_trees` is the K x M sampling logic over any prompt type and any batched
 generate function (:func:`sample_trees` is it for token-id prompts; the vision-language policy
 uses it over processed prompts); :func:`generate_batch` / :func:`cut_completions` are the
-``model.generate`` call and its post-processing shared by both. :func:`pack_trees` turns text
-trees into the packed training batch.
+``model.generate`` call and its post-processing shared by both; :func:`resuming_generator` lets
+the continuations resume the thought pass's KV cache (the caches: :mod:`vlm_treegrpo.rollout.kv_cache`).
+:func:`pack_trees` turns text trees into the packed training batch.
 """
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import (CompileConfig, DynamicCache, GenerationConfig, LogitsProcessorList, StaticCache, StoppingCriteria,
-                          StoppingCriteriaList)
-from transformers.cache_utils import DynamicLayer
+from transformers import CompileConfig, DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from vlm_treegrpo.core.tree_packing import (SegmentPlan, predictor_positions, segment_mask, segment_plan, segment_table,
                                              tree_positions)
 from vlm_treegrpo.rollout.attention import decode_attention
+from vlm_treegrpo.rollout.kv_cache import (CACHE_KWARG, TOKEN_KEYS, ThoughtPass, continuation_cache, prefill_shared,
+                                           static_cache)
 from vlm_treegrpo.rollout.sampling import sampling_processors
 
 
@@ -173,105 +174,6 @@ def cut_completions(
             results.append(row[: cut + 1])
             ended.append(True)
     return results, ended
-
-
-def _cache_kwarg() -> str:
-    """The name transformers gives the KV cache (``cache`` since 5.x; ``past_key_values`` before)."""
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    return "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
-
-
-CACHE_KWARG = _cache_kwarg()
-
-TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
-"""Model kwargs that are per token (``[B, T]``): cut with the prefix, repeated with the rows."""
-
-
-@torch.no_grad()
-def prefill_shared(model, inputs: dict, n: int, repeat_state: Callable[[Any, int], None] | None = None):
-    """The KV cache of every row's first ``T - 1`` tokens, computed ONCE per row and then repeated
-    ``n`` times (row-major), for ``generate`` to continue ``n`` samples per row.
-
-    ``generate`` given ``n`` copies of a row runs the whole prompt ``n`` times (and, in a tree's
-    continuation pass, the prompt plus the thought M times); this runs it once. The prefix forward
-    takes the positions ``generate`` itself would use (the model's own
-    ``_prepare_position_ids_for_generation``: ``cumsum(mask) - 1`` for text, Qwen's mRoPE with the
-    images), so the cache is the one ``generate`` would have built. The last token is left for
-    ``generate``'s own first step, which then samples the first new token as usual.
-    ``repeat_state(model, n)`` repeats any per-row state the model keeps between generation calls
-    (Qwen's mRoPE ``rope_deltas``) for the copies.
-    """
-    positions = model._prepare_position_ids_for_generation(inputs["input_ids"], dict(inputs))  # [B, T] or [R, B, T]
-    prefix = {k: v[:, :-1] if k in TOKEN_KEYS else v for k, v in inputs.items()}
-    out = model(**prefix, position_ids=positions[..., :-1], use_cache=True, logits_to_keep=1)
-    cache = getattr(out, CACHE_KWARG)
-    cache.batch_repeat_interleave(n)
-    if repeat_state is not None:
-        repeat_state(model, n)
-    return cache
-
-
-@dataclass
-class ThoughtPass:
-    """A thought pass's KV cache, kept for its continuations (:func:`continuation_cache`)."""
-
-    cache: Any
-    """The cache ``generate`` ended with: one row per sample, ``prompt_len + T - 1`` positions
-    (``T`` tokens were sampled; the last one was never fed)."""
-    prompt_len: int
-    """The pass's padded prompt length: every row's thought starts at this column."""
-
-
-def continuation_cache(thought: ThoughtPass, rows: list[int], thought_lens: list[int], width: int, n: int):
-    """The KV cache a continuation pass would prefill, taken from the thought pass instead.
-
-    The continuation rows are prompt + thought, left-padded to ``width`` columns; row ``j``
-    continues thought-pass row ``rows[j]``, whose thought kept ``thought_lens[j]`` tokens. Its
-    cache holds every column but the last (as :func:`prefill_shared` leaves it): column ``c``
-    is the thought pass's column ``c + prompt_len + thought_len - width``, the same token at the
-    same position (positions count real tokens only), so the keys carry the right rotary
-    angles. Columns left of the row's first token are left padding, masked. Then repeated
-    ``n`` times, row-major. None where the cache is not plain per-token keys and values (a
-    sliding window, a static cache): the caller prefills instead.
-    """
-    cache = thought.cache
-    if cache is None or any(type(layer) is not DynamicLayer for layer in cache.layers):
-        return None
-    device = cache.layers[0].keys.device
-    keep = torch.tensor(rows, dtype=torch.long, device=device)  # [R']
-    shift = torch.tensor([thought.prompt_len + t - width for t in thought_lens], dtype=torch.long, device=device)  # [R']
-    cols = torch.arange(width - 1, device=device)[None, :] + shift[:, None]  # [R', width - 1] thought-pass columns
-    for layer in cache.layers:
-        L = layer.keys.shape[2]
-        if int(cols.max()) >= L:
-            raise ValueError(f"continuation_cache: a thought needs column {int(cols.max())} of a {L}-column cache")
-        idx = cols.clamp(0, L - 1)[:, None, :, None]  # [R', 1, width - 1, 1]
-        layer.keys = layer.keys.index_select(0, keep).gather(2, idx.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3]))
-        layer.values = layer.values.index_select(0, keep).gather(2, idx.expand(-1, layer.values.shape[1], -1, layer.values.shape[3]))
-    cache.batch_repeat_interleave(n)
-    return cache
-
-
-STATIC_CACHE_BUCKET = 64
-"""A static cache's length is rounded up to a multiple of this, so batches whose prompts differ
-a little in length reuse one compiled decode step."""
-
-
-def static_cache(model, max_len: int, prefilled=None) -> StaticCache:
-    """A :class:`~transformers.StaticCache` of ``max_len`` positions (rounded up to
-    :data:`STATIC_CACHE_BUCKET`) for the model's decoder, holding ``prefilled``'s keys and values
-    (a cache from :func:`prefill_shared`) at its first positions, or empty for ``generate`` to
-    prefill. A static cache keeps every tensor's shape fixed across decode steps, which is what
-    lets ``generate`` run a compiled forward (and CUDA graphs) for them."""
-    length = -(-max_len // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
-    cache = StaticCache(config=model.config, max_cache_len=length)
-    if prefilled is not None:
-        if len(prefilled.layers) != len(cache.layers):
-            raise ValueError(f"static_cache: the prefilled cache has {len(prefilled.layers)} layers, the model {len(cache.layers)}")
-        for static, layer in zip(cache.layers, prefilled.layers):
-            static.update(layer.keys, layer.values)  # allocates [B, H, length, D], writes positions 0 .. T-2
-    return cache
 
 
 @torch.no_grad()

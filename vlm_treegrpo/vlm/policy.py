@@ -36,8 +36,8 @@ from torch import Tensor
 from vlm_treegrpo.data.types import Example
 from vlm_treegrpo.models.loader import pick_attn_implementation, pick_dtype
 from vlm_treegrpo.rollout.prompts import user_message
-from vlm_treegrpo.rollout.tree import (SamplingParams, Tree, continuation_cache, generate_batch, grow_trees,
-                                       resuming_generator)
+from vlm_treegrpo.rollout.kv_cache import continuation_cache
+from vlm_treegrpo.rollout.tree import SamplingParams, Tree, generate_batch, grow_trees, resuming_generator
 from vlm_treegrpo.vlm.adapter import Encoded, VLMAdapter
 from vlm_treegrpo.vlm.batching import flat_image_keys
 from vlm_treegrpo.vlm.registry import get_adapter
