@@ -84,10 +84,11 @@ def continuation_cache(thought: ThoughtPass, rows: list[int], thought_lens: list
     keep = torch.tensor(rows, dtype=torch.long, device=device)  # [R']
     shift = torch.tensor([thought.prompt_len + t - width for t in thought_lens], dtype=torch.long, device=device)  # [R']
     cols = torch.arange(width - 1, device=device)[None, :] + shift[:, None]  # [R', width - 1] thought-pass columns
+    last = thought.prompt_len + max(thought_lens) - 2  # the rightmost column any row needs
     for layer in cache.layers:
         L = layer.keys.shape[2]
-        if int(cols.max()) >= L:
-            raise ValueError(f"continuation_cache: a thought needs column {int(cols.max())} of a {L}-column cache")
+        if last >= L:
+            raise ValueError(f"continuation_cache: a thought needs column {last} of a {L}-column cache")
         idx = cols.clamp(0, L - 1)[:, None, :, None]  # [R', 1, width - 1, 1]
         layer.keys = layer.keys.index_select(0, keep).gather(2, idx.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3]))
         layer.values = layer.values.index_select(0, keep).gather(2, idx.expand(-1, layer.values.shape[1], -1, layer.values.shape[3]))
