@@ -84,3 +84,21 @@ def test_compiled_decode_in_a_vlm_tree_samples_what_eager_decode_samples():
         trees[compile_] = [(t.thoughts, t.answers) for t in out]
     assert counters["frames"]["ok"] > frames  # the VLM's decode step was compiled
     assert trees[True] == trees[False]
+
+
+def test_compiled_tree_resumes_its_thought_cache_and_samples_what_eager_samples(tiny, monkeypatch):
+    import vlm_treegrpo.rollout.kv_cache as KV
+    import vlm_treegrpo.rollout.tree as T
+    from vlm_treegrpo.rollout.tree import sample_trees
+
+    model, tok = tiny
+    prompts = [tok.encode(p) for p in PROMPTS]
+    trees = {}
+    for compile_ in (False, True):
+        made = []
+        monkeypatch.setattr(T, "continuation_cache", lambda *a, **kw: made.append(KV.continuation_cache(*a, **kw)) or made[-1])
+        torch.manual_seed(1)
+        out = sample_trees(model, tok, prompts, 2, 2, 6, 4, SamplingParams(temperature=1.0, compile=compile_), ["e", "\n"])
+        trees[compile_] = [(t.thoughts, t.thought_done, t.answers) for t in out]
+        assert len(made) == 1 and made[0] is not None  # resumed from the thought pass (a static cache when compiled)
+    assert trees[True] == trees[False]

@@ -13,8 +13,8 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
-from transformers import StaticCache
-from transformers.cache_utils import DynamicLayer
+from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import DynamicLayer, StaticLayer
 
 
 def _cache_kwarg() -> str:
@@ -73,27 +73,30 @@ def continuation_cache(thought: ThoughtPass, rows: list[int], thought_lens: list
     cache holds every column but the last (as :func:`prefill_shared` leaves it): column ``c``
     is the thought pass's column ``c + prompt_len + thought_len - width``, the same token at the
     same position (positions count real tokens only), so the keys carry the right rotary
-    angles. Columns left of the row's first token are left padding, masked. Then repeated
-    ``n`` times, row-major. None where the cache is not plain per-token keys and values (a
-    sliding window, a static cache): the caller prefills instead.
+    angles. Columns left of the row's first token are left padding, masked. Returned as a new
+    dynamic cache repeated ``n`` times, row-major (compiled decoding copies it into a static
+    one). None where the thought pass's cache is not plain per-token keys and values (a
+    sliding window): the caller prefills instead.
     """
     cache = thought.cache
-    if cache is None or any(type(layer) is not DynamicLayer for layer in cache.layers):
+    if cache is None or any(type(layer) not in (DynamicLayer, StaticLayer) for layer in cache.layers):
         return None
     device = cache.layers[0].keys.device
     keep = torch.tensor(rows, dtype=torch.long, device=device)  # [R']
     shift = torch.tensor([thought.prompt_len + t - width for t in thought_lens], dtype=torch.long, device=device)  # [R']
     cols = torch.arange(width - 1, device=device)[None, :] + shift[:, None]  # [R', width - 1] thought-pass columns
     last = thought.prompt_len + max(thought_lens) - 2  # the rightmost column any row needs
-    for layer in cache.layers:
-        L = layer.keys.shape[2]
+    out = DynamicCache()
+    for i, layer in enumerate(cache.layers):
+        L = layer.keys.shape[2]  # (a static layer's preallocated length: its filled columns come first)
         if last >= L:
             raise ValueError(f"continuation_cache: a thought needs column {last} of a {L}-column cache")
         idx = cols.clamp(0, L - 1)[:, None, :, None]  # [R', 1, width - 1, 1]
-        layer.keys = layer.keys.index_select(0, keep).gather(2, idx.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3]))
-        layer.values = layer.values.index_select(0, keep).gather(2, idx.expand(-1, layer.values.shape[1], -1, layer.values.shape[3]))
-    cache.batch_repeat_interleave(n)
-    return cache
+        keys = layer.keys.index_select(0, keep).gather(2, idx.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3]))
+        values = layer.values.index_select(0, keep).gather(2, idx.expand(-1, layer.values.shape[1], -1, layer.values.shape[3]))
+        out.update(keys, values, i)
+    out.batch_repeat_interleave(n)
+    return out
 
 
 STATIC_CACHE_BUCKET = 64
