@@ -22,7 +22,7 @@ mkdir -p "$OUT"
 "$PY" -c "import torch; print(torch.cuda.get_device_name(0), torch.__version__)" | tee "$OUT/device.txt"
 failed=0
 if want tests; then
-    "$PY" -m pytest -q -s -p no:cacheprovider tests/test_gpu_attention.py 2>&1 | tee "$OUT/gpu-tests.txt"
+    "$PY" -m pytest -q -s -p no:cacheprovider tests/test_gpu_attention.py tests/test_gpu_sampling.py 2>&1 | tee "$OUT/gpu-tests.txt"
     [ "${PIPESTATUS[0]}" -eq 0 ] || failed=$((failed + 1))
 fi
 for w in vlm text; do

@@ -1,0 +1,61 @@
+"""GPU only (skipped without CUDA): tree sampling on the device. Continuations that resume the
+thought pass's KV cache sample what a new prefill samples (text and Qwen2-VL, fp32), and
+compiled decoding (CUDA graphs) samples what eager decoding samples."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlm_treegrpo.rollout.tree import SamplingParams
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def _text():
+    from vlm_treegrpo.models.tiny import build_tiny_llama
+
+    model, tok = build_tiny_llama(seed=0)
+    return model.to("cuda").eval(), tok, [tok.encode(p) for p in ["1 + 2 =", "12 * 34 - 5 =", "7"]]
+
+
+def _shapes(trees):
+    return [(t.thoughts, t.thought_done, t.answers) for t in trees]
+
+
+def test_text_tree_resume_equals_a_new_prefill_on_cuda():
+    from vlm_treegrpo.rollout.tree import generate, grow_trees, sample_trees
+
+    model, tok, prompts = _text()
+    sampling = SamplingParams(temperature=1.0)
+    torch.manual_seed(0)
+    want = grow_trees(prompts, list, lambda p, th: list(p) + th,
+                      lambda seqs, n, mx, stop: generate(model, tok, seqs, n, mx, sampling, stop), 3, 2, 8, 5, ["e", "\n"])
+    torch.manual_seed(0)
+    got = sample_trees(model, tok, prompts, 3, 2, 8, 5, sampling, ["e", "\n"])
+    assert _shapes(got) == _shapes(want)
+
+
+def test_vlm_tree_resume_equals_a_new_prefill_on_cuda():
+    from vlm_treegrpo.data.visual import make_visual
+    from vlm_treegrpo.vlm.policy import tiny_vlm_policy
+
+    policy = tiny_vlm_policy("qwen2-vl", "cuda", dtype="float32")
+    prompts = [policy.encode(ex, "") for ex in make_visual(3, seed=1)]
+    out = {}
+    for reuse in (False, True):
+        policy.reuse_thought_cache = reuse
+        torch.manual_seed(0)
+        with torch.no_grad():
+            out[reuse] = _shapes(policy.sample(prompts, 3, 2, 6, 4, SamplingParams(temperature=1.0), ["e", "\n"]))
+    assert out[True] == out[False]
+
+
+def test_compiled_decode_equals_eager_on_cuda():
+    from vlm_treegrpo.rollout.tree import sample_trees
+
+    model, tok, prompts = _text()
+    out = {}
+    for compile_ in (False, True):
+        torch.manual_seed(0)
+        out[compile_] = _shapes(sample_trees(model, tok, prompts, 2, 2, 6, 4, SamplingParams(temperature=1.0, compile=compile_), ["e"]))
+    assert out[True] == out[False]
