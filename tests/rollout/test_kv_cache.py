@@ -26,6 +26,7 @@ def test_rows_get_their_columns_right_aligned_and_repeated():
     thought = ThoughtPass(_cache(rows=4), prompt_len=P)
     rows, lens, width, n = [1, 3], [2, 5], P + 5, 2  # continuation width: the longest prompt + thought
     cache = continuation_cache(thought, rows, lens, width, n)
+    assert thought.cache is None  # consumed: the thought pass's cache is released
     keys = cache.layers[1].keys  # [len(rows) * n, H, width - 1, D]
     assert keys.shape == (4, H, width - 1, D)
     for j, (r, t) in enumerate(zip(rows, lens)):

@@ -145,3 +145,25 @@ def test_shared_prefill_cache_equals_the_repeated_rows_cache():
     shared, _ = generate_batch(model, tok, {"input_ids": ids, "attention_mask": mask}, 3, 6, greedy)
     plain, _ = generate_batch(model, tok, {"input_ids": rep_ids, "attention_mask": rep_mask}, 1, 6, greedy)
     assert shared == plain
+
+
+def test_a_checkpoints_own_generation_settings_do_not_reach_our_sampling():
+    """generate fills unset fields from the model's generation config: a checkpoint's repetition
+    penalty, n-gram ban or extra return sequences would distort or reshape our samples. Ours
+    sample the same with and without them, and the model's config is left as it was."""
+    from vlm_treegrpo.models.tiny import build_tiny_llama
+    from vlm_treegrpo.rollout.tree import SamplingParams, generate
+
+    model, tok = build_tiny_llama(seed=1)
+    seqs = [tok.encode("1 + 2 ="), tok.encode("12 * 34 - 5 =")]
+    torch.manual_seed(0)
+    want = generate(model, tok, seqs, 3, 12, SamplingParams(temperature=1.0))
+    cfg = model.generation_config
+    cfg.repetition_penalty, cfg.no_repeat_ngram_size, cfg.num_return_sequences, cfg.return_dict_in_generate = 5.0, 1, 2, True
+    torch.manual_seed(0)
+    got = generate(model, tok, seqs, 3, 12, SamplingParams(temperature=1.0))
+    assert got == want
+    assert model.generation_config is cfg and cfg.repetition_penalty == 5.0  # restored
+    torch.manual_seed(0)
+    greedy = generate(model, tok, seqs, 1, 12, SamplingParams(greedy=True))
+    assert len(greedy[0]) == 2 and any(len(set(row)) < len(row) for row in greedy[0])  # repeats allowed: no n-gram ban

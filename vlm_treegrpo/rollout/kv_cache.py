@@ -75,22 +75,23 @@ def continuation_cache(thought: ThoughtPass, rows: list[int], thought_lens: list
     same position (positions count real tokens only), so the keys carry the right rotary
     angles. Columns left of the row's first token are left padding, masked. Returned as a new
     dynamic cache repeated ``n`` times, row-major (compiled decoding copies it into a static
-    one). None where the thought pass's cache is not plain per-token keys and values (a
-    sliding window): the caller prefills instead.
+    one). The thought pass's cache is consumed (released). None where it is not plain
+    per-token keys and values (a sliding window): the caller prefills instead.
     """
-    cache = thought.cache
+    cache, thought.cache = thought.cache, None  # consumed: the thought pass's cache is freed with this call
     if cache is None or any(type(layer) not in (DynamicLayer, StaticLayer) for layer in cache.layers):
         return None
-    device = cache.layers[0].keys.device
-    keep = torch.tensor(rows, dtype=torch.long, device=device)  # [R']
-    shift = torch.tensor([thought.prompt_len + t - width for t in thought_lens], dtype=torch.long, device=device)  # [R']
-    cols = torch.arange(width - 1, device=device)[None, :] + shift[:, None]  # [R', width - 1] thought-pass columns
+    shift = [thought.prompt_len + t - width for t in thought_lens]
     last = thought.prompt_len + max(thought_lens) - 2  # the rightmost column any row needs
-    out = DynamicCache()
+    out, on = DynamicCache(), {}
     for i, layer in enumerate(cache.layers):
-        L = layer.keys.shape[2]  # (a static layer's preallocated length: its filled columns come first)
+        L, device = layer.keys.shape[2], layer.keys.device  # (a static layer's preallocated length: its filled columns come first)
         if last >= L:
             raise ValueError(f"continuation_cache: a thought needs column {last} of a {L}-column cache")
+        if device not in on:  # (per device: a model split over GPUs keeps each layer's cache on its own)
+            cols = torch.arange(width - 1, device=device)[None, :] + torch.tensor(shift, device=device)[:, None]  # [R', width - 1]
+            on[device] = (torch.tensor(rows, dtype=torch.long, device=device), cols)
+        keep, cols = on[device]
         idx = cols.clamp(0, L - 1)[:, None, :, None]  # [R', 1, width - 1, 1]
         keys = layer.keys.index_select(0, keep).gather(2, idx.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3]))
         values = layer.values.index_select(0, keep).gather(2, idx.expand(-1, layer.values.shape[1], -1, layer.values.shape[3]))

@@ -16,6 +16,7 @@ the continuations resume the thought pass's KV cache (the caches: :mod:`vlm_tree
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -88,6 +89,29 @@ class SamplingParams:
         if self.greedy:
             return LogitsProcessorList()
         return LogitsProcessorList(sampling_processors(self.temperature, self.top_k, self.top_p, suppress_ids))
+
+
+SPECIAL_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
+@contextlib.contextmanager
+def neutral_generation_config(model):
+    """During ``generate``, the model holds a generation config with only its special token ids.
+
+    ``generate`` fills every field our config leaves unset from the model's own config. A
+    checkpoint's ``repetition_penalty``, ``no_repeat_ngram_size``, ``bad_words_ids`` and the
+    like would then add logits processors ahead of our sampler, so it would draw from a
+    distorted policy; ``num_return_sequences`` or ``return_dict_in_generate`` would change the
+    output's shape. Under a PEFT wrapper the base model's config is the one ``generate`` reads.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = base.generation_config
+    ids = {k: getattr(saved, k, None) for k in SPECIAL_TOKEN_FIELDS}
+    base.generation_config = GenerationConfig(**{k: v for k, v in ids.items() if v is not None})
+    try:
+        yield
+    finally:
+        base.generation_config = saved
 
 
 def eos_ids_of(tokenizer, model) -> list[int]:
@@ -236,7 +260,9 @@ def generate_batch(
             extra[CACHE_KWARG] = static_cache(model, prompt_len + max_new_tokens, extra.get(CACHE_KWARG))
         elif keep is not None and CACHE_KWARG not in extra:
             extra[CACHE_KWARG] = DynamicCache(config=model.config)  # (ours, so it outlives generate)
-        out = model.generate(**inputs, generation_config=gen_cfg, logits_processor=sampling.logits_processors(suppress_ids or ()), **extra)  # [B*n, prompt_len + new]
+        with neutral_generation_config(model):
+            out = model.generate(**inputs, generation_config=gen_cfg, logits_processor=sampling.logits_processors(suppress_ids or ()),
+                                 **extra)  # [B*n, prompt_len + new]
     if keep is not None:
         keep.append(ThoughtPass(extra[CACHE_KWARG], prompt_len))
     return cut_completions(out, prompt_len, tokenizer, eos, stop_strings)
