@@ -9,6 +9,7 @@ TRL settings chosen to do the same work as ours (every one is reported in the re
   ``token_mean``), ``scale_rewards = "group"`` (our std scaling), ``epsilon = 0.2``;
 * ``gradient_checkpointing = False`` (TRL's default is True; ours never checkpoints),
   ``bf16 = (autocast == "bfloat16")`` with ``use_cpu`` on a CPU-only machine;
+* torch's CPU threads by our rule (``set_threads``: all cores on the CPU, 4 beside a GPU);
 * constant learning rate, AdamW betas (0.9, 0.99), no weight decay, grad-norm clip 1.0;
 * no logging, saving, evaluation or progress bar; the dataset is not shuffled, so step s sees
   the same prompts as ours.
@@ -86,8 +87,9 @@ def run_trl(spec: BenchSpec) -> dict:
     from transformers import TrainerCallback
     from trl import GRPOTrainer
 
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
+    from vlm_treegrpo.trainer import resolve_device, set_threads
+
+    set_threads(spec.threads, resolve_device("auto"))  # the rule ours follows, so threads are no difference
     dataset, examples, instruction = trl_dataset(spec)
     calls: list[dict] = []
     rollout_seconds: list[float] = []
@@ -175,22 +177,22 @@ def trl_args(cfg, output_dir: str, max_steps: int, micro_prompts: int, shuffle: 
     weights, else sdpa); loss ``dapo`` (a token mean over the
     batch, our ``token_mean``) with group std scaling, ``epsilon = 0.2``; gradient checkpointing
     off (ours never checkpoints), bf16 as our autocast; no logging, saving or evaluation."""
-    import torch
     from trl import GRPOConfig
 
     from vlm_treegrpo.config import resolve_autocast
     from vlm_treegrpo.models.loader import pick_attn_implementation, pick_dtype
+    from vlm_treegrpo.trainer import resolve_device
 
     r, o = cfg.rollout, cfg.optim
     G = r.K * r.M
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(cfg.model.device).type
     dtype = pick_dtype(device, cfg.model.training_dtype(device))
     weight_dtype = str(dtype).removeprefix("torch.")
     attn = cfg.model.attn_implementation
     attn = pick_attn_implementation(device, dtype) if attn == "auto" else attn
     accum = max(1, r.prompts_per_step // micro_prompts)
     return GRPOConfig(
-        output_dir=output_dir, use_cpu=not torch.cuda.is_available(), bf16=resolve_autocast(cfg.model.autocast, device) == "bfloat16", fp16=False,
+        output_dir=output_dir, use_cpu=device == "cpu", bf16=resolve_autocast(cfg.model.autocast, device) == "bfloat16", fp16=False,
         gradient_checkpointing=False,
         model_init_kwargs={"dtype": weight_dtype, "attn_implementation": attn},
         per_device_train_batch_size=r.prompts_per_step // accum * G, gradient_accumulation_steps=accum, steps_per_generation=accum,
@@ -208,7 +210,6 @@ def race_trl(cfg, model_dir: str, out_dir: str, budget_s: float, max_steps: int 
     """Train TRL from ``model_dir`` on our config's task and rewards until ``budget_s`` seconds of
     training have passed (checked after each step, as our ``optim.time_budget_s``), then save the
     model to ``out_dir``. Returns the steps run, the seconds, and the mean reward per step."""
-    import torch
     from transformers import TrainerCallback
     from trl import GRPOTrainer
 
@@ -218,8 +219,9 @@ def race_trl(cfg, model_dir: str, out_dir: str, budget_s: float, max_steps: int 
     from vlm_treegrpo.rewards import RewardSet
     from vlm_treegrpo.rollout.prompts import user_message
 
-    if cfg.model.threads:
-        torch.set_num_threads(cfg.model.threads)
+    from vlm_treegrpo.trainer import resolve_device, set_threads
+
+    set_threads(cfg.model.threads, resolve_device(cfg.model.device))
     task = task_from_config(cfg.data)
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": user_message(ex, task.instruction)}], "answer": ex.answer}
                                  for ex in task.train])
