@@ -74,7 +74,7 @@ def sample_big_trees(cfg, n_prompts: int, K_max: int, M_max: int):
     t0 = time.time()
     with autocast_ctx(device, cfg.model.autocast):
         trees = policy.sample(prompts, K_max, M_max, r.thought_max_tokens, r.answer_max_tokens,
-                              SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k), r.branch_delimiters)
+                              SamplingParams.of(r), r.branch_delimiters)
     t_gen = time.time() - t0
     texts = leaf_texts(policy, trees, K_max, M_max)
     scored = RewardSet.from_config(cfg.algo.rewards)(texts, [ex for ex in examples for _ in range(K_max * M_max)])

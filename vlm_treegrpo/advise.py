@@ -170,7 +170,7 @@ def advise(cfg: TrainConfig, prompts: int = 0) -> dict:
     examples = [task.train[i] for i in idx]
     encoded = [policy.encode(ex, task.instruction) for ex in examples]
     policy.model.eval()
-    sampling = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, compile=r.compile_decode)
+    sampling = SamplingParams.of(r)
     with autocast_ctx(device, cfg.model.autocast):
         trees = policy.sample(encoded, r.K, r.M, r.thought_max_tokens, r.answer_max_tokens, sampling, r.branch_delimiters)
     texts = leaf_texts(policy, trees, r.K, r.M)

@@ -78,7 +78,6 @@ class ModelConfig:
         _require(self.threads >= 0, "model.threads", f"must be >= 0, got {self.threads}")
         _choice(self.autocast, ("auto", "none", "bfloat16"), "model.autocast")
 
-
     def training_dtype(self, device_type: str) -> str:
         """The weights' dtype for training on a ``device_type`` (``cpu``, ``cuda``, ...) device."""
         if self.dtype != "auto":

@@ -142,7 +142,7 @@ def rollout_step(policy: Policy, examples, prompts, reward_set: RewardSet, cfg: 
     N, K, M = len(examples), r.K, r.M
     t0 = time.time()
     policy.model.eval()
-    sampling = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, compile=r.compile_decode)
+    sampling = SamplingParams.of(r)
     with autocast_ctx(next(policy.model.parameters()).device, cfg.model.autocast):
         trees = policy.sample(prompts, K, M, r.thought_max_tokens, r.answer_max_tokens, sampling, r.branch_delimiters)
     t_gen = time.time() - t0

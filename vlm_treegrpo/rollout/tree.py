@@ -66,6 +66,11 @@ class SamplingParams:
     compile: bool = False
     """Decode through a static KV cache with the model's forward compiled (:func:`static_cache`)."""
 
+    @classmethod
+    def of(cls, rollout) -> "SamplingParams":
+        """The sampling settings of a :class:`~vlm_treegrpo.config.RolloutConfig`."""
+        return cls(temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k, compile=rollout.compile_decode)
+
     def generation_config(self, max_new_tokens: int, pad_id: int, eos_ids: list[int]) -> GenerationConfig:
         """A greedy config: sampling, when asked for, is done by :meth:`logits_processors`. With
         ``compile``, ``generate`` compiles the decode step (on every device) when given a
@@ -142,9 +147,10 @@ DELIMITER_WINDOW = 4
 """Tokens decoded at each step to look for a branch delimiter (a delimiter spans fewer tokens)."""
 
 
-def _has_delimiter(tokenizer, ids: list[int], delimiters: list[str]) -> bool:
-    tail = tokenizer.decode(ids[-DELIMITER_WINDOW:], skip_special_tokens=False)
-    return any(d in tail for d in delimiters)
+def has_delimiter(tokenizer, rows: list[list[int]], delimiters: list[str]) -> list[bool]:
+    """Whether each row's last :data:`DELIMITER_WINDOW` tokens, decoded, contain a delimiter."""
+    tails = tokenizer.batch_decode([row[-DELIMITER_WINDOW:] for row in rows], skip_special_tokens=False)
+    return [any(d in tail for d in delimiters) for tail in tails]
 
 
 class DelimiterStop(StoppingCriteria):
@@ -161,8 +167,7 @@ class DelimiterStop(StoppingCriteria):
         n_new = input_ids.shape[1] - self.prompt_len
         if n_new <= 0:
             return torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
-        tails = self.tokenizer.batch_decode(input_ids[:, -min(n_new, DELIMITER_WINDOW) :].tolist(), skip_special_tokens=False)
-        done = [any(d in tail for d in self.delimiters) for tail in tails]
+        done = has_delimiter(self.tokenizer, input_ids[:, -min(n_new, DELIMITER_WINDOW) :].tolist(), self.delimiters)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
@@ -190,7 +195,7 @@ def cut_completions(
             ended.append(False)
             continue
         head = row[:cut]
-        if stop_strings and head and _has_delimiter(tokenizer, head, stop_strings):
+        if stop_strings and head and has_delimiter(tokenizer, [head], stop_strings)[0]:
             # Stopped at a branch delimiter; what follows is padding (pad == EOS here).
             results.append(head)
             ended.append(False)
@@ -246,12 +251,10 @@ def generate_batch(
     if stop_strings:
         extra["stopping_criteria"] = StoppingCriteriaList([DelimiterStop(tokenizer, stop_strings, prompt_len)])
     with decode_attention(model):
+        if prefilled is None and n > 1 and prompt_len > 1:
+            prefilled = prefill_shared(model, inputs, n, repeat_state)
         if prefilled is not None:
             extra[CACHE_KWARG] = prefilled
-            inputs = on_device(decode_inputs) if decode_inputs is not None else {
-                k: v.repeat_interleave(n, dim=0) for k, v in inputs.items() if k in TOKEN_KEYS}
-        elif n > 1 and prompt_len > 1:
-            extra[CACHE_KWARG] = prefill_shared(model, inputs, n, repeat_state)
             inputs = on_device(decode_inputs) if decode_inputs is not None else {
                 k: v.repeat_interleave(n, dim=0) for k, v in inputs.items() if k in TOKEN_KEYS}
         elif n > 1:  # a one-token prompt: nothing to share; greedy generate takes one sequence per row

@@ -200,10 +200,7 @@ class VLMPolicy:
         inputs = {k: v.to(self.model.device) for k, v in self.adapter.collate(prompts, self.pad_id).items()}
         with torch.no_grad():
             inputs = self.adapter.unique_image_inputs(self.model, inputs, flat_image_keys(prompts))
-        copies = None
-        if n > 1:
-            repeated = [p for p in prompts for _ in range(n)]
-            copies = {k: v for k, v in self.adapter.collate(repeated, self.pad_id).items() if not k.startswith("pixel_")}
+        copies = self._copies(prompts, n) if n > 1 else None
         suppress = self.adapter.placeholder_token_ids(self.model)
         return generate_batch(self.model, self.tokenizer, inputs, n, max_new_tokens, sampling, stop_strings, suppress, copies,
                               self.adapter.repeat_generation_state, keep=keep)
@@ -213,16 +210,21 @@ class VLMPolicy:
         (:func:`~vlm_treegrpo.rollout.tree.continuation_cache`): no image is encoded and no prompt
         prefilled again. None where the cache cannot be reused (a sliding window)."""
         thought, rows, lens = reuse
-        repeated = [p for p in prompts for _ in range(n)]
-        copies = {k: v for k, v in self.adapter.collate(repeated, self.pad_id).items() if not k.startswith("pixel_")}
+        copies = self._copies(prompts, n)
         cache = continuation_cache(thought, rows, lens, copies["input_ids"].shape[1], n)
         if cache is None:
             return None
         self.adapter.select_generation_state(self.model, rows, n)
-        inputs = {k: v for k, v in self.adapter.collate(prompts, self.pad_id).items() if not k.startswith("pixel_")}
         suppress = self.adapter.placeholder_token_ids(self.model)
-        return generate_batch(self.model, self.tokenizer, inputs, n, max_new_tokens, sampling, None, suppress, copies,
+        # (the copies are the decode batch itself; as ``inputs`` they only give the prompt width)
+        return generate_batch(self.model, self.tokenizer, copies, n, max_new_tokens, sampling, None, suppress, copies,
                               prefilled=cache)
+
+    def _copies(self, prompts: list[Encoded], n: int) -> dict[str, Tensor]:
+        """The ``n`` copies of each prompt (row-major), collated without their pixel tensors: the
+        batch ``generate`` decodes once the prompts' cache holds the images."""
+        repeated = [p for p in prompts for _ in range(n)]
+        return {k: v for k, v in self.adapter.collate(repeated, self.pad_id).items() if not k.startswith("pixel_")}
 
     def sample(self, prompts, K, M, thought_max_tokens, answer_max_tokens, sampling, branch_delimiters) -> list[Tree]:
         """K x M trees; the continuations resume the thought pass's KV cache
