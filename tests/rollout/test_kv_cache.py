@@ -1,5 +1,6 @@
 """continuation_cache on a synthetic cache: each continuation row gets its thought-pass row's
-columns, shifted into the left-padded layout, repeated n times; a bound and a fallback."""
+columns, shifted into the left-padded layout, repeated n times, from whichever piece of the
+thought pass's cache holds the row; a bound and a fallback."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
-from vlm_treegrpo.rollout.kv_cache import ThoughtPass, continuation_cache
+from vlm_treegrpo.rollout.kv_cache import CachePiece, ThoughtPass, continuation_cache, select_rows
 
 P, T, H, D = 4, 5, 2, 3  # padded prompt length, tokens sampled, heads, head size
 
@@ -22,11 +23,22 @@ def _cache(rows: int, layers: int = 2) -> DynamicCache:
     return cache
 
 
-def test_rows_get_their_columns_right_aligned_and_repeated():
-    thought = ThoughtPass(_cache(rows=4), prompt_len=P)
+def _whole(cache) -> list[CachePiece]:
+    return [CachePiece(torch.arange(cache.layers[-1].keys.shape[0]), cache)]
+
+
+def _split(cache) -> list[CachePiece]:
+    """The same rows as two pieces, as a decode that dropped rows 3 and 0 leaves them."""
+    dropped = torch.tensor([3, 0])
+    return [CachePiece(dropped, select_rows(cache, dropped)), CachePiece(torch.tensor([1, 2]), select_rows(cache, torch.tensor([1, 2])))]
+
+
+@pytest.mark.parametrize("pieces", [_whole, _split])
+def test_rows_get_their_columns_right_aligned_and_repeated(pieces):
+    thought = ThoughtPass(pieces(_cache(rows=4)), prompt_len=P)
     rows, lens, width, n = [1, 3], [2, 5], P + 5, 2  # continuation width: the longest prompt + thought
     cache = continuation_cache(thought, rows, lens, width, n)
-    assert thought.cache is None  # consumed: the thought pass's cache is released
+    assert thought.pieces is None  # consumed: the thought pass's cache is released
     keys = cache.layers[1].keys  # [len(rows) * n, H, width - 1, D]
     assert keys.shape == (4, H, width - 1, D)
     for j, (r, t) in enumerate(zip(rows, lens)):
@@ -41,7 +53,10 @@ def test_rows_get_their_columns_right_aligned_and_repeated():
 
 def test_a_thought_longer_than_the_cache_is_an_error_and_a_window_falls_back():
     with pytest.raises(ValueError, match="needs column"):
-        continuation_cache(ThoughtPass(_cache(rows=2), prompt_len=P), [0], [T + 1], P + T + 1, 1)
+        continuation_cache(ThoughtPass(_whole(_cache(rows=2)), prompt_len=P), [0], [T + 1], P + T + 1, 1)
+    with pytest.raises(ValueError, match=r"rows \[5\] are in no piece"):
+        continuation_cache(ThoughtPass(_whole(_cache(rows=2)), prompt_len=P), [0, 5], [2, 2], P + 2, 1)
     cache = _cache(rows=2)
     cache.layers[0] = DynamicSlidingWindowLayer(sliding_window=4)
-    assert continuation_cache(ThoughtPass(cache, prompt_len=P), [0], [2], P + 2, 1) is None
+    assert select_rows(cache, torch.tensor([0])) is None
+    assert continuation_cache(ThoughtPass(_whole(cache), prompt_len=P), [0], [2], P + 2, 1) is None

@@ -2,8 +2,8 @@
 resumed by its continuations, and the static cache that compiled decoding needs.
 
 :func:`prefill_shared` prefills each prompt once for its ``n`` samples; :func:`continuation_cache`
-takes a tree's continuations' cache from its thought pass (:class:`ThoughtPass`) instead of a
-second prefill; :func:`static_cache` copies a prefill into a fixed-shape cache. The sampler that
+takes a tree's continuations' cache from its thought pass (:class:`ThoughtPass`, kept as
+:class:`CachePiece` s) instead of a second prefill; :func:`static_cache` copies a prefill into a fixed-shape cache. The sampler that
 uses them is :mod:`vlm_treegrpo.rollout.tree`.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+from torch import Tensor
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import DynamicLayer, StaticLayer
 
@@ -54,15 +55,46 @@ def prefill_shared(model, inputs: dict, n: int, repeat_state: Callable[[Any, int
     return cache
 
 
+PLAIN_LAYERS = (DynamicLayer, StaticLayer)
+"""Cache layers holding every column's keys and values (a sliding window keeps only its last ones)."""
+
+
+@dataclass
+class CachePiece:
+    """Some rows of a decode pass and their KV cache (a pass that drops finished rows ends with
+    several: :func:`~vlm_treegrpo.rollout.decode.decode`)."""
+
+    rows: Tensor
+    """``[R]``: the pass's rows that the cache's rows are, in its order."""
+    cache: Any
+    """Their cache; None where it could not be kept (not plain per-token keys and values)."""
+
+
+def select_rows(cache, idx: Tensor):
+    """A new dynamic cache of ``cache``'s rows ``idx``; None unless every layer is plain
+    (:data:`PLAIN_LAYERS`)."""
+    if any(type(layer) not in PLAIN_LAYERS for layer in cache.layers):
+        return None
+    out = DynamicCache()
+    for i, layer in enumerate(cache.layers):
+        keep = idx.to(layer.keys.device)
+        out.update(layer.keys.index_select(0, keep), layer.values.index_select(0, keep), i)
+    return out
+
+
 @dataclass
 class ThoughtPass:
     """A thought pass's KV cache, kept for its continuations (:func:`continuation_cache`)."""
 
-    cache: Any
-    """The cache ``generate`` ended with: one row per sample, ``prompt_len + T - 1`` positions
-    (``T`` tokens were sampled; the last one was never fed)."""
+    pieces: list[CachePiece] | None
+    """The caches ``generate`` ended with, for every row that may be continued: one row per
+    sample with ``prompt_len + T - 1`` columns or more (``T`` tokens were sampled; the last one
+    was never fed)."""
     prompt_len: int
     """The pass's padded prompt length: every row's thought starts at this column."""
+    state: Any = None
+    """The model's per-row generation state for the pass's rows, where the policy keeps one
+    (a VLM adapter's ``generation_state``: Qwen's mRoPE offsets)."""
 
 
 def continuation_cache(thought: ThoughtPass, rows: list[int], thought_lens: list[int], width: int, n: int):
@@ -78,24 +110,37 @@ def continuation_cache(thought: ThoughtPass, rows: list[int], thought_lens: list
     one). The thought pass's cache is consumed (released). None where it is not plain
     per-token keys and values (a sliding window): the caller prefills instead.
     """
-    cache, thought.cache = thought.cache, None  # consumed: the thought pass's cache is freed with this call
-    if cache is None or any(type(layer) not in (DynamicLayer, StaticLayer) for layer in cache.layers):
+    pieces, thought.pieces = thought.pieces, None  # consumed: the thought pass's cache is freed with this call
+    if not pieces or any(p.cache is None or any(type(layer) not in PLAIN_LAYERS for layer in p.cache.layers) for p in pieces):
         return None
+    where = {int(r): (p, i) for p, piece in enumerate(pieces) for i, r in enumerate(piece.rows.tolist())}
+    if any(r not in where for r in rows):
+        raise ValueError(f"continuation_cache: rows {sorted(set(rows) - set(where))} are in no piece of the thought pass's cache")
     shift = [thought.prompt_len + t - width for t in thought_lens]
-    last = thought.prompt_len + max(thought_lens) - 2  # the rightmost column any row needs
+    parts = [[j for j, r in enumerate(rows) if where[r][0] == p] for p in range(len(pieces))]  # continuation rows per piece
+    order = torch.tensor([j for js in parts for j in js]).argsort()  # pieces' concatenation -> continuation order
     out, on = DynamicCache(), {}
-    for i, layer in enumerate(cache.layers):
-        L, device = layer.keys.shape[2], layer.keys.device  # (a static layer's preallocated length: its filled columns come first)
-        if last >= L:
-            raise ValueError(f"continuation_cache: a thought needs column {last} of a {L}-column cache")
-        if device not in on:  # (per device: a model split over GPUs keeps each layer's cache on its own)
-            cols = torch.arange(width - 1, device=device)[None, :] + torch.tensor(shift, device=device)[:, None]  # [R', width - 1]
-            on[device] = (torch.tensor(rows, dtype=torch.long, device=device), cols)
-        keep, cols = on[device]
-        idx = cols.clamp(0, L - 1)[:, None, :, None]  # [R', 1, width - 1, 1]
-        keys = layer.keys.index_select(0, keep).gather(2, idx.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3]))
-        values = layer.values.index_select(0, keep).gather(2, idx.expand(-1, layer.values.shape[1], -1, layer.values.shape[3]))
-        out.update(keys, values, i)
+    for i in range(len(pieces[0].cache.layers)):
+        keys, values = [], []
+        for p, js in enumerate(parts):
+            if not js:
+                continue
+            layer = pieces[p].cache.layers[i]
+            L, device = layer.keys.shape[2], layer.keys.device  # (a static layer's preallocated length: its filled columns come first)
+            last = thought.prompt_len + max(thought_lens[j] for j in js) - 2  # the rightmost column these rows need
+            if last >= L:
+                raise ValueError(f"continuation_cache: a thought needs column {last} of a {L}-column cache")
+            if (p, device) not in on:  # (per device: a model split over GPUs keeps each layer's cache on its own)
+                local = torch.tensor([where[rows[j]][1] for j in js], dtype=torch.long, device=device)
+                cols = torch.arange(width - 1, device=device)[None, :] + torch.tensor([shift[j] for j in js], device=device)[:, None]
+                on[p, device] = (local, cols.clamp(0, L - 1)[:, None, :, None])  # [R_p, 1, width - 1, 1]
+            local, idx = on[p, device]
+            keys.append(layer.keys.index_select(0, local).gather(2, idx.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])))
+            values.append(layer.values.index_select(0, local).gather(2, idx.expand(-1, layer.values.shape[1], -1, layer.values.shape[3])))
+        k, v = (torch.cat(t) if len(t) > 1 else t[0] for t in (keys, values))
+        if len(keys) > 1:
+            k, v = k.index_select(0, order.to(k.device)), v.index_select(0, order.to(v.device))
+        out.update(k, v, i)
     out.batch_repeat_interleave(n)
     return out
 

@@ -26,7 +26,8 @@ NUCLEUS_CANDIDATES = 256
 """Tokens :func:`nucleus` looks at first (all of them where these hold less than ``top_p``)."""
 
 
-def inverse_cdf_sample(logits: Tensor, generator: torch.Generator | None = None, work: Tensor | None = None) -> Tensor:
+def inverse_cdf_sample(logits: Tensor, generator: torch.Generator | None = None, work: Tensor | None = None,
+                       u: Tensor | None = None) -> Tensor:
     """One token per row of ``logits [B, V]`` drawn from ``softmax(logits)``; returns ``[B]`` long.
 
     Tokens with logit ``-inf`` (zero probability) are never drawn: the search returns the first
@@ -34,13 +35,16 @@ def inverse_cdf_sample(logits: Tensor, generator: torch.Generator | None = None,
     cumulative sum. The cumulative sum is in float64, so the rounding over a large vocabulary
     does not shift mass between tokens. ``work``: a float64 buffer of ``logits``' shape to compute
     in (:func:`workspace`); on the CPU a fresh 25 MB buffer per decode step (64 rows of SmolLM2's
-    vocabulary) costs more in page faults than the arithmetic.
+    vocabulary) costs more in page faults than the arithmetic. ``u``: the rows' uniforms ``[B, 1]``
+    float64 in ``[0, 1)``, drawn by the caller (:meth:`Sampler.keep_rows`); else drawn here.
     """
     x = work if work is not None else torch.empty(logits.shape, dtype=torch.float64, device=logits.device)
     x.copy_(logits)
     cdf = x.sub_(x.amax(-1, keepdim=True)).exp_().cumsum_(-1)  # [B, V]: weights with max entry 1, summed
     total = cdf[:, -1:]  # [B, 1]
-    u = torch.rand(total.shape, dtype=torch.float64, device=logits.device, generator=generator) * total  # [B, 1] in [0, total)
+    if u is None:
+        u = torch.rand(total.shape, dtype=torch.float64, device=logits.device, generator=generator)
+    u = u * total  # [B, 1] in [0, total)
     idx = torch.searchsorted(cdf, u, right=True).squeeze(-1)  # [B]: first index with cdf > u
     overflow = idx >= logits.shape[-1]  # u rounded up to the total: fall back to the most likely token
     if overflow.any():
@@ -96,9 +100,9 @@ class InverseCDFSampler(LogitsProcessor):
     def __init__(self):
         self.work: Tensor | None = None
 
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+    def __call__(self, input_ids: Tensor, scores: Tensor, u: Tensor | None = None) -> Tensor:
         self.work = workspace(self.work, scores)
-        return _argmax_at(scores, inverse_cdf_sample(scores, work=self.work)[:, None])
+        return _argmax_at(scores, inverse_cdf_sample(scores, work=self.work, u=u)[:, None])
 
 
 class NucleusSampler(LogitsProcessor):
@@ -108,10 +112,10 @@ class NucleusSampler(LogitsProcessor):
         self.top_k, self.top_p = top_k, top_p
         self.work: Tensor | None = None
 
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+    def __call__(self, input_ids: Tensor, scores: Tensor, u: Tensor | None = None) -> Tensor:
         self.work = workspace(self.work, scores, torch.float32)
         idx, probs = nucleus(scores, self.top_k, self.top_p, work=self.work)  # [B, k]
-        choice = inverse_cdf_sample(probs.log())  # [B] (log 0 = -inf: never drawn)
+        choice = inverse_cdf_sample(probs.log(), u=u)  # [B] (log 0 = -inf: never drawn)
         return _argmax_at(scores, idx.gather(-1, choice[:, None]))
 
 
@@ -128,6 +132,15 @@ class Sampler(LogitsProcessor):
         self.suppress = torch.tensor(sorted(set(int(i) for i in suppress_ids)), dtype=torch.long)
         nucleus_on = (top_k and top_k > 0) or top_p < 1.0
         self.draw = NucleusSampler(max(top_k or 0, 0), top_p) if nucleus_on else InverseCDFSampler()
+        self.rows: Tensor | None = None
+        self.n_rows = 0
+
+    def keep_rows(self, rows: Tensor | None, n_rows: int = 0) -> None:
+        """From now on draw ``n_rows`` uniforms per step and use those at ``rows [B']`` (the
+        batch's rows, as indices into a batch of ``n_rows``): a decode that drops finished rows
+        (:mod:`vlm_treegrpo.rollout.decode`) then samples exactly what the full batch samples.
+        None: one uniform per batch row."""
+        self.rows, self.n_rows = rows, n_rows
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         if self.suppress.numel():
@@ -136,7 +149,12 @@ class Sampler(LogitsProcessor):
             scores = scores.index_fill(-1, self.suppress, float("-inf"))
         if self.temperature != 1.0:
             scores = scores / self.temperature
-        return self.draw(input_ids, scores)
+        u = None
+        if self.rows is not None:
+            if self.rows.device != scores.device:
+                self.rows = self.rows.to(scores.device)
+            u = torch.rand((self.n_rows, 1), dtype=torch.float64, device=scores.device).index_select(0, self.rows)  # [B', 1]
+        return self.draw(input_ids, scores, u)
 
 
 def sampling_processors(temperature: float, top_k: int, top_p: float, suppress_ids: Sequence[int] = ()) -> list[LogitsProcessor]:

@@ -10,7 +10,8 @@ This module only samples and bookkeeps token ids; rewards, advantages and losses
 elsewhere. :func:`grow_trees` is the K x M sampling logic over any prompt type and any batched
 generate function (:func:`sample_trees` is it for token-id prompts; the vision-language policy
 uses it over processed prompts); :func:`generate_batch` / :func:`cut_completions` are the
-``model.generate`` call and its post-processing shared by both; :func:`resuming_generator` lets
+batched decode (``model.generate`` with finished rows dropped: :mod:`vlm_treegrpo.rollout.decode`)
+and its post-processing shared by both; :func:`resuming_generator` lets
 the continuations resume the thought pass's KV cache (the caches: :mod:`vlm_treegrpo.rollout.kv_cache`).
 :func:`pack_trees` turns text trees into the packed training batch.
 """
@@ -24,13 +25,13 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import CompileConfig, DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import CompileConfig, DynamicCache, GenerationConfig, LogitsProcessorList
 
 from vlm_treegrpo.core.tree_packing import (SegmentPlan, predictor_positions, segment_mask, segment_plan, segment_table,
                                              tree_positions)
 from vlm_treegrpo.rollout.attention import decode_attention
-from vlm_treegrpo.rollout.kv_cache import (CACHE_KWARG, TOKEN_KEYS, ThoughtPass, continuation_cache, prefill_shared,
-                                           static_cache)
+from vlm_treegrpo.rollout.decode import StopRule, decode, has_delimiter
+from vlm_treegrpo.rollout.kv_cache import TOKEN_KEYS, ThoughtPass, continuation_cache, prefill_shared, static_cache
 from vlm_treegrpo.rollout.sampling import sampling_processors
 
 
@@ -65,6 +66,9 @@ class SamplingParams:
     greedy: bool = False
     compile: bool = False
     """Decode through a static KV cache with the model's forward compiled (:func:`static_cache`)."""
+    drop_finished: bool = True
+    """Finished rows leave the decode batch (:mod:`vlm_treegrpo.rollout.decode`; the samples are
+    the same). Not with ``compile``: a static cache keeps its batch."""
 
     @classmethod
     def of(cls, rollout) -> "SamplingParams":
@@ -143,34 +147,6 @@ def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor
     return ids.to(device), mask.to(device)
 
 
-DELIMITER_WINDOW = 4
-"""Tokens decoded at each step to look for a branch delimiter (a delimiter spans fewer tokens)."""
-
-
-def has_delimiter(tokenizer, rows: list[list[int]], delimiters: list[str]) -> list[bool]:
-    """Whether each row's last :data:`DELIMITER_WINDOW` tokens, decoded, contain a delimiter."""
-    tails = tokenizer.batch_decode([row[-DELIMITER_WINDOW:] for row in rows], skip_special_tokens=False)
-    return [any(d in tail for d in delimiters) for tail in tails]
-
-
-class DelimiterStop(StoppingCriteria):
-    """Stops each row once its newly generated tail contains a branch delimiter.
-
-    Cheaper than transformers' ``stop_strings`` (which precomputes tables over the whole
-    vocabulary on first use): it decodes only the last few generated tokens of each row.
-    """
-
-    def __init__(self, tokenizer, delimiters: list[str], prompt_len: int):
-        self.tokenizer, self.delimiters, self.prompt_len = tokenizer, list(delimiters), prompt_len
-
-    def __call__(self, input_ids: Tensor, scores, **kwargs) -> Tensor:
-        n_new = input_ids.shape[1] - self.prompt_len
-        if n_new <= 0:
-            return torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
-        done = has_delimiter(self.tokenizer, input_ids[:, -min(n_new, DELIMITER_WINDOW) :].tolist(), self.delimiters)
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
 def cut_completions(
     out: Tensor, prompt_len: int, tokenizer, eos_ids: Sequence[int], stop_strings: list[str] | None = None
 ) -> tuple[list[list[int]], list[bool]]:
@@ -219,17 +195,20 @@ def generate_batch(
     repeat_state: Callable[[Any, int], None] | None = None,
     prefilled=None,
     keep: list | None = None,
+    select_state: Callable[[list[int]], None] | None = None,
 ) -> tuple[list[list[int]], list[bool]]:
     """``n`` samples per row of left-padded model kwargs ``inputs`` (``input_ids``,
     ``attention_mask`` and whatever else the model takes, e.g. image tensors), in one batched
-    ``model.generate``; post-processed by :func:`cut_completions` (rows sequence-major).
+    decode (:func:`~vlm_treegrpo.rollout.decode.decode`: ``generate``, finished rows dropped
+    along the way); post-processed by :func:`cut_completions` (rows sequence-major).
 
     With ``n > 1`` the rows' prompts are prefilled once (:func:`prefill_shared`) and ``generate``
     continues the ``B * n`` copies from that cache: ``decode_inputs`` are the copies' kwargs
     (default: every per-token input repeated; a VLM passes its re-collated copies without pixel
     tensors, which the cache already holds; ``repeat_state``: see :func:`prefill_shared`). Rows
-    that contain a stop string stop early (:class:`DelimiterStop`); ``suppress_ids`` are never
-    generated (e.g. image placeholder tokens). With ``sampling.compile`` the cache is a static
+    that contain a stop string stop early; ``suppress_ids`` are never generated (e.g. image
+    placeholder tokens). ``select_state(rows)``: keeps the model's per-row generation state of
+    those rows when finished rows are dropped. With ``sampling.compile`` the cache is a static
     one (:func:`static_cache`) and ``generate`` decodes through the compiled forward.
 
     ``prefilled``: the rows' cache, already made (:func:`continuation_cache`; every column but
@@ -244,30 +223,27 @@ def generate_batch(
 
     inputs = on_device(inputs)
     prompt_len = inputs["input_ids"].shape[1]
-    extra = {}
     gen_cfg = sampling.generation_config(max_new_tokens, tokenizer.pad_token_id, eos)
     if suppress_ids and sampling.greedy:  # (a sampled call suppresses in its Sampler)
         gen_cfg.suppress_tokens = list(suppress_ids)
-    if stop_strings:
-        extra["stopping_criteria"] = StoppingCriteriaList([DelimiterStop(tokenizer, stop_strings, prompt_len)])
     with decode_attention(model):
         if prefilled is None and n > 1 and prompt_len > 1:
             prefilled = prefill_shared(model, inputs, n, repeat_state)
         if prefilled is not None:
-            extra[CACHE_KWARG] = prefilled
             inputs = on_device(decode_inputs) if decode_inputs is not None else {
                 k: v.repeat_interleave(n, dim=0) for k, v in inputs.items() if k in TOKEN_KEYS}
         elif n > 1:  # a one-token prompt: nothing to share; greedy generate takes one sequence per row
             inputs = {k: v.repeat_interleave(n, dim=0) for k, v in inputs.items()}
         if sampling.compile:
-            extra[CACHE_KWARG] = static_cache(model, prompt_len + max_new_tokens, extra.get(CACHE_KWARG))
-        elif keep is not None and CACHE_KWARG not in extra:
-            extra[CACHE_KWARG] = DynamicCache(config=model.config)  # (ours, so it outlives generate)
+            cache = static_cache(model, prompt_len + max_new_tokens, prefilled)
+        else:
+            cache = prefilled if prefilled is not None else DynamicCache(config=model.config)  # (ours: it outlives generate)
         with neutral_generation_config(model):
-            out = model.generate(**inputs, generation_config=gen_cfg, logits_processor=sampling.logits_processors(suppress_ids or ()),
-                                 **extra)  # [B*n, prompt_len + new]
+            out, pieces = decode(model, inputs, cache, gen_cfg, sampling.logits_processors(suppress_ids or ()),
+                                 StopRule(eos, tokenizer, stop_strings or ()), drop=sampling.drop_finished and not sampling.compile,
+                                 select_state=select_state, stash=keep is not None)  # [B*n, prompt_len + new]
     if keep is not None:
-        keep.append(ThoughtPass(extra[CACHE_KWARG], prompt_len))
+        keep.append(ThoughtPass(pieces, prompt_len))
     return cut_completions(out, prompt_len, tokenizer, eos, stop_strings)
 
 

@@ -130,6 +130,15 @@ class VLMAdapter(ABC):
         steps, after a shared prefill (:func:`vlm_treegrpo.rollout.tree.prefill_shared`) of the
         rows whose ``n`` copies ``generate`` continues. None by default."""
 
+    def generation_state(self, model):
+        """The per-row state the model keeps between ``generate`` steps (None by default), as
+        :meth:`set_generation_state` puts it back: a thought pass that drops finished rows saves
+        its rows' state for the continuations."""
+        return None
+
+    def set_generation_state(self, model, state) -> None:
+        """Put back a :meth:`generation_state`. Nothing by default."""
+
     def select_generation_state(self, model, rows: list[int], n: int) -> None:
         """Keep the per-row generation state of the ``rows`` of the last ``generate`` call,
         each repeated ``n`` times (row-major), for continuations that resume its cache

@@ -296,6 +296,13 @@ class QwenVLAdapter(VLMAdapter):
         if getattr(core, "rope_deltas", None) is not None:
             core.rope_deltas = core.rope_deltas.repeat_interleave(n, dim=0)
 
+    def generation_state(self, model):
+        """The mRoPE offsets ``rope_deltas [B, 1]`` (or None)."""
+        return getattr(_vlm_core(model), "rope_deltas", None)
+
+    def set_generation_state(self, model, state) -> None:
+        _vlm_core(model).rope_deltas = state
+
     def select_generation_state(self, model, rows: list[int], n: int) -> None:
         """The mRoPE offsets of the kept rows: an offset counts from the row's real tokens, so it
         holds for the row's prompt + thought wherever the padding puts them."""
