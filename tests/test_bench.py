@@ -111,3 +111,37 @@ def test_quick_bench_against_trl(tmp_path):
     assert s["model_init_kwargs"] == {"dtype": "float32", "attn_implementation": "sdpa"}
     assert trl["generated_tokens_per_s"] == trl["completion_tokens_per_s"]  # flat: every leaf token is sampled
     assert max(trl["zero_std_frac"]) < 1.0
+
+
+def test_race_trl_with_lora_trains_the_same_adapters_and_saves_a_plain_model(tmp_path):
+    """With ``model.lora_r > 0`` TRL gets our adapters as its ``peft_config`` (it would otherwise
+    fully fine-tune) and its result is saved merged, as ours, for the same evaluator."""
+    pytest.importorskip("trl")
+    import torch
+
+    from vlm_treegrpo.bench import prepare_model_dir
+    from vlm_treegrpo.bench_trl import race_trl
+    from vlm_treegrpo.config import config_from_dict
+    from vlm_treegrpo.policy import make_policy
+
+    model_dir = prepare_model_dir("tiny-llama", tmp_path)
+    cfg = config_from_dict({}, ["model.name=tiny-llama", "model.lora_r=4", "model.lora_targets=[q_proj,v_proj]", "rollout.K=2",
+                                "rollout.M=1", "rollout.thought_max_tokens=8", "rollout.answer_max_tokens=0",
+                                "rollout.prompts_per_step=2", "optim.micro_batch=2", "optim.lr=0.05", "data.n_train=8",
+                                "algo.rewards=[vlm_treegrpo.bench:length_signal_reward]"])
+    trained = []
+    from trl import GRPOTrainer
+
+    orig = GRPOTrainer.train
+    GRPOTrainer.train = lambda self, *a, **k: trained.append(type(self.model).__name__) or orig(self, *a, **k)
+    try:
+        result = race_trl(cfg, model_dir, str(tmp_path / "out"), budget_s=0.0, max_steps=1)
+    finally:
+        GRPOTrainer.train = orig
+    assert result["steps"] == 1 and trained[0].startswith("PeftModel")
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
+    loaded = make_policy(str(tmp_path / "out"), "cpu", "float32")
+    base = make_policy(model_dir, "cpu", "float32")
+    assert not any("lora" in n for n, _ in loaded.model.named_parameters())
+    changed = [n for n, p in loaded.model.named_parameters() if not torch.equal(p, base.model.get_parameter(n))]
+    assert changed and all(("q_proj" in n or "v_proj" in n) for n in changed)  # only the adapted weights moved

@@ -209,7 +209,9 @@ def trl_args(cfg, output_dir: str, max_steps: int, micro_prompts: int, shuffle: 
 def race_trl(cfg, model_dir: str, out_dir: str, budget_s: float, max_steps: int = 100_000) -> dict:
     """Train TRL from ``model_dir`` on our config's task and rewards until ``budget_s`` seconds of
     training have passed (checked after each step, as our ``optim.time_budget_s``), then save the
-    model to ``out_dir``. Returns the steps run, the seconds, and the mean reward per step."""
+    model to ``out_dir``. With ``model.lora_r > 0`` TRL trains the same LoRA adapters as ours
+    (its ``peft_config``) and saves the weights with them merged, as ours does. Returns the steps
+    run, the seconds, and the mean reward per step."""
     from transformers import TrainerCallback
     from trl import GRPOTrainer
 
@@ -219,7 +221,8 @@ def race_trl(cfg, model_dir: str, out_dir: str, budget_s: float, max_steps: int 
     from vlm_treegrpo.rewards import RewardSet
     from vlm_treegrpo.rollout.prompts import user_message
 
-    from vlm_treegrpo.trainer import resolve_device, set_threads
+    from vlm_treegrpo.models.loader import save_weights
+    from vlm_treegrpo.trainer import lora_config, resolve_device, set_threads
 
     set_threads(cfg.model.threads, resolve_device(cfg.model.device))
     task = task_from_config(cfg.data)
@@ -246,10 +249,13 @@ def race_trl(cfg, model_dir: str, out_dir: str, budget_s: float, max_steps: int 
     with tempfile.TemporaryDirectory(prefix="trl-race-") as tmp:
         args = trl_args(cfg, tmp, max_steps, cfg.optim.micro_batch)
         args.reward_weights = [w for _, _, w in rewards.fns]
-        trainer = GRPOTrainer(model=model_dir, reward_funcs=funcs, args=args, train_dataset=dataset, callbacks=[budget])
+        m = cfg.model
+        peft = lora_config(m.lora_r, m.lora_alpha, m.lora_targets) if m.lora_r > 0 else None  # (the same adapters as ours)
+        trainer = GRPOTrainer(model=model_dir, reward_funcs=funcs, args=args, train_dataset=dataset, callbacks=[budget],
+                              peft_config=peft)
         trainer.train()
         seconds = time.perf_counter() - budget.t0
-        trainer.save_model(out_dir)
+        save_weights(trainer.model, out_dir)  # (with LoRA: merged, as ours saves, for the same evaluator)
         trainer.processing_class.save_pretrained(out_dir)
     return {"steps": budget.steps, "train_seconds": round(seconds, 2),
             f"mean_{rewards.names[0]}_per_step": [round(c["reward"], 4) for c in calls]}

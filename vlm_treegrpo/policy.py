@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from vlm_treegrpo.data.types import Example
+from vlm_treegrpo.models.loader import save_weights
 from vlm_treegrpo.rollout.logprobs import packed_logp
 from vlm_treegrpo.rollout.prompts import prompt_ids
 from vlm_treegrpo.rollout.tree import PackedBatch, SamplingParams, Tree, generate, pack_trees, sample_trees
@@ -93,7 +94,9 @@ class TextPolicy:
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     def save(self, path: str | Path) -> None:
-        self.model.save_pretrained(path)
+        """The weights and the tokenizer, loadable by name as a local directory; a LoRA model is
+        saved merged, and its adapters in ``path/adapter`` (:func:`~vlm_treegrpo.models.loader.save_weights`)."""
+        self.model = save_weights(self.model, path)
         self.tokenizer.save_pretrained(path)
 
 

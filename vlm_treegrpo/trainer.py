@@ -80,11 +80,18 @@ def autocast_ctx(device: torch.device, kind: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def lora_config(r: int, alpha: float, targets: list[str]):
+    """The peft ``LoraConfig`` of ``model.lora_r / lora_alpha / lora_targets`` (no dropout)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)
+
+
 def apply_lora(model, r: int, alpha: float, targets: list[str]):
     """Wrap the policy with LoRA adapters (peft); only the adapters train."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0))
+    return get_peft_model(model, lora_config(r, alpha, targets))
 
 
 class PromptSampler:

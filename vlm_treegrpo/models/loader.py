@@ -207,3 +207,21 @@ def load_policy(
     if model.generation_config.eos_token_id is None and tokenizer.eos_token_id is not None:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model, tokenizer
+
+
+ADAPTER_DIR = "adapter"
+"""Where a LoRA policy's saved checkpoint keeps its adapters (:func:`save_weights`)."""
+
+
+def save_weights(model, path: str | Path):
+    """Save ``model``'s weights at ``path`` as a plain checkpoint, which a policy loads as a local
+    directory (``make_policy(path)``, ``vlm-treegrpo eval --model``), and return the model to go
+    on with. A LoRA (peft) model also saves its adapters alone in ``path/adapter``; the
+    checkpoint holds the weights with the adapters merged in, which merges the model in place,
+    so the returned model is the merged plain one."""
+    path = Path(path)
+    if hasattr(model, "merge_and_unload"):
+        model.save_pretrained(path / ADAPTER_DIR)
+        model = model.merge_and_unload()
+    model.save_pretrained(path)
+    return model

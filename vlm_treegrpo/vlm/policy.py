@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from vlm_treegrpo.data.types import Example
-from vlm_treegrpo.models.loader import pick_attn_implementation, pick_dtype
+from vlm_treegrpo.models.loader import pick_attn_implementation, pick_dtype, save_weights
 from vlm_treegrpo.rollout.prompts import user_message
 from vlm_treegrpo.rollout.kv_cache import continuation_cache
 from vlm_treegrpo.rollout.tree import SamplingParams, Tree, generate_batch, grow_trees, resuming_generator
@@ -305,8 +305,9 @@ class VLMPolicy:
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     def save(self, path: str | Path) -> None:
-        """The weights (or LoRA adapter) and the processor, loadable by name as a local directory."""
-        self.model.save_pretrained(path)
+        """The weights and the processor, loadable by name as a local directory; a LoRA model is
+        saved merged, and its adapters in ``path/adapter`` (:func:`~vlm_treegrpo.models.loader.save_weights`)."""
+        self.model = save_weights(self.model, path)
         self.processor.save_pretrained(path)
 
 
