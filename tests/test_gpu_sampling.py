@@ -1,6 +1,7 @@
 """GPU only (skipped without CUDA): tree sampling on the device. Continuations that resume the
 thought pass's KV cache sample what a new prefill samples (text and Qwen2-VL, fp32), and
-compiled decoding (CUDA graphs) samples what eager decoding samples."""
+compiled decoding (CUDA graphs) samples what eager decoding samples, and so does decoding that drops
+finished rows."""
 from __future__ import annotations
 
 import pytest
@@ -58,4 +59,18 @@ def test_compiled_decode_equals_eager_on_cuda():
     for compile_ in (False, True):
         torch.manual_seed(0)
         out[compile_] = _shapes(sample_trees(model, tok, prompts, 2, 2, 6, 4, SamplingParams(temperature=1.0, compile=compile_), ["e"]))
+    assert out[True] == out[False]
+
+
+def test_dropping_finished_rows_samples_what_one_call_samples_on_cuda():
+    """On the device too (fp64, so a smaller batch's kernels cannot move a draw)."""
+    from vlm_treegrpo.rollout.tree import sample_trees
+
+    model, tok, prompts = _text()
+    model = model.double()
+    model.generation_config.eos_token_id = [tok.eos_token_id, *range(300, 380)]
+    out = {}
+    for drop in (False, True):
+        torch.manual_seed(0)
+        out[drop] = _shapes(sample_trees(model, tok, prompts, 4, 3, 16, 12, SamplingParams(temperature=1.0, drop_finished=drop), ["1", "e"]))
     assert out[True] == out[False]
