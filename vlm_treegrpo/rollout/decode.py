@@ -154,8 +154,8 @@ def decode(
         gone = (~alive & ~stop.by_eos).nonzero().squeeze(1)
         if stash and len(gone):
             pieces.append(CachePiece(rows.index_select(0, gone.to(device)), select_rows(cache, gone)))
-        keep = alive.nonzero().squeeze(1)
-        cache.batch_select_indices(keep.to(device))
+        keep = alive.nonzero().squeeze(1)  # [B''] on the CPU: indexes a layer's cache on whatever device it is
+        cache.batch_select_indices(keep)
         if select_state is not None:
             select_state(keep.tolist())
         inputs = _next_inputs(inputs, seq, keep.to(device))
