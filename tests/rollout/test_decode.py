@@ -53,7 +53,7 @@ def test_dropping_finished_rows_samples_what_one_generate_call_samples(sampling,
 
 
 def test_trees_with_dropped_rows_equal_trees_without(monkeypatch):
-    """The thought pass drops rows (those stopped at a delimiter keep their cache as a piece)
+    """The thought pass drops rows (their cache is kept as a piece)
     and the continuations resume from the pieces: the same trees as without dropping."""
     model, tok, prompts = _setup()
     trees = {}
@@ -74,10 +74,9 @@ def test_row_stop_marks_rows_and_halts_for_the_drop():
     stop = D.RowStop(rule, prompt_len=2, end=20, halt_after=2)
     step1 = torch.tensor([[5, 5, 7], [5, 5, eos], [5, 5, 8]])
     assert stop(step1, None).tolist() == [False, True, False]
-    assert stop.by_eos.tolist() == [False, True, False]
     step2 = torch.cat([step1, torch.tensor([[nl], [eos], [9]])], 1)  # row 0 stops at the delimiter: 2 finished
     assert stop(step2, None).tolist() == [True, True, True]  # halts the call (16 steps left)
-    assert stop.done.tolist() == [True, True, False] and stop.by_eos.tolist() == [False, True, False]
+    assert stop.done.tolist() == [True, True, False]
     late = D.RowStop(rule, prompt_len=2, end=6, halt_after=2)
     late(step1, None)
     assert late(step2, None).tolist() == [True, True, False]  # 2 steps left: not worth a compaction

@@ -12,8 +12,8 @@ and lets ``generate`` continue the rest from the compacted cache, as it continue
 cache. The sampler draws one uniform per original row at every step
 (:meth:`~vlm_treegrpo.rollout.sampling.Sampler.keep_rows`), so the tokens are the ones one
 uninterrupted ``generate`` call samples. A pass whose cache is kept for continuations
-(:class:`~vlm_treegrpo.rollout.kv_cache.ThoughtPass`) keeps the cache rows of the rows it drops
-at a branch delimiter, as pieces.
+(:class:`~vlm_treegrpo.rollout.kv_cache.ThoughtPass`) keeps the cache rows of the rows it drops,
+as pieces.
 """
 from __future__ import annotations
 
@@ -63,28 +63,25 @@ class RowStop(StoppingCriteria):
     transformers' ``stop_strings``, which tabulates the whole vocabulary on first use: it decodes
     only the last few tokens of each row), and halts the whole ``generate`` call once
     ``halt_after`` rows are finished and :data:`MIN_STEPS_LEFT` steps remain, so the caller can
-    drop them. ``done`` / ``by_eos`` ``[B]``: which rows finished, and which of those at EOS.
-    One device-to-host copy per step (the rows' tails)."""
+    drop them. ``done [B]``: which rows finished. One device-to-host copy per step (the rows'
+    tails)."""
 
     def __init__(self, rule: StopRule, prompt_len: int, end: int, halt_after: int = 0):
         self.rule, self.prompt_len, self.end, self.halt_after = rule, prompt_len, end, halt_after
         self.eos = torch.tensor(sorted(set(int(i) for i in rule.eos_ids)), dtype=torch.long)
         self.done: Tensor | None = None
-        self.by_eos: Tensor | None = None
 
     def __call__(self, input_ids: Tensor, scores, **kwargs) -> Tensor:
         B, width = input_ids.shape
         if self.done is None:
-            self.done, self.by_eos = torch.zeros(B, dtype=torch.bool), torch.zeros(B, dtype=torch.bool)
+            self.done = torch.zeros(B, dtype=torch.bool)
         n_new = width - self.prompt_len
         tail = input_ids[:, -max(1, min(n_new, DELIMITER_WINDOW)) :].cpu()  # [B, <= window]
         ended = torch.isin(tail[:, -1], self.eos)  # [B]
         stopped = torch.zeros(B, dtype=torch.bool)
         if self.rule.delimiters and n_new > 0:
             stopped = torch.tensor(has_delimiter(self.rule.tokenizer, tail.tolist(), list(self.rule.delimiters)))
-        new = ~self.done & (ended | stopped)
-        self.by_eos |= new & ended
-        self.done |= new
+        self.done |= ended | stopped
         if self.halt_after and int(self.done.sum()) >= self.halt_after and self.end - width >= MIN_STEPS_LEFT:
             return torch.ones(B, dtype=torch.bool, device=input_ids.device)
         return self.done.to(input_ids.device)
@@ -128,8 +125,8 @@ def decode(
 
     Returns ``out [B, prompt_len + new]`` in the rows' order, padded after each row finished,
     as one ``generate`` call returns it, and the cache as :class:`CachePiece` s: the last
-    segment's, and with ``stash`` the rows dropped at a branch delimiter (a kept thought pass;
-    rows ended by EOS are not continued). ``select_state(rows)`` keeps the model's per-row
+    segment's, and with ``stash`` those of the rows dropped before it (a kept thought pass: its
+    unfinished thoughts are continued from them). ``select_state(rows)`` keeps the model's per-row
     generation state of those batch rows (the family adapter's ``select_generation_state``).
     """
     B, prompt_len = inputs["input_ids"].shape
@@ -151,8 +148,8 @@ def decode(
         alive = ~stop.done if stop.done is not None else torch.ones(len(rows), dtype=torch.bool)
         if width - prompt_len >= budget or not bool(alive.any()):
             break
-        gone = (~alive & ~stop.by_eos).nonzero().squeeze(1)
-        if stash and len(gone):
+        if stash:
+            gone = (~alive).nonzero().squeeze(1)
             pieces.append(CachePiece(rows.index_select(0, gone.to(device)), select_rows(cache, gone)))
         keep = alive.nonzero().squeeze(1)  # [B''] on the CPU: indexes a layer's cache on whatever device it is
         cache.batch_select_indices(keep)
