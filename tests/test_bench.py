@@ -74,6 +74,7 @@ def test_quick_bench_ours_writes_the_report(tmp_path):
     # a tree samples each thought once: fewer sampled tokens than leaf tokens (or equal if every thought hit EOS)
     assert ours["generated_tokens_per_s"] <= ours["completion_tokens_per_s"]
     assert ours["peak_rss_mib"] > 0
+    assert ours["settings"]["drop_finished"] is True and ours["settings"]["compile_decode"] is False
     assert report["spec"]["reward"] == "test_bench:varied_reward"
     assert min(ours["trees_updated"]) > 0 and ours["update_seconds"] > 0  # varied rewards: the update runs
 

@@ -85,6 +85,8 @@ class BenchSpec:
     """The one reward both trainers use: a built-in name or 'pkg.module:fn' (``fn(text, example)``)."""
     compile_decode: bool = False
     """Ours: decode through a static cache with the forward compiled (``rollout.compile_decode``)."""
+    drop_finished: bool = True
+    """Ours: finished rows leave the decode batch (``rollout.drop_finished``)."""
 
     def __post_init__(self) -> None:
         if self.K * self.M != self.G:
@@ -372,6 +374,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reward", default="correctness", help="reward for both trainers: built-in name or pkg.module:fn")
     p.add_argument("--compile-decode", action="store_true", help="ours: compiled decoding (rollout.compile_decode; TRL unchanged)")
+    p.add_argument("--keep-finished", action="store_true", help="ours: finished rows stay in the decode batch (rollout.drop_finished=false)")
     p.add_argument("--quick", action="store_true", help="tiny-llama (or tiny VLM), 2 steps, small batches: a smoke run")
     p.add_argument("--scaling", action="store_true", help="time our step against K, M, tokens (and images): ours only")
     p.add_argument("--out", help="JSON path (default runs/bench/bench[-vlm].json, or scaling[-vlm].json)")
@@ -401,7 +404,7 @@ def run(args: argparse.Namespace) -> dict:
         max_new_tokens=args.max_new_tokens, thought_tokens=args.thought_tokens or max(1, args.max_new_tokens * 2 // 5),
         prompts_per_step=args.prompts_per_step, micro_batch=args.micro_batch or args.prompts_per_step,
         steps=args.steps, warmup=args.warmup, lr=args.lr, autocast=args.autocast, threads=args.threads, seed=args.seed,
-        reward=args.reward, compile_decode=args.compile_decode,
+        reward=args.reward, compile_decode=args.compile_decode, drop_finished=not args.keep_finished,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-", dir=out.parent) as tmp:

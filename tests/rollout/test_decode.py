@@ -91,3 +91,10 @@ def test_next_segment_inputs_grow_the_kept_rows():
     assert out["input_ids"].tolist() == [[3, 4, 5, 8, 8]]
     assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 1]]
     assert out["mm_token_type_ids"].tolist() == [[1, 0, 0, 0, 0]]
+
+
+def test_the_rollout_config_turns_dropping_off():
+    from vlm_treegrpo.config import RolloutConfig
+
+    assert SamplingParams.of(RolloutConfig()).drop_finished is True
+    assert SamplingParams.of(RolloutConfig(drop_finished=False)).drop_finished is False

@@ -73,7 +73,8 @@ class SamplingParams:
     @classmethod
     def of(cls, rollout) -> "SamplingParams":
         """The sampling settings of a :class:`~vlm_treegrpo.config.RolloutConfig`."""
-        return cls(temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k, compile=rollout.compile_decode)
+        return cls(temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k, compile=rollout.compile_decode,
+                   drop_finished=rollout.drop_finished)
 
     def generation_config(self, max_new_tokens: int, pad_id: int, eos_ids: list[int]) -> GenerationConfig:
         """A greedy config: sampling, when asked for, is done by :meth:`logits_processors`. With
