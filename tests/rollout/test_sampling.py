@@ -167,3 +167,12 @@ def test_a_checkpoints_own_generation_settings_do_not_reach_our_sampling():
     torch.manual_seed(0)
     greedy = generate(model, tok, seqs, 1, 12, SamplingParams(greedy=True))
     assert len(greedy[0]) == 2 and any(len(set(row)) < len(row) for row in greedy[0])  # repeats allowed: no n-gram ban
+
+
+def test_a_uniform_at_the_top_of_the_range_still_draws_a_possible_token():
+    """``u * total`` can round up to the total; the draw is then the last token with mass, never
+    past the vocabulary or onto an impossible token."""
+    logits = torch.tensor([[0.0, 1.0, 2.0, float("-inf"), float("-inf")], [float("-inf"), 0.0, float("-inf"), 3.0, float("-inf")]])
+    drawn = inverse_cdf_sample(logits, u=torch.ones(2, 1, dtype=torch.float64))
+    assert drawn.tolist() == [2, 3]
+    assert inverse_cdf_sample(logits, u=torch.zeros(2, 1, dtype=torch.float64)).tolist() == [0, 1]  # the first token with mass

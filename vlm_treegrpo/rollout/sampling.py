@@ -32,7 +32,9 @@ def inverse_cdf_sample(logits: Tensor, generator: torch.Generator | None = None,
 
     Tokens with logit ``-inf`` (zero probability) are never drawn: the search returns the first
     index whose cumulative mass exceeds the uniform ``u``, and a zero-mass entry never raises the
-    cumulative sum. The cumulative sum is in float64, so the rounding over a large vocabulary
+    cumulative sum. ``u`` is kept below the total even where ``u * total`` rounds up to it, so
+    the search always lands on a token, with no host-side check (a device sync per decode step
+    on a GPU). The cumulative sum is in float64, so the rounding over a large vocabulary
     does not shift mass between tokens. ``work``: a float64 buffer of ``logits``' shape to compute
     in (:func:`workspace`); on the CPU a fresh 25 MB buffer per decode step (64 rows of SmolLM2's
     vocabulary) costs more in page faults than the arithmetic. ``u``: the rows' uniforms ``[B, 1]``
@@ -44,12 +46,8 @@ def inverse_cdf_sample(logits: Tensor, generator: torch.Generator | None = None,
     total = cdf[:, -1:]  # [B, 1]
     if u is None:
         u = torch.rand(total.shape, dtype=torch.float64, device=logits.device, generator=generator)
-    u = u * total  # [B, 1] in [0, total)
-    idx = torch.searchsorted(cdf, u, right=True).squeeze(-1)  # [B]: first index with cdf > u
-    overflow = idx >= logits.shape[-1]  # u rounded up to the total: fall back to the most likely token
-    if overflow.any():
-        idx = torch.where(overflow, logits.argmax(-1), idx)
-    return idx
+    u = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # [B, 1] in [0, total), rounding included
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)  # [B]: first index with cdf > u (it exists: cdf[-1] = total > u)
 
 
 def nucleus(logits: Tensor, top_k: int = 0, top_p: float = 1.0, candidates: int = NUCLEUS_CANDIDATES,
