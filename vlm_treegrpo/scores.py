@@ -29,11 +29,12 @@ import torch
 from torch import Tensor
 
 from vlm_treegrpo.rollout.logprobs import packed_forward
-from vlm_treegrpo.rollout.tree import PackedBatch, Tree
+from vlm_treegrpo.rollout.tree import Tree
+from vlm_treegrpo.rollout.packing import PackedBatch
 
 
 def tree_spans(tree: Tree) -> tuple[list[tuple[int, int]], list[list[tuple[int, int] | None]]]:
-    """Token spans of a tree in its packed row (the order of ``rollout.tree.pack_trees``).
+    """Token spans of a tree in its packed row (the order of ``rollout.packing.pack_trees``).
 
     Returns ``(thought_spans [K], answer_spans [K][M])`` as ``(start, end)`` half-open offsets;
     an empty continuation (under a finished thought) has ``None``. Callers check the ids at

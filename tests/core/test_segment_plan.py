@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vlm_treegrpo.core.tree_packing import segment_mask, segment_plan, segment_table, tree_attention_mask
-from vlm_treegrpo.rollout.tree import segment_tables
+from vlm_treegrpo.rollout.packing import segment_tables
 
 
 def _dense_from_plan(plan) -> torch.Tensor:

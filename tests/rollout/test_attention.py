@@ -12,7 +12,7 @@ from vlm_treegrpo.core.tree_packing import segment_plan, segment_table, tree_att
 from vlm_treegrpo.models.tiny import build_tiny_llama
 from vlm_treegrpo.rollout import attention as A
 from vlm_treegrpo.rollout.logprobs import packed_logp
-from vlm_treegrpo.rollout.tree import pack_trees, segment_tables
+from vlm_treegrpo.rollout.packing import pack_trees, segment_tables
 
 from test_tree_packing import _make_trees
 

@@ -8,7 +8,8 @@ from torch.testing import assert_close
 from vlm_treegrpo.core.tree_packing import predictor_positions, tree_attention_mask, tree_positions
 from vlm_treegrpo.models.tiny import build_tiny_llama
 from vlm_treegrpo.rollout.logprobs import packed_logp
-from vlm_treegrpo.rollout.tree import Tree, pack_trees
+from vlm_treegrpo.rollout.tree import Tree
+from vlm_treegrpo.rollout.packing import pack_trees
 
 
 def _seq_logp(model, ids: list[int], start: int) -> torch.Tensor:
@@ -110,7 +111,7 @@ def test_packed_forward_switches_flash_attention_to_a_mask_capable_kernel():
 def test_packed_batch_builds_its_dense_mask_from_the_segments_on_demand():
     """pack_trees builds no dense mask; mask() is each row's tree_attention_mask (padding to
     itself), and the dense batch scores the same log-probs."""
-    from vlm_treegrpo.rollout.tree import PackedBatch
+    from vlm_treegrpo.rollout.packing import PackedBatch
 
     model, tok = build_tiny_llama(seed=3)
     packed = pack_trees(_make_trees(tok), torch.zeros(2, 2), torch.zeros(2, 2, 2), tok.pad_token_id)

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from vlm_treegrpo.rollout.attention import model_mask, per_segment, tree_attention
-from vlm_treegrpo.rollout.tree import PackedBatch
+from vlm_treegrpo.rollout.packing import PackedBatch
 
 
 def additive_mask(attention: Tensor, dtype: torch.dtype) -> Tensor:

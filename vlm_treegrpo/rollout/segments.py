@@ -1,6 +1,6 @@
 """Pack arbitrary segment trees into rows with tree attention, and score entropies on them.
 
-:func:`vlm_treegrpo.rollout.tree.pack_trees` packs the fixed K x M shape (prompt, thoughts,
+:func:`vlm_treegrpo.rollout.packing.pack_trees` packs the fixed K x M shape (prompt, thoughts,
 continuations). Value probes (RREDCoT, :mod:`vlm_treegrpo.credit`) need finer trees: a thought
 cut into a chain of segments with extra children hanging off any of them. :class:`SegmentRow`
 collects such a tree and :func:`pack_rows` turns rows into the same :class:`PackedBatch`, so
@@ -14,7 +14,7 @@ from torch import Tensor
 
 from vlm_treegrpo.core.tree_packing import predictor_positions, segment_table, tree_positions
 from vlm_treegrpo.rollout.logprobs import packed_forward
-from vlm_treegrpo.rollout.tree import PackedBatch, segment_tables
+from vlm_treegrpo.rollout.packing import PackedBatch, segment_tables
 
 
 class SegmentRow:

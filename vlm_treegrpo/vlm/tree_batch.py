@@ -1,7 +1,7 @@
 """Vision-language trees packed one per row: the prompt (with its images) once, then every
 thought once and every continuation once, under a tree attention mask.
 
-The text path's packing (:func:`vlm_treegrpo.rollout.tree.pack_trees`) run on the completion part
+The text path's packing (:func:`vlm_treegrpo.rollout.packing.pack_trees`) run on the completion part
 of each tree, behind the family's own left-padded prompt batch:
 
 * row ``n`` = the collated prompt ``[T]`` (``adapter.collate``: left padding, image tensors,
@@ -33,7 +33,8 @@ from torch import Tensor
 from vlm_treegrpo.core.tree_packing import SegmentPlan, segment_plan
 from vlm_treegrpo.rollout.attention import model_mask, per_segment, tree_attention
 from vlm_treegrpo.rollout.logprobs import additive_mask, gather_logp, predictor_columns
-from vlm_treegrpo.rollout.tree import PackedBatch, Tree, pack_trees
+from vlm_treegrpo.rollout.tree import Tree
+from vlm_treegrpo.rollout.packing import PackedBatch, pack_trees
 from vlm_treegrpo.vlm.adapter import Encoded, VLMAdapter
 from vlm_treegrpo.vlm.batching import flat_image_keys
 
