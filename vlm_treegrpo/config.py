@@ -166,8 +166,9 @@ class RolloutConfig:
     compile_decode: bool = False
     """Decode through a static KV cache with the model's forward compiled (torch.compile; CUDA
     graphs on a GPU, where each decode step is otherwise bound by kernel launches). The first
-    step of each batch shape pays the compilation. Not yet measured on a GPU; on the CPU the
-    tiny VLM's tree sampling did not change measurably."""
+    step pays the compilation (a new batch size once more). Not yet measured on a GPU. On the
+    CPU it sped up the tiny VLM's tree sampling by about a fifth and slowed SmolLM2's (which is
+    compute-bound there, and which loses ``drop_finished`` under it)."""
     drop_finished: bool = True
     """Finished rows leave the decode batch (the samples are the same; off under
     ``compile_decode``). On the CPU it cut SmolLM2's sampling by 6-20%; on a GPU, where decoding is
