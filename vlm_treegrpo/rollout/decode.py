@@ -34,7 +34,9 @@ DELIMITER_WINDOW = 4
 DROP_FRACTION = 1 / 8
 """A ``generate`` segment halts to drop its finished rows once this fraction of its rows (at
 least one) has finished. A compaction copies the KV cache once, about what one decode step's
-cache append already copies, plus one ``generate`` call's setup."""
+cache append already copies, plus one ``generate`` call's setup. On the demo's config 1/16 and
+1/4 sampled as fast as 1/8, within the noise (2.52-2.60 s per batch of 8 prompts, against
+2.91-3.03 s without dropping)."""
 
 MIN_STEPS_LEFT = 4
 """...and only while at least this many decode steps are left in the budget."""
