@@ -69,8 +69,13 @@ def test_dropping_finished_rows_samples_what_one_call_samples_on_cuda():
     model, tok, prompts = _text()
     model = model.double()
     model.generation_config.eos_token_id = [tok.eos_token_id, *range(300, 380)]
-    out = {}
+    calls, orig = [], model.generate
+    model.generate = lambda **kw: calls.append(kw["input_ids"].shape[0]) or orig(**kw)
+    out, n_calls = {}, {}
     for drop in (False, True):
+        calls.clear()
         torch.manual_seed(0)
         out[drop] = _shapes(sample_trees(model, tok, prompts, 4, 3, 16, 12, SamplingParams(temperature=1.0, drop_finished=drop), ["1", "e"]))
+        n_calls[drop] = len(calls)
     assert out[True] == out[False]
+    assert n_calls[False] == 2 and n_calls[True] > 2  # rows were dropped along the way

@@ -170,7 +170,7 @@ class RolloutConfig:
     CPU it sped up the tiny VLM's tree sampling by about a fifth and slowed SmolLM2's (which is
     compute-bound there, and which loses ``drop_finished`` under it)."""
     drop_finished: bool = True
-    """Finished rows leave the decode batch (the samples are the same; off under
+    """Finished rows leave the decode batch (the same draws as without; off under
     ``compile_decode``). On the CPU it cut SmolLM2's sampling by 6-20%; on a GPU, where decoding is
     launch-bound, fewer rows save less and each drop costs one more ``generate`` call (not yet
     measured there)."""

@@ -84,13 +84,15 @@ def test_row_stop_marks_rows_and_halts_for_the_drop():
 
 def test_next_segment_inputs_grow_the_kept_rows():
     inputs = {"input_ids": torch.tensor([[0, 1, 2], [3, 4, 5]]), "attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]]),
-              "mm_token_type_ids": torch.tensor([[0, 1, 0], [1, 0, 0]]), "pixel_values": torch.ones(2, 3)}
+              "mm_token_type_ids": torch.tensor([[0, 1, 0], [1, 0, 1]]), "token_type_ids": torch.tensor([[0, 0, 0], [0, 1, 1]]),
+              "pixel_values": torch.ones(2, 3)}
     seq = torch.tensor([[0, 1, 2, 9, 9], [3, 4, 5, 8, 8]])
     out = D._next_inputs(inputs, seq, torch.tensor([1]))
-    assert set(out) == {"input_ids", "attention_mask", "mm_token_type_ids"}  # the cache holds the images
+    assert set(out) == {"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"}  # the cache holds the images
     assert out["input_ids"].tolist() == [[3, 4, 5, 8, 8]]
     assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 1]]
-    assert out["mm_token_type_ids"].tolist() == [[1, 0, 0, 0, 0]]
+    assert out["mm_token_type_ids"].tolist() == [[1, 0, 1, 0, 0]]  # generated text
+    assert out["token_type_ids"].tolist() == [[0, 1, 1, 1, 1]]  # as generate grows them: the last column repeated
 
 
 def test_the_rollout_config_turns_dropping_off():

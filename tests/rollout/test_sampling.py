@@ -176,3 +176,11 @@ def test_a_uniform_at_the_top_of_the_range_still_draws_a_possible_token():
     drawn = inverse_cdf_sample(logits, u=torch.ones(2, 1, dtype=torch.float64))
     assert drawn.tolist() == [2, 3]
     assert inverse_cdf_sample(logits, u=torch.zeros(2, 1, dtype=torch.float64)).tolist() == [0, 1]  # the first token with mass
+
+
+def test_a_row_without_finite_logits_draws_inside_the_vocabulary():
+    """NaN logits (a broken forward) cannot be searched; the draw stays a valid index, so the
+    step does not crash on an index past the vocabulary."""
+    logits = torch.tensor([[float("nan")] * 5, [0.0, 1.0, 2.0, 3.0, 4.0]])
+    drawn = inverse_cdf_sample(logits, u=torch.full((2, 1), 0.5, dtype=torch.float64))
+    assert 0 <= int(drawn[0]) < 5 and int(drawn[1]) < 5

@@ -218,7 +218,8 @@ def save_weights(model, path: str | Path):
     directory (``make_policy(path)``, ``vlm-treegrpo eval --model``), and return the model to go
     on with. A LoRA (peft) model also saves its adapters alone in ``path/adapter``; the
     checkpoint holds the weights with the adapters merged in, which merges the model in place,
-    so the returned model is the merged plain one."""
+    so the returned model is the merged plain one: save when training is done (an optimizer over
+    the adapters would step parameters the merged model no longer has)."""
     path = Path(path)
     if hasattr(model, "merge_and_unload"):
         model.save_pretrained(path / ADAPTER_DIR)

@@ -10,8 +10,11 @@ rows still decoding were on average 85-90% of a thought pass and 72-75% of a con
 inputs, the model's per-row generation state such as Qwen's mRoPE offsets, the sampler's rows)
 and lets ``generate`` continue the rest from the compacted cache, as it continues any prefilled
 cache. The sampler draws one uniform per original row at every step
-(:meth:`~vlm_treegrpo.rollout.sampling.Sampler.keep_rows`), so the tokens are the ones one
-uninterrupted ``generate`` call samples. A pass whose cache is kept for continuations
+(:meth:`~vlm_treegrpo.rollout.sampling.Sampler.keep_rows`), so the draws are the ones one
+uninterrupted ``generate`` call makes, and so are the tokens wherever a row's logits do not
+depend on its batch (exactly, in the float64 tests; in low precision on a GPU, kernels chosen by
+batch size can move logits in the last bits and so, rarely, a draw: still a sample of the
+policy). A pass whose cache is kept for continuations
 (:class:`~vlm_treegrpo.rollout.kv_cache.ThoughtPass`) keeps the cache rows of the rows it drops,
 as pieces.
 """
@@ -97,15 +100,21 @@ def _keep_rows(processors: LogitsProcessorList, rows: Tensor | None, n_rows: int
 
 def _next_inputs(inputs: dict, seq: Tensor, keep: Tensor) -> dict:
     """The kept rows' inputs for the next segment: the sequences so far and the per-token
-    inputs grown over the new tokens (attention 1, token types 0: generated text). Image tensors
-    are left out: the cache holds the images."""
+    inputs grown over the new tokens as ``generate`` grows them (attention 1, ``token_type_ids``
+    the last column repeated, multimodal token types 0: generated text). Image tensors are left
+    out: the cache holds the images."""
     out = {"input_ids": seq.index_select(0, keep)}
     grow = seq.shape[1] - inputs["input_ids"].shape[1]
     for k, v in inputs.items():
         if k in TOKEN_KEYS and k != "input_ids":
             v = v.index_select(0, keep)
-            fill = torch.ones if k == "attention_mask" else torch.zeros
-            out[k] = torch.cat([v, fill((v.shape[0], grow), dtype=v.dtype, device=v.device)], dim=1)
+            if k == "attention_mask":
+                new = torch.ones((v.shape[0], grow), dtype=v.dtype, device=v.device)
+            elif k == "token_type_ids":
+                new = v[:, -1:].expand(-1, grow)
+            else:
+                new = torch.zeros((v.shape[0], grow), dtype=v.dtype, device=v.device)
+            out[k] = torch.cat([v, new], dim=1)
     return out
 
 

@@ -47,7 +47,8 @@ def inverse_cdf_sample(logits: Tensor, generator: torch.Generator | None = None,
     if u is None:
         u = torch.rand(total.shape, dtype=torch.float64, device=logits.device, generator=generator)
     u = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # [B, 1] in [0, total), rounding included
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1)  # [B]: first index with cdf > u (it exists: cdf[-1] = total > u)
+    idx = torch.searchsorted(cdf, u, right=True).squeeze(-1)  # [B]: first index with cdf > u (it exists: cdf[-1] = total > u)
+    return idx.clamp_(max=logits.shape[-1] - 1)  # (only a NaN row has no such index: garbage in, but no index past the vocabulary)
 
 
 def nucleus(logits: Tensor, top_k: int = 0, top_p: float = 1.0, candidates: int = NUCLEUS_CANDIDATES,

@@ -64,8 +64,8 @@ class SamplingParams:
     compile: bool = False
     """Decode through a static KV cache with the model's forward compiled (:func:`static_cache`)."""
     drop_finished: bool = True
-    """Finished rows leave the decode batch (:mod:`vlm_treegrpo.rollout.decode`; the samples are
-    the same). Not with ``compile``: a static cache keeps its batch."""
+    """Finished rows leave the decode batch (:mod:`vlm_treegrpo.rollout.decode`; the same draws
+    as without). Not with ``compile``: a static cache keeps its batch."""
 
     @classmethod
     def of(cls, rollout) -> "SamplingParams":
