@@ -1,6 +1,7 @@
 """The benchmark: spec checks, and the real ``vlm-treegrpo bench --quick`` on tiny-llama."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -96,6 +97,22 @@ def test_both_trainers_hold_the_same_weights_and_attention(tmp_path):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     assert args.model_init_kwargs == {"dtype": "float32", "attn_implementation": pick_attn_implementation(device, torch.float32)}
     assert args.bf16 is True
+
+
+def test_keep_finished_reaches_our_rollout_config(tmp_path):
+    import argparse
+
+    from vlm_treegrpo.bench import add_arguments
+    from vlm_treegrpo.bench_ours import ours_config
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+
+    spec = BenchSpec(workload="text", model="m", model_dir=str(tmp_path), G=4, K=2, M=2, max_new_tokens=16, thought_tokens=6,
+                     prompts_per_step=2, micro_batch=2, steps=1)
+    assert ours_config(spec).rollout.drop_finished is True
+    assert ours_config(dataclasses.replace(spec, drop_finished=False)).rollout.drop_finished is False
+    assert parser.parse_args(["--keep-finished"]).keep_finished is True and parser.parse_args([]).keep_finished is False
 
 
 def test_quick_bench_against_trl(tmp_path):
