@@ -10,8 +10,8 @@ from vlm_treegrpo.credit import RRedCoT, rredcot_for
 from vlm_treegrpo.data.types import Example
 from vlm_treegrpo.models.tiny import build_tiny_llama
 from vlm_treegrpo.policy import TextPolicy
-from vlm_treegrpo.rollout.tree import Tree
 from vlm_treegrpo.rollout.packing import pack_trees
+from vlm_treegrpo.rollout.tree import Tree
 
 K, M = 2, 2
 

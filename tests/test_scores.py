@@ -6,8 +6,8 @@ from torch.testing import assert_close
 
 from vlm_treegrpo.models.tiny import build_tiny_llama
 from vlm_treegrpo.rollout.logprobs import packed_logp
-from vlm_treegrpo.rollout.tree import Tree
 from vlm_treegrpo.rollout.packing import pack_trees
+from vlm_treegrpo.rollout.tree import Tree
 from vlm_treegrpo.scores import check_spans, token_score_features, weighted_row_sums
 
 

@@ -45,9 +45,9 @@ from torch import Tensor
 
 from vlm_treegrpo.core import rredcot
 from vlm_treegrpo.rewards import extract_final_answer
+from vlm_treegrpo.rollout.packing import PackedBatch
 from vlm_treegrpo.rollout.segments import SegmentRow, pack_rows, packed_entropy, pieces
 from vlm_treegrpo.rollout.tree import Tree
-from vlm_treegrpo.rollout.packing import PackedBatch
 from vlm_treegrpo.scores import check_spans
 
 SENTINEL = -2

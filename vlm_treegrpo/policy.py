@@ -19,9 +19,9 @@ from torch import Tensor
 from vlm_treegrpo.data.types import Example
 from vlm_treegrpo.models.loader import save_weights
 from vlm_treegrpo.rollout.logprobs import packed_logp
+from vlm_treegrpo.rollout.packing import PackedBatch, pack_trees
 from vlm_treegrpo.rollout.prompts import prompt_ids
 from vlm_treegrpo.rollout.tree import SamplingParams, Tree, generate, sample_trees
-from vlm_treegrpo.rollout.packing import PackedBatch, pack_trees
 
 
 class TrainBatch(Protocol):

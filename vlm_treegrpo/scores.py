@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from vlm_treegrpo.rollout.logprobs import packed_forward
-from vlm_treegrpo.rollout.tree import Tree
 from vlm_treegrpo.rollout.packing import PackedBatch
+from vlm_treegrpo.rollout.tree import Tree
 
 
 def tree_spans(tree: Tree) -> tuple[list[tuple[int, int]], list[list[tuple[int, int] | None]]]:

@@ -8,8 +8,8 @@ from torch.testing import assert_close
 from vlm_treegrpo.core.tree_packing import predictor_positions, tree_attention_mask, tree_positions
 from vlm_treegrpo.models.tiny import build_tiny_llama
 from vlm_treegrpo.rollout.logprobs import packed_logp
-from vlm_treegrpo.rollout.tree import Tree
 from vlm_treegrpo.rollout.packing import pack_trees
+from vlm_treegrpo.rollout.tree import Tree
 
 
 def _seq_logp(model, ids: list[int], start: int) -> torch.Tensor:

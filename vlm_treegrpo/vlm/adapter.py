@@ -127,7 +127,7 @@ class VLMAdapter(ABC):
 
     def repeat_generation_state(self, model, n: int) -> None:
         """Repeat, row-major ``n`` times, any per-row state the model keeps between ``generate``
-        steps, after a shared prefill (:func:`vlm_treegrpo.rollout.tree.prefill_shared`) of the
+        steps, after a shared prefill (:func:`vlm_treegrpo.rollout.kv_cache.prefill_shared`) of the
         rows whose ``n`` copies ``generate`` continues. None by default."""
 
     def generation_state(self, model):
@@ -142,7 +142,7 @@ class VLMAdapter(ABC):
     def select_generation_state(self, model, rows: list[int], n: int) -> None:
         """Keep the per-row generation state of the ``rows`` of the last ``generate`` call,
         each repeated ``n`` times (row-major), for continuations that resume its cache
-        (:func:`vlm_treegrpo.rollout.tree.continuation_cache`). None by default."""
+        (:func:`vlm_treegrpo.rollout.kv_cache.continuation_cache`). None by default."""
 
     def encoder_outputs(self, model, batch: dict[str, Tensor], image_keys) -> dict | None:
         """``mm_encoder_outputs`` for ``batch`` with each distinct image encoded once (identity

@@ -217,7 +217,7 @@ class VLMPolicy:
 
     def _resume(self, prompts: list[Encoded], n: int, max_new_tokens: int, sampling: SamplingParams, reuse):
         """``n`` continuations of each prompt + thought, from the thought pass's cache
-        (:func:`~vlm_treegrpo.rollout.tree.continuation_cache`): no image is encoded and no prompt
+        (:func:`~vlm_treegrpo.rollout.kv_cache.continuation_cache`): no image is encoded and no prompt
         prefilled again. None where the cache cannot be reused (a sliding window)."""
         thought, rows, lens = reuse
         copies = self._copies(prompts, n)

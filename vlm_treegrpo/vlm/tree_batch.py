@@ -33,8 +33,8 @@ from torch import Tensor
 from vlm_treegrpo.core.tree_packing import SegmentPlan, segment_plan
 from vlm_treegrpo.rollout.attention import model_mask, per_segment, tree_attention
 from vlm_treegrpo.rollout.logprobs import additive_mask, gather_logp, predictor_columns
-from vlm_treegrpo.rollout.tree import Tree
 from vlm_treegrpo.rollout.packing import PackedBatch, pack_trees
+from vlm_treegrpo.rollout.tree import Tree
 from vlm_treegrpo.vlm.adapter import Encoded, VLMAdapter
 from vlm_treegrpo.vlm.batching import flat_image_keys
 
