@@ -100,3 +100,46 @@ def test_the_rollout_config_turns_dropping_off():
 
     assert SamplingParams.of(RolloutConfig()).drop_finished is True
     assert SamplingParams.of(RolloutConfig(drop_finished=False)).drop_finished is False
+
+
+class _RowIds(D.RowState):
+    """A per-row state that is the rows' own ids: what it holds names the rows it follows."""
+
+    def __init__(self, B: int):
+        self.ids: torch.Tensor | None = torch.arange(B)
+        self.selects: list[list[int]] = []
+
+    def get(self):
+        return self.ids
+
+    def select(self, rows, n=1):
+        self.selects.append(list(rows))
+        self.ids = self.ids[rows].repeat_interleave(n)
+
+
+def test_the_row_state_follows_the_kept_rows_and_the_pass_keeps_it_whole_and_no_eos_row_is_stashed():
+    model, tok, prompts = _setup()
+    from vlm_treegrpo.rollout.kv_cache import prefill_shared
+    from vlm_treegrpo.rollout.tree import SamplingParams as S
+    from vlm_treegrpo.rollout.tree import cut_completions, left_pad
+
+    ids, mask = left_pad(prompts, tok.pad_token_id, "cpu")
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    n = 6
+    state = _RowIds(len(prompts))
+    cache = prefill_shared(model, inputs, n)
+    state.ids = state.ids.repeat_interleave(n)  # (as prefill_shared's state.repeat does)
+    copies = {k: v.repeat_interleave(n, dim=0) for k, v in inputs.items()}
+    sampling = S()
+    cfg = sampling.generation_config(24, tok.pad_token_id, model.generation_config.eos_token_id)
+    torch.manual_seed(3)
+    out, pieces, full = D.decode(model, copies, cache, cfg, sampling.logits_processors(()),
+                                 D.StopRule(model.generation_config.eos_token_id, tok, ["e"]), state=state, stash=True)
+    assert len(state.selects) >= 2  # rows were dropped more than once
+    assert full.tolist() == torch.arange(len(prompts)).repeat_interleave(n).tolist()  # the pass's state, from before any drop
+    assert state.ids.tolist() == (pieces[-1].rows // n).tolist()  # the live state is that of the last segment's rows
+    _, ended = cut_completions(out, ids.shape[1], tok, model.generation_config.eos_token_id, ["e"])
+    at_eos = {r for r, e in enumerate(ended) if e}
+    stashed = {r for p in pieces[:-1] for r in p.rows.tolist()}
+    assert at_eos and stashed and not stashed & at_eos  # dropped rows are kept for their continuations, EOS ones are not
+    assert stashed | set(pieces[-1].rows.tolist()) | at_eos == set(range(len(out)))  # every row that may be continued has a cache

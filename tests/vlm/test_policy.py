@@ -305,7 +305,7 @@ def test_shared_prefill_gives_the_plain_generate_logits(family):
     cfg = GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=policy.pad_id, output_scores=True, return_dict_in_generate=True)
     with torch.no_grad():
         plain = model.generate(**adapter.collate(repeated, policy.pad_id), generation_config=cfg).scores
-        cache = prefill_shared(model, adapter.collate(prompts, policy.pad_id), 2, adapter.repeat_generation_state)
+        cache = prefill_shared(model, adapter.collate(prompts, policy.pad_id), 2, adapter.row_state(model))
         copies = {k: v for k, v in adapter.collate(repeated, policy.pad_id).items() if not k.startswith("pixel_")}
         shared = model.generate(**copies, **{CACHE_KWARG: cache}, generation_config=cfg).scores
     assert len(plain) == len(shared) == 3

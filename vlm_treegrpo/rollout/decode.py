@@ -15,21 +15,21 @@ uninterrupted ``generate`` call makes, and so are the tokens wherever a row's lo
 depend on its batch (exactly, in the float64 tests; in low precision on a GPU, kernels chosen by
 batch size can move logits in the last bits and so, rarely, a draw: still a sample of the
 policy). A pass whose cache is kept for continuations
-(:class:`~vlm_treegrpo.rollout.kv_cache.ThoughtPass`) keeps the cache rows of the rows it drops,
-as pieces.
+(:class:`~vlm_treegrpo.rollout.kv_cache.ThoughtPass`) keeps, as pieces, the cache rows of the
+rows it drops that may be continued (stopped at a delimiter; a row that ended at EOS is not).
 """
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from vlm_treegrpo.rollout.kv_cache import CACHE_KWARG, TOKEN_KEYS, CachePiece, select_rows
+from vlm_treegrpo.rollout.kv_cache import CACHE_KWARG, TOKEN_KEYS, CachePiece, RowState, select_rows
 
 DELIMITER_WINDOW = 4
 """Tokens decoded at each step to look for a branch delimiter (a delimiter spans fewer tokens)."""
@@ -68,24 +68,26 @@ class RowStop(StoppingCriteria):
     transformers' ``stop_strings``, which tabulates the whole vocabulary on first use: it decodes
     only the last few tokens of each row), and halts the whole ``generate`` call once
     ``halt_after`` rows are finished and :data:`MIN_STEPS_LEFT` steps remain, so the caller can
-    drop them. ``done [B]``: which rows finished. One device-to-host copy per step (the rows'
-    tails)."""
+    drop them. ``done [B]``: which rows finished; ``ended [B]``: which of them at EOS. One
+    device-to-host copy per step (the rows' tails)."""
 
     def __init__(self, rule: StopRule, prompt_len: int, end: int, halt_after: int = 0):
         self.rule, self.prompt_len, self.end, self.halt_after = rule, prompt_len, end, halt_after
         self.eos = torch.tensor(sorted(set(int(i) for i in rule.eos_ids)), dtype=torch.long)
         self.done: Tensor | None = None
+        self.ended: Tensor | None = None
 
     def __call__(self, input_ids: Tensor, scores, **kwargs) -> Tensor:
         B, width = input_ids.shape
         if self.done is None:
-            self.done = torch.zeros(B, dtype=torch.bool)
+            self.done, self.ended = torch.zeros(B, dtype=torch.bool), torch.zeros(B, dtype=torch.bool)
         n_new = width - self.prompt_len
         tail = input_ids[:, -max(1, min(n_new, DELIMITER_WINDOW)) :].cpu()  # [B, <= window]
         ended = torch.isin(tail[:, -1], self.eos)  # [B]
         stopped = torch.zeros(B, dtype=torch.bool)
         if self.rule.delimiters and n_new > 0:
             stopped = torch.tensor(has_delimiter(self.rule.tokenizer, tail.tolist(), list(self.rule.delimiters)))
+        self.ended |= ended & ~self.done
         self.done |= ended | stopped
         if self.halt_after and int(self.done.sum()) >= self.halt_after and self.end - width >= MIN_STEPS_LEFT:
             return torch.ones(B, dtype=torch.bool, device=input_ids.device)
@@ -127,20 +129,23 @@ def decode(
     processors: LogitsProcessorList,
     rule: StopRule,
     drop: bool = True,
-    select_state: Callable[[list[int]], None] | None = None,
+    state: RowState | None = None,
     stash: bool = False,
-) -> tuple[Tensor, list[CachePiece]]:
+) -> tuple[Tensor, list[CachePiece], object]:
     """``generate`` over the rows of ``inputs`` (left-padded model kwargs) from ``cache`` (a
     prefill of all but their last column, or empty), up to ``gen_cfg.max_new_tokens`` new
     tokens, finished rows dropped along the way when ``drop``.
 
     Returns ``out [B, prompt_len + new]`` in the rows' order, padded after each row finished,
-    as one ``generate`` call returns it, and the cache as :class:`CachePiece` s: the last
-    segment's, and with ``stash`` those of the rows dropped before it (a kept thought pass: its
-    unfinished thoughts are continued from them). ``select_state(rows)`` keeps the model's per-row
-    generation state of those batch rows (the family adapter's ``select_generation_state``).
+    as one ``generate`` call returns it; the cache as :class:`CachePiece` s: the last segment's,
+    and with ``stash`` those of the rows dropped before it that may be continued (a kept thought
+    pass: its thoughts stopped at a delimiter are continued from them; a row that ended at EOS
+    is not); and the model's per-row generation state of all ``B`` rows (``state``, a
+    :class:`RowState`, follows the rows as they are dropped; the one returned is from before).
     """
     B, prompt_len = inputs["input_ids"].shape
+    state = state if state is not None else RowState()
+    full_state, dropped = None, False
     budget = gen_cfg.max_new_tokens
     device = inputs["input_ids"].device
     out = torch.full((B, prompt_len + budget), gen_cfg.pad_token_id, dtype=torch.long, device=device)
@@ -160,14 +165,16 @@ def decode(
         if width - prompt_len >= budget or not bool(alive.any()):
             break
         if stash:
-            gone = (~alive).nonzero().squeeze(1)
-            pieces.append(CachePiece(rows.index_select(0, gone.to(device)), select_rows(cache, gone)))
+            gone = (~alive & ~stop.ended).nonzero().squeeze(1)  # (a row that ended at EOS is never continued)
+            if len(gone):
+                pieces.append(CachePiece(rows.index_select(0, gone.to(device)), select_rows(cache, gone)))
+        if not dropped:
+            full_state, dropped = state.get(), True  # (the first generate call set it for all B rows)
         keep = alive.nonzero().squeeze(1)  # [B''] on the CPU: indexes a layer's cache on whatever device it is
         cache.batch_select_indices(keep)
-        if select_state is not None:
-            select_state(keep.tolist())
+        state.select(keep.tolist())
         inputs = _next_inputs(inputs, seq, keep.to(device))
         rows = rows.index_select(0, keep.to(device))
     _keep_rows(processors, None, 0)
     pieces.append(CachePiece(rows, cache))
-    return out[:, :width], pieces
+    return out[:, :width], pieces, full_state if dropped else state.get()

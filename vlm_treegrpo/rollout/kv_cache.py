@@ -8,7 +8,6 @@ uses them is :mod:`vlm_treegrpo.rollout.tree`.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -31,8 +30,30 @@ TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_id
 """Model kwargs that are per token (``[B, T]``): cut with the prefix, repeated with the rows."""
 
 
+class RowState:
+    """Per-row state a model keeps between ``generate`` calls besides its KV cache (Qwen's
+    mRoPE offsets, ``rope_deltas``), which has to follow the rows when a shared prefill repeats
+    them, a decode drops finished ones or a continuation pass resumes some. This base class is
+    for models that keep none: every method does nothing. A VLM family's adapter gives its own
+    (``VLMAdapter.row_state``)."""
+
+    def get(self) -> Any:
+        """The state of the rows of the last ``generate`` call, for :meth:`set`."""
+        return None
+
+    def set(self, state: Any) -> None:
+        """Put back a state from :meth:`get`."""
+
+    def repeat(self, n: int) -> None:
+        """Each row repeated ``n`` times, row-major (a shared prefill's copies)."""
+
+    def select(self, rows: list[int], n: int = 1) -> None:
+        """Only ``rows``, each repeated ``n`` times, row-major (finished rows dropped, or the
+        thoughts a continuation pass resumes)."""
+
+
 @torch.no_grad()
-def prefill_shared(model, inputs: dict, n: int, repeat_state: Callable[[Any, int], None] | None = None):
+def prefill_shared(model, inputs: dict, n: int, state: RowState | None = None):
     """The KV cache of every row's first ``T - 1`` tokens, computed ONCE per row and then repeated
     ``n`` times (row-major), for ``generate`` to continue ``n`` samples per row.
 
@@ -42,16 +63,16 @@ def prefill_shared(model, inputs: dict, n: int, repeat_state: Callable[[Any, int
     ``_prepare_position_ids_for_generation``: ``cumsum(mask) - 1`` for text, Qwen's mRoPE with the
     images), so the cache is the one ``generate`` would have built. The last token is left for
     ``generate``'s own first step, which then samples the first new token as usual.
-    ``repeat_state(model, n)`` repeats any per-row state the model keeps between generation calls
-    (Qwen's mRoPE ``rope_deltas``) for the copies.
+    ``state`` (:class:`RowState`) repeats any per-row state the model keeps between generation
+    calls (Qwen's mRoPE ``rope_deltas``) for the copies.
     """
     positions = model._prepare_position_ids_for_generation(inputs["input_ids"], dict(inputs))  # [B, T] or [R, B, T]
     prefix = {k: v[:, :-1] if k in TOKEN_KEYS else v for k, v in inputs.items()}
     out = model(**prefix, position_ids=positions[..., :-1], use_cache=True, logits_to_keep=1)
     cache = getattr(out, CACHE_KWARG)
     cache.batch_repeat_interleave(n)
-    if repeat_state is not None:
-        repeat_state(model, n)
+    if state is not None:
+        state.repeat(n)
     return cache
 
 
@@ -93,8 +114,8 @@ class ThoughtPass:
     prompt_len: int
     """The pass's padded prompt length: every row's thought starts at this column."""
     state: Any = None
-    """The model's per-row generation state for the pass's rows, where the policy keeps one
-    (a VLM adapter's ``generation_state``: Qwen's mRoPE offsets)."""
+    """The model's per-row generation state of all the pass's rows (:meth:`RowState.get`),
+    as it was before any row was dropped."""
 
 
 def continuation_cache(thought: ThoughtPass, rows: list[int], thought_lens: list[int], width: int, n: int):

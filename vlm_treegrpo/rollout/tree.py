@@ -28,7 +28,7 @@ from transformers import CompileConfig, DynamicCache, GenerationConfig, LogitsPr
 
 from vlm_treegrpo.rollout.attention import decode_attention
 from vlm_treegrpo.rollout.decode import StopRule, decode, has_delimiter
-from vlm_treegrpo.rollout.kv_cache import TOKEN_KEYS, ThoughtPass, continuation_cache, prefill_shared, static_cache
+from vlm_treegrpo.rollout.kv_cache import TOKEN_KEYS, RowState, ThoughtPass, continuation_cache, prefill_shared, static_cache
 from vlm_treegrpo.rollout.sampling import sampling_processors
 
 
@@ -190,10 +190,9 @@ def generate_batch(
     stop_strings: list[str] | None = None,
     suppress_ids: list[int] | None = None,
     decode_inputs: dict[str, Tensor] | None = None,
-    repeat_state: Callable[[Any, int], None] | None = None,
+    state: RowState | None = None,
     prefilled=None,
     keep: list | None = None,
-    select_state: Callable[[list[int]], None] | None = None,
 ) -> tuple[list[list[int]], list[bool]]:
     """``n`` samples per row of left-padded model kwargs ``inputs`` (``input_ids``,
     ``attention_mask`` and whatever else the model takes, e.g. image tensors), in one batched
@@ -203,10 +202,10 @@ def generate_batch(
     With ``n > 1`` the rows' prompts are prefilled once (:func:`prefill_shared`) and ``generate``
     continues the ``B * n`` copies from that cache: ``decode_inputs`` are the copies' kwargs
     (default: every per-token input repeated; a VLM passes its re-collated copies without pixel
-    tensors, which the cache already holds; ``repeat_state``: see :func:`prefill_shared`). Rows
-    that contain a stop string stop early; ``suppress_ids`` are never generated (e.g. image
-    placeholder tokens). ``select_state(rows)``: keeps the model's per-row generation state of
-    those rows when finished rows are dropped. With ``sampling.compile`` the cache is a static
+    tensors, which the cache already holds). Rows that contain a stop string stop early;
+    ``suppress_ids`` are never generated (e.g. image placeholder tokens). ``state``: the
+    model's per-row generation state (:class:`RowState`: repeated with the rows' copies, kept
+    for the rows left when finished rows are dropped; none for a text model). With ``sampling.compile`` the cache is a static
     one (:func:`static_cache`) and ``generate`` decodes through the compiled forward.
 
     ``prefilled``: the rows' cache, already made (:func:`continuation_cache`; every column but
@@ -226,7 +225,7 @@ def generate_batch(
         gen_cfg.suppress_tokens = list(suppress_ids)
     with decode_attention(model):
         if prefilled is None and n > 1 and prompt_len > 1:
-            prefilled = prefill_shared(model, inputs, n, repeat_state)
+            prefilled = prefill_shared(model, inputs, n, state)
         if prefilled is not None:
             inputs = on_device(decode_inputs) if decode_inputs is not None else {
                 k: v.repeat_interleave(n, dim=0) for k, v in inputs.items() if k in TOKEN_KEYS}
@@ -237,11 +236,12 @@ def generate_batch(
         else:
             cache = prefilled if prefilled is not None else DynamicCache(config=model.config)  # (ours: it outlives generate)
         with neutral_generation_config(model):
-            out, pieces = decode(model, inputs, cache, gen_cfg, sampling.logits_processors(suppress_ids or ()),
-                                 StopRule(eos, tokenizer, stop_strings or ()), drop=sampling.drop_finished and not sampling.compile,
-                                 select_state=select_state, stash=keep is not None)  # [B*n, prompt_len + new]
+            out, pieces, pass_state = decode(model, inputs, cache, gen_cfg, sampling.logits_processors(suppress_ids or ()),
+                                             StopRule(eos, tokenizer, stop_strings or ()),
+                                             drop=sampling.drop_finished and not sampling.compile, state=state,
+                                             stash=keep is not None)  # [B*n, prompt_len + new]
     if keep is not None:
-        keep.append(ThoughtPass(pieces, prompt_len))
+        keep.append(ThoughtPass(pieces, prompt_len, pass_state))
     return cut_completions(out, prompt_len, tokenizer, eos, stop_strings)
 
 

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vlm_treegrpo.rollout.kv_cache import RowState
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -125,24 +127,11 @@ class VLMAdapter(ABC):
         ``model.generate`` uses under left padding; None lets the model derive them itself."""
         return None
 
-    def repeat_generation_state(self, model, n: int) -> None:
-        """Repeat, row-major ``n`` times, any per-row state the model keeps between ``generate``
-        steps, after a shared prefill (:func:`vlm_treegrpo.rollout.kv_cache.prefill_shared`) of the
-        rows whose ``n`` copies ``generate`` continues. None by default."""
-
-    def generation_state(self, model):
-        """The per-row state the model keeps between ``generate`` steps (None by default), as
-        :meth:`set_generation_state` puts it back: a thought pass that drops finished rows saves
-        its rows' state for the continuations."""
-        return None
-
-    def set_generation_state(self, model, state) -> None:
-        """Put back a :meth:`generation_state`. Nothing by default."""
-
-    def select_generation_state(self, model, rows: list[int], n: int) -> None:
-        """Keep the per-row generation state of the ``rows`` of the last ``generate`` call,
-        each repeated ``n`` times (row-major), for continuations that resume its cache
-        (:func:`vlm_treegrpo.rollout.kv_cache.continuation_cache`). None by default."""
+    def row_state(self, model) -> RowState:
+        """The per-row state ``model`` keeps between ``generate`` calls besides its KV cache,
+        as a :class:`~vlm_treegrpo.rollout.kv_cache.RowState` that the sampler repeats, drops
+        and resumes with the rows. None by default (the base class does nothing)."""
+        return RowState()
 
     def encoder_outputs(self, model, batch: dict[str, Tensor], image_keys) -> dict | None:
         """``mm_encoder_outputs`` for ``batch`` with each distinct image encoded once (identity

@@ -202,18 +202,8 @@ class VLMPolicy:
             inputs = self.adapter.unique_image_inputs(self.model, inputs, flat_image_keys(prompts))
         copies = self._copies(prompts, n) if n > 1 else None
         suppress = self.adapter.placeholder_token_ids(self.model)
-        saved = []
-
-        def select_state(rows: list[int]) -> None:  # finished rows dropped: a kept pass saves its rows' state first
-            if keep is not None and not saved:
-                saved.append(self.adapter.generation_state(self.model))
-            self._select_state(rows)
-
-        out = generate_batch(self.model, self.tokenizer, inputs, n, max_new_tokens, sampling, stop_strings, suppress, copies,
-                             self.adapter.repeat_generation_state, keep=keep, select_state=select_state)
-        if keep:
-            keep[-1].state = saved[0] if saved else self.adapter.generation_state(self.model)
-        return out
+        return generate_batch(self.model, self.tokenizer, inputs, n, max_new_tokens, sampling, stop_strings, suppress, copies,
+                              self.adapter.row_state(self.model), keep=keep)
 
     def _resume(self, prompts: list[Encoded], n: int, max_new_tokens: int, sampling: SamplingParams, reuse):
         """``n`` continuations of each prompt + thought, from the thought pass's cache
@@ -224,16 +214,13 @@ class VLMPolicy:
         cache = continuation_cache(thought, rows, lens, copies["input_ids"].shape[1], n)
         if cache is None:
             return None
-        self.adapter.set_generation_state(self.model, thought.state)
-        self.adapter.select_generation_state(self.model, rows, n)
+        state = self.adapter.row_state(self.model)
+        state.set(thought.state)
+        state.select(rows, n)
         suppress = self.adapter.placeholder_token_ids(self.model)
         # (the copies are the decode batch itself; as ``inputs`` they only give the prompt width)
         return generate_batch(self.model, self.tokenizer, copies, n, max_new_tokens, sampling, None, suppress, copies,
-                              prefilled=cache, select_state=self._select_state)
-
-    def _select_state(self, rows: list[int]) -> None:
-        """Keep the generation state of the decode batch's ``rows`` (finished rows dropped)."""
-        self.adapter.select_generation_state(self.model, rows, 1)
+                              state, prefilled=cache)
 
     def _copies(self, prompts: list[Encoded], n: int) -> dict[str, Tensor]:
         """The ``n`` copies of each prompt (row-major), collated without their pixel tensors: the

@@ -26,6 +26,7 @@ from torch import Tensor
 from transformers import GenerationConfig
 
 from vlm_treegrpo.models.tokenizer import MODEL_MAX_LENGTH, build_local_tokenizer
+from vlm_treegrpo.rollout.kv_cache import RowState
 from vlm_treegrpo.vlm.adapter import Encoded, VLMAdapter
 from vlm_treegrpo.vlm.batching import concat_image_inputs, image_key, left_pad_ids, left_pad_token_inputs
 
@@ -105,6 +106,30 @@ def _vlm_core(model) -> Any:
         if hasattr(module, "get_rope_index") and hasattr(module, "visual"):
             return module
     raise ValueError(f"{type(model).__name__} has no Qwen-VL core model (get_rope_index + visual)")
+
+
+class RopeDeltas(RowState):
+    """Qwen's mRoPE offsets ``rope_deltas [B, 1]``, which the core model keeps between
+    ``generate`` calls (set by the prefill, None before): the offset of a row counts from its real
+    tokens, so it holds for the row's prompt + thought wherever the padding puts them."""
+
+    def __init__(self, model):
+        self.core = _vlm_core(model)
+
+    def get(self) -> Tensor | None:
+        return getattr(self.core, "rope_deltas", None)
+
+    def set(self, state: Tensor | None) -> None:
+        self.core.rope_deltas = state
+
+    def repeat(self, n: int) -> None:
+        if self.get() is not None:
+            self.core.rope_deltas = self.core.rope_deltas.repeat_interleave(n, dim=0)
+
+    def select(self, rows: list[int], n: int = 1) -> None:
+        if self.get() is not None:
+            keep = torch.tensor(rows, dtype=torch.long, device=self.core.rope_deltas.device)
+            self.core.rope_deltas = self.core.rope_deltas.index_select(0, keep).repeat_interleave(n, dim=0)
 
 
 def _content_groups(chunks: list[Tensor]) -> list[int]:
@@ -290,26 +315,9 @@ class QwenVLAdapter(VLMAdapter):
         )
         return position_ids  # [3, B, T]
 
-    def repeat_generation_state(self, model, n: int) -> None:
-        """The mRoPE offsets of the prefilled rows (``rope_deltas [B, 1]``), for their copies."""
-        core = _vlm_core(model)
-        if getattr(core, "rope_deltas", None) is not None:
-            core.rope_deltas = core.rope_deltas.repeat_interleave(n, dim=0)
-
-    def generation_state(self, model):
-        """The mRoPE offsets ``rope_deltas [B, 1]`` (or None)."""
-        return getattr(_vlm_core(model), "rope_deltas", None)
-
-    def set_generation_state(self, model, state) -> None:
-        _vlm_core(model).rope_deltas = state
-
-    def select_generation_state(self, model, rows: list[int], n: int) -> None:
-        """The mRoPE offsets of the kept rows: an offset counts from the row's real tokens, so it
-        holds for the row's prompt + thought wherever the padding puts them."""
-        core = _vlm_core(model)
-        if getattr(core, "rope_deltas", None) is not None:
-            keep = torch.tensor(rows, dtype=torch.long, device=core.rope_deltas.device)
-            core.rope_deltas = core.rope_deltas.index_select(0, keep).repeat_interleave(n, dim=0)
+    def row_state(self, model) -> RopeDeltas:
+        """The mRoPE offsets (:class:`RopeDeltas`)."""
+        return RopeDeltas(model)
 
     def encoder_outputs(self, model, batch: dict[str, Tensor], image_keys) -> dict | None:
         """``mm_encoder_outputs`` with each distinct image encoded once (identity from
