@@ -60,6 +60,50 @@ def test_ratios_are_ours_over_trl():
     assert q["seconds_per_step"] == 0.5 and q["completions_per_s"] == 3.0 and q["peak_rss_mib"] is None
 
 
+def _step(seconds: float, completions: int = 8) -> dict:
+    return {"seconds": seconds, "rollout_seconds": seconds / 2, "completions": completions, "generated_tokens": 10 * completions,
+            "completion_tokens": 10 * completions, "reward": 0.5, "zero_std_frac": 0.0}
+
+
+def _result(seconds: list[float], peak: float) -> dict:
+    from vlm_treegrpo.bench import summarize
+
+    rows = [_step(s) for s in seconds]
+    return {"settings": {"trainer": "x"}, **summarize(rows, 1), "peak_rss_mib": peak, "peak_cuda_mib": None, "steps": rows}
+
+
+def test_rounds_pool_their_measured_steps():
+    from vlm_treegrpo.bench import pool_rounds
+
+    a, b = _result([9.0, 1.0, 2.0, 3.0], 100.0), _result([9.0, 4.0, 5.0, 6.0], 120.0)  # (the first step of each: warm-up)
+    pooled = pool_rounds([a, b])
+    assert pooled["seconds_per_step"] == 3.5  # the median of 1..6: warm-ups left out
+    assert pooled["completions_per_s"] == 6 * 8 / 21  # totals over summed seconds
+    assert pooled["peak_rss_mib"] == 120.0 and pooled["peak_cuda_mib"] is None
+    assert pooled["step_seconds"] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0] and pooled["warmup"] == 1
+    assert [r["seconds_per_step"] for r in pooled["rounds"]] == [2.0, 5.0]
+    assert pool_rounds([a]) is a
+    assert "error" in pool_rounds([a, {"error": "boom"}])
+
+
+def test_rounds_alternate_which_trainer_goes_first(monkeypatch, tmp_path):
+    import vlm_treegrpo.bench as B
+
+    order = []
+
+    def fake_spawn(trainer, spec, workdir, label):
+        order.append(label)
+        return _result([9.0, 1.0] if trainer == "ours" else [9.0, 3.0 + len(order)], 1.0)
+
+    monkeypatch.setattr(B, "spawn", fake_spawn)
+    spec = BenchSpec("text", "m", "/x", G=4, K=4, M=1, max_new_tokens=8, thought_tokens=4, prompts_per_step=1, micro_batch=1, steps=1)
+    (row,) = B.compare(spec, ["flat"], ["ours", "trl"], None, tmp_path, rounds=3)
+    assert order == ["flat-ours-r1", "flat-trl-r1", "flat-trl-r2", "flat-ours-r2", "flat-ours-r3", "flat-trl-r3"]
+    assert row["round_ratios"] == pytest.approx([5.0, 6.0, 9.0])  # TRL's rounds took 5, 6 and 9 s a step, ours 1 s
+    assert row["ratios"]["completions_per_s"] == pytest.approx(20 / 3)  # pooled: 20 s of TRL steps against 3 s of ours
+    assert "rounds" in B.format_table({"runs": [row]})
+
+
 def test_quick_bench_ours_writes_the_report(tmp_path):
     report = _bench(tmp_path, "--trainers", "ours", "--modes", "tree")
     assert {"workload", "model", "model_dir", "machine", "spec", "runs", "notes"} <= set(report)

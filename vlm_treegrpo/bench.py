@@ -150,11 +150,11 @@ def peak_cuda_mib() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20
 
 
-def measure(rows: list[dict], warmup: int) -> dict:
-    """Median step time and rates over the measured rows, and this process's peak RSS. A row is
-    one step: ``seconds``, ``rollout_seconds``, ``completions``, ``generated_tokens``,
-    ``completion_tokens``, ``reward`` (mean) and ``zero_std_frac``. On a GPU also the peak memory its
-    tensors held (``peak_cuda_mib``; None on the CPU)."""
+def summarize(rows: list[dict], warmup: int) -> dict:
+    """Median step time and rates over the measured rows (those after ``warmup``). A row is one
+    step: ``seconds``, ``rollout_seconds``, ``completions``, ``generated_tokens``,
+    ``completion_tokens``, ``reward`` (mean) and ``zero_std_frac``. Rates are totals over the
+    measured steps divided by their summed seconds."""
     timed = rows[warmup:]
     med = statistics.median(r["seconds"] for r in timed)
     total = sum(r["seconds"] for r in timed)
@@ -167,13 +167,37 @@ def measure(rows: list[dict], warmup: int) -> dict:
         "mean_completion_tokens": sum(r["completion_tokens"] for r in timed) / sum(r["completions"] for r in timed),
         "rollout_seconds": statistics.median(r["rollout_seconds"] for r in timed),
         "update_seconds": statistics.median(r["seconds"] - r["rollout_seconds"] for r in timed),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "peak_cuda_mib": peak_cuda_mib(),
         "warmup": warmup,
         "reward": [round(r["reward"], 4) for r in rows],
         "zero_std_frac": [round(r["zero_std_frac"], 4) for r in rows],
     }
     return out
+
+
+STEP_KEYS = ("seconds", "rollout_seconds", "completions", "generated_tokens", "completion_tokens", "reward", "zero_std_frac")
+
+
+def measure(rows: list[dict], warmup: int) -> dict:
+    """:func:`summarize`, this process's peak RSS and, on a GPU, the peak memory its tensors held
+    (``peak_cuda_mib``; None on the CPU); ``steps`` keeps the rows (for :func:`pool_rounds`)."""
+    return {**summarize(rows, warmup), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_cuda_mib": peak_cuda_mib(), "steps": [{k: r[k] for k in STEP_KEYS} for r in rows]}
+
+
+def pool_rounds(results: list[dict]) -> dict:
+    """One trainer's results from several rounds (processes) as one: medians and rates over the
+    measured steps of every round together, the highest peak memory, and each round's own
+    ``seconds_per_step`` and ``completions_per_s`` under ``rounds``. A failed round fails it."""
+    failed = next((r for r in results if "error" in r), None)
+    if failed is not None or len(results) == 1:
+        return failed or results[0]
+    measured = [row for r in results for row in r["steps"][r["warmup"]:]]
+    peaks = {k: max((r[k] for r in results if r.get(k) is not None), default=None) for k in ("peak_rss_mib", "peak_cuda_mib")}
+    pooled = {**results[0], **summarize(measured, 0), **peaks, "warmup": results[0]["warmup"], "steps": measured}
+    pooled["step_seconds"] = [round(row["seconds"], 3) for row in measured]
+    pooled["rounds"] = [{k: r[k] for k in ("seconds_per_step", "completions_per_s", "step_seconds", "process_seconds") if k in r}
+                        for r in results]
+    return pooled
 
 
 # ----------------------------------------------------------------------------- orchestration
@@ -261,18 +285,29 @@ def machine_info() -> dict:
     return info
 
 
-def compare(base: BenchSpec, modes: list[str], trainers: list[str], tree: str | None, workdir: Path) -> list[dict]:
-    """One row per mode: ours (flat K=G x 1, or a K x M tree) and TRL (G), each in its own process."""
+def compare(base: BenchSpec, modes: list[str], trainers: list[str], tree: str | None, workdir: Path, rounds: int = 1) -> list[dict]:
+    """One row per mode: ours (flat K=G x 1, or a K x M tree) and TRL (G), each in its own process.
+
+    With ``rounds`` > 1 each trainer runs that many times, the order alternating (ours, TRL,
+    TRL, ours, ...), so that a slow spell of a shared machine falls on both, and its steps are
+    pooled (:func:`pool_rounds`); ``round_ratios``: each round's own ours/TRL completions per second."""
     out = []
     for mode in modes:
         K, M = (base.G, 1) if mode == "flat" else tree_shape(base.G, tree)
         spec = dataclasses.replace(base, K=K, M=M)
         row: dict = {"mode": mode, "ours_shape": f"{K}x{M}", "G": base.G}
+        results: dict[str, list[dict]] = {t: [] for t in trainers}
+        for r in range(rounds):
+            for trainer in (trainers if r % 2 == 0 else trainers[::-1]):
+                what = f" round {r + 1}/{rounds}" if rounds > 1 else ""
+                print(f"[bench] {spec.workload} {mode}: {trainer} ({K}x{M} vs G={base.G}){what} ...", flush=True)
+                results[trainer].append(spawn(trainer, spec, workdir, f"{mode}-{trainer}" + (f"-r{r + 1}" if rounds > 1 else "")))
         for trainer in trainers:
-            print(f"[bench] {spec.workload} {mode}: {trainer} ({K}x{M} vs G={base.G}) ...", flush=True)
-            row[trainer] = spawn(trainer, spec, workdir, f"{mode}-{trainer}")
+            row[trainer] = pool_rounds(results[trainer])
         if "ours" in row and "trl" in row and "error" not in row["ours"] and "error" not in row["trl"]:
             row["ratios"] = ratios(row["ours"], row["trl"])
+            if rounds > 1:
+                row["round_ratios"] = [o["completions_per_s"] / t["completions_per_s"] for o, t in zip(results["ours"], results["trl"])]
         out.append(row)
     return out
 
@@ -337,6 +372,8 @@ def format_table(report: dict) -> str:
                 lines.append(f"{row['mode']:<5} {'ours/trl':<8} {'':<6} {_fmt(q['seconds_per_step']):>8} {_fmt(q['rollout_seconds']):>8} "
                              f"{_fmt(q['update_seconds']):>8} {_fmt(q['completions_per_s']):>8} {_fmt(q['generated_tokens_per_s']):>10} "
                              f"{_fmt(q['completion_tokens_per_s']):>10} {_fmt(q['peak_rss_mib']):>8} {_fmt(q.get('peak_cuda_mib')):>8}")
+            if "round_ratios" in row:
+                lines.append(f"{row['mode']:<5} {'rounds':<8} {'':<6} compl/s ours/trl per round: " + ", ".join(_fmt(x) for x in row["round_ratios"]))
     if "scaling" in report:
         head = (f"{'factor':<18} {'K':>3} {'M':>3} {'tokens':>6} {'images':>6} {'s/step':>8} {'rollout':>8} {'update':>8} "
                 f"{'compl/s':>8} {'gen tok/s':>10} {'RSS MiB':>8} {'signal':>6}")
@@ -362,6 +399,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trainers", default="ours,trl", help="comma list of ours and trl")
     p.add_argument("--steps", type=int, default=3, help="measured optimizer steps (after --warmup)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured steps first")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run each trainer this many times, alternating which goes first, and pool the measured steps")
     p.add_argument("--prompts-per-step", type=int, default=4)
     p.add_argument("--micro-batch", type=int, default=0, help="prompts per forward/backward (0 = all of a step's)")
     p.add_argument("--G", type=int, default=16, help="completions per prompt")
@@ -392,8 +431,8 @@ def run(args: argparse.Namespace) -> dict:
     modes = [m for m in args.modes.split(",") if m]
     if not modes or set(modes) - {"flat", "tree"} or not trainers or set(trainers) - {"ours", "trl"}:
         raise ConfigError(f"bench: --modes takes flat,tree and --trainers ours,trl; got {args.modes!r} and {args.trainers!r}")
-    if args.steps < 1 or args.warmup < 0:
-        raise ConfigError(f"bench: need --steps >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+        raise ConfigError(f"bench: need --steps >= 1, --warmup >= 0 and --rounds >= 1, got {args.steps}, {args.warmup} and {args.rounds}")
     notes = []
     if "trl" in trainers and not trl_available():
         trainers.remove("trl")
@@ -416,7 +455,8 @@ def run(args: argparse.Namespace) -> dict:
         if args.scaling:
             report["scaling"] = scaling(base, args.tree, workdir)
         else:
-            report["runs"] = compare(base, modes, trainers, args.tree, workdir)
+            report["runs"] = compare(base, modes, trainers, args.tree, workdir, args.rounds)
+            report["rounds"] = args.rounds
         logs = out.parent / f"{out.stem}-logs"
         logs.mkdir(exist_ok=True)
         for log in workdir.glob("*.log"):
