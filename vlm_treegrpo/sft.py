@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from vlm_treegrpo.data.types import Example
+from vlm_treegrpo.distributed import Dist
 from vlm_treegrpo.optim import adamw
 from vlm_treegrpo.policy import Policy, TrainBatch
 from vlm_treegrpo.rollout.tree import Tree
@@ -67,13 +68,15 @@ def sft_batch(policy: Policy, prompts: list, targets: list[list[int]]) -> TrainB
 
 
 def sft_step(policy: Policy, batch: TrainBatch, optimizer, micro_batch: int, max_grad_norm: float, device,
-             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> dict:
+             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext, dist: Dist = Dist()) -> dict:
     """One optimizer step on ``batch`` (gradient accumulation over ``micro_batch`` rows);
-    returns ``{"nll", "grad_norm"}`` (the token-mean NLL before the step)."""
+    returns ``{"nll", "grad_norm"}`` (the token-mean NLL before the step). Under data
+    parallelism ``batch`` is this process's share: token-mean over the whole batch, gradients
+    summed over the processes."""
     model = policy.model
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    total = batch.target_mask.sum().clamp(min=1)
+    total = max(dist.sum([batch.target_mask.sum()])[0], 1.0)
     N = batch.input_ids.shape[0]
     nll = 0.0
     for start in range(0, N, micro_batch):
@@ -85,9 +88,10 @@ def sft_step(policy: Policy, batch: TrainBatch, optimizer, micro_batch: int, max
         loss.backward()
         nll += loss.item()
     params = [p for p in model.parameters() if p.requires_grad]
+    dist.sum_grads(params)
     gn = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
     optimizer.step()
-    return {"nll": nll, "grad_norm": float(gn)}
+    return {"nll": dist.sum([nll])[0], "grad_norm": float(gn)}
 
 
 def warm_start(
@@ -104,9 +108,11 @@ def warm_start(
     device,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     on_step: Callable[[dict], None] | None = None,
+    dist: Dist = Dist(),
 ) -> list[dict]:
     """Run ``steps`` SFT steps on ``examples`` (encoded as ``prompts``), ``batch_size`` drawn per
-    step by ``sampler.take(n)``; returns one metrics row per step (``step``, ``nll``,
+    step by ``sampler.take(n)`` (each process of a data-parallel job keeps its share,
+    :mod:`vlm_treegrpo.distributed`); returns one metrics row per step (``step``, ``nll``,
     ``grad_norm``, ``seconds``), each also passed to ``on_step``."""
     targets = [target_ids(policy.tokenizer, ex, template) for ex in examples]
     params = [p for p in policy.model.parameters() if p.requires_grad]
@@ -114,9 +120,9 @@ def warm_start(
     rows = []
     t0 = time.time()
     for step in range(1, steps + 1):
-        idx = sampler.take(batch_size)
+        idx = dist.shard(sampler.take(batch_size))
         batch = sft_batch(policy, [prompts[i] for i in idx], [targets[i] for i in idx])
-        stats = sft_step(policy, batch, optimizer, micro_batch, max_grad_norm, device, autocast)
+        stats = sft_step(policy, batch, optimizer, micro_batch, max_grad_norm, device, autocast, dist)
         row = {"step": step, **stats, "seconds": round(time.time() - t0, 2)}
         rows.append(row)
         if on_step is not None:

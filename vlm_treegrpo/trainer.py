@@ -36,11 +36,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from vlm_treegrpo.config import TrainConfig, resolve_autocast
+from vlm_treegrpo.config import ConfigError, TrainConfig, resolve_autocast
 from vlm_treegrpo.core.advantages import group_advantages, tree_advantages
 from vlm_treegrpo.core.diagnostics import mean_pairwise_cosine, reward_std_stats, update_norms
 from vlm_treegrpo.core.losses import kl_penalty, masked_mean, policy_loss, policy_loss_metrics
 from vlm_treegrpo.data.sources import Task, task_from_config
+from vlm_treegrpo.distributed import Dist, from_env
 from vlm_treegrpo.evaluate import evaluate
 from vlm_treegrpo.optim import adamw, warmup_constant
 from vlm_treegrpo.policy import Policy, TextPolicy, TrainBatch, make_policy
@@ -194,6 +195,32 @@ def rollout_step(policy: Policy, examples, prompts, reward_set: RewardSet, cfg: 
     return StepData(trees, rewards, thought_adv, answer_adv, packed, metrics)
 
 
+SUMMED_METRICS = ("packed_tokens", "unpacked_tokens")
+"""Step metrics that are counts: summed over the processes (as are ``reward_failures/*``);
+``time_*`` take the slowest process; the rest are means over processes (their shares of a step
+are the same size)."""
+
+RANK_SEED = 7919
+"""Process ``r`` of a data-parallel job samples with ``optim.seed + RANK_SEED * r``."""
+
+
+def pool_metrics(rows: list[dict]) -> dict:
+    """One step's metrics from every process's ``rows`` (:data:`SUMMED_METRICS`); a key some
+    processes lack is pooled over those that have it; non-numbers are process 0's."""
+    out: dict = {}
+    for key in dict.fromkeys(k for r in rows for k in r):
+        vals = [r[key] for r in rows if key in r]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            out[key] = vals[0]
+        elif key in SUMMED_METRICS or key.startswith("reward_failures/"):
+            out[key] = sum(vals)
+        elif key.startswith("time_"):
+            out[key] = max(vals)
+        else:
+            out[key] = sum(vals) / len(vals)
+    return out
+
+
 def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
@@ -230,16 +257,21 @@ def gradient_diagnostics(policy: Policy, data: StepData, cfg: TrainConfig, devic
     }
 
 
-def update_step(policy: Policy, ref_policy: Policy | None, optimizer, scheduler, data: StepData, cfg: TrainConfig, device) -> dict:
-    """One optimizer step (or ``updates_per_batch`` of them) on a packed rollout batch."""
+def update_step(policy: Policy, ref_policy: Policy | None, optimizer, scheduler, data: StepData, cfg: TrainConfig, device,
+                dist: Dist = Dist()) -> dict:
+    """One optimizer step (or ``updates_per_batch`` of them) on a packed rollout batch.
+
+    Under data parallelism (``dist``, :mod:`vlm_treegrpo.distributed`) ``data`` is this process's
+    share of the step: the loss's normalizers are the step's (summed over the processes, the
+    packed width their maximum) and the gradients are summed before clipping, so every process
+    makes the update one process would make on the whole step."""
     a, o = cfg.algo, cfg.optim
     t0 = time.time()
     model = policy.model
     model.train()
     batch = data.packed
-    total_tokens = batch.target_mask.sum().clamp(min=1)
-    rows_with_tokens = (batch.target_mask.sum(-1) > 0).sum().clamp(min=1)
-    max_len = batch.input_ids.shape[1]
+    total_tokens, rows_with_tokens = (max(x, 1.0) for x in dist.sum([batch.target_mask.sum(), (batch.target_mask.sum(-1) > 0).sum()]))
+    max_len = int(dist.max([batch.input_ids.shape[1]])[0])
     # A tree whose advantages are all zero (every leaf got the same reward) adds exactly zero
     # policy gradient; without a KL term it is skipped. The normalizers above still count it,
     # so the gradient is identical to the unskipped one.
@@ -247,7 +279,7 @@ def update_step(policy: Policy, ref_policy: Policy | None, optimizer, scheduler,
     if a.beta == 0:
         batch = batch.rows(live)
     N = batch.input_ids.shape[0]
-    live_tokens = batch.target_mask.sum().clamp(min=1)
+    live_tokens = max(dist.sum([batch.target_mask.sum()])[0], 1.0)
     chunks = [slice(i, i + o.micro_batch) for i in range(0, N, o.micro_batch)]
 
     def ref_logp(mb: TrainBatch) -> torch.Tensor:
@@ -291,33 +323,50 @@ def update_step(policy: Policy, ref_policy: Policy | None, optimizer, scheduler,
             sums["clip_frac"] += m["clip_frac"] * share
             sums["ratio_mean"] += m["ratio_mean"] * share
         params = [p for p in model.parameters() if p.requires_grad]
+        dist.sum_grads(params)
         gn = torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm if o.max_grad_norm > 0 else float("inf"))
         optimizer.step()
-        stats = dict(sums, grad_norm=float(gn))
+        stats = dict(zip(sums, dist.sum(list(sums.values()))), grad_norm=float(gn))
     scheduler.step()
     stats["lr"] = scheduler.get_last_lr()[0]
-    stats["trees_updated"] = int(N)
+    stats["trees_updated"] = int(dist.sum([N])[0])
     stats["time_update"] = time.time() - t0
     return stats
 
 
-def _eval(policy: Policy, task: Task, test_prompts, cfg: TrainConfig, label: str, bar) -> dict:
+def _eval(policy: Policy, task: Task, test_prompts, cfg: TrainConfig, label: str, bar, dist: Dist = Dist()) -> dict:
+    """Greedy held-out evaluation; under data parallelism each process scores a slice of the
+    test set and the counts are summed (``samples``: process 0's)."""
     budget = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
     if bar is not None:
         bar.set_description(f"eval {label}")
-    res = evaluate(policy, task.test, test_prompts, budget, cfg.eval.batch_size)
+    if not dist.active:
+        res = evaluate(policy, task.test, test_prompts, budget, cfg.eval.batch_size)
+    else:
+        t0 = time.time()
+        part = range(dist.rank, len(test_prompts), dist.world)  # (strided: a share for every process, any test-set size)
+        res = {"accuracy": 0.0, "format_rate": 0.0, "mean_completion_tokens": 0.0, "n": 0, "samples": []}
+        if len(part):
+            res = evaluate(policy, [task.test[i] for i in part], [test_prompts[i] for i in part], budget, cfg.eval.batch_size)
+        n = res["n"]
+        correct, formatted, tokens, total = dist.sum([res["accuracy"] * n, res["format_rate"] * n, res["mean_completion_tokens"] * n, n])
+        res.update(accuracy=correct / total, format_rate=formatted / total, mean_completion_tokens=tokens / total, n=int(total),
+                   seconds=round(time.time() - t0, 2))
     if bar is not None:
         bar.set_description("train")
     return res
 
 
-def _sft(policy: Policy, task: Task, train_prompts, cfg: TrainConfig, device, run: Path, bar) -> dict:
+def _sft(policy: Policy, task: Task, train_prompts, cfg: TrainConfig, device, run: Path, bar, dist: Dist = Dist()) -> dict:
     """The supervised warm start; writes ``sft.jsonl`` and returns its summary fields."""
     s, device_ctx = cfg.sft, lambda: autocast_ctx(device, cfg.model.autocast)
     path = run / "sft.jsonl"
-    path.write_text("")
+    if dist.main:
+        path.write_text("")
 
     def log(row: dict) -> None:
+        if not dist.main:
+            return
         with path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if bar is not None:
@@ -327,26 +376,51 @@ def _sft(policy: Policy, task: Task, train_prompts, cfg: TrainConfig, device, ru
     t0 = time.time()
     sampler = PromptSampler(len(task.train), cfg.optim.seed + 1)
     rows = warm_start(policy, task.train, train_prompts, sampler, s.steps, s.lr, s.batch_size, s.target,
-                      cfg.optim.micro_batch, cfg.optim.max_grad_norm, device, device_ctx, log)
+                      cfg.optim.micro_batch, cfg.optim.max_grad_norm, device, device_ctx, log, dist)
     if bar is not None:
         bar.set_description("train")
     return {"sft_steps": s.steps, "sft_seconds": round(time.time() - t0, 2), "sft_final_nll": rows[-1]["nll"]}
 
 
 def train(cfg: TrainConfig, quiet: bool = False) -> dict:
-    """Run a whole job; returns (and writes) the summary."""
+    """Run a whole job; returns (and writes) the summary.
+
+    Under ``torchrun`` with several processes it trains data-parallel
+    (:mod:`vlm_treegrpo.distributed`): each process samples and scores its share of each step's
+    ``rollout.prompts_per_step`` prompts, the update is the one of the whole step, and process 0
+    writes the logs, samples and checkpoint."""
     t_start = time.time()
+    dist, device = from_env(resolve_device(cfg.model.device))
+    try:
+        return _train(cfg, quiet, dist, device, t_start)
+    finally:
+        dist.close()
+
+
+def _check_shares(cfg: TrainConfig, world: int) -> None:
+    """Each process gets an equal share of a step's prompts (and of a warm-start batch)."""
+    if cfg.rollout.prompts_per_step % world:
+        raise ConfigError(f"rollout.prompts_per_step: {cfg.rollout.prompts_per_step} prompts do not split over {world} processes")
+    if cfg.sft.steps > 0 and cfg.sft.batch_size % world:
+        raise ConfigError(f"sft.batch_size: {cfg.sft.batch_size} examples do not split over {world} processes")
+
+
+def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_start: float) -> dict:
+    _check_shares(cfg, dist.world)
     run = cfg.log.path
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if dist.main:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     torch.manual_seed(cfg.optim.seed)
-    device = resolve_device(cfg.model.device)
     set_threads(cfg.model.threads, device)
 
     policy = make_policy(cfg.model.name, device, cfg.model.training_dtype(device.type), cfg.model.attn_implementation)
     if cfg.model.lora_r > 0:
         policy.model = apply_lora(policy.model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_targets)
     model = policy.model
+    dist.broadcast_params(model)
+    if dist.rank:
+        torch.manual_seed(cfg.optim.seed + RANK_SEED * dist.rank)  # (process 0 keeps the one-process stream)
     credit = None
     if cfg.algo.credit == "rredcot":
         from vlm_treegrpo.credit import rredcot_for
@@ -364,45 +438,50 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     sampler = PromptSampler(len(task.train), cfg.optim.seed)
 
     bar = None
-    if cfg.log.progress and not quiet:
+    if cfg.log.progress and not quiet and dist.main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.optim.steps, desc="train", dynamic_ncols=True)
     summary: dict = {"run": str(run), "model": cfg.model.name, "K": cfg.rollout.K, "M": cfg.rollout.M, "data_skipped": task.skipped}
+    if dist.active:
+        summary["processes"] = dist.world
     if cfg.eval.before:
-        summary["eval_before"] = _eval(policy, task, test_prompts, cfg, "before", bar)
+        summary["eval_before"] = _eval(policy, task, test_prompts, cfg, "before", bar, dist)
     if cfg.sft.steps > 0:
-        summary.update(_sft(policy, task, train_prompts, cfg, device, run, bar))
-        summary["eval_warm"] = _eval(policy, task, test_prompts, cfg, "warm", bar)
+        summary.update(_sft(policy, task, train_prompts, cfg, device, run, bar, dist))
+        summary["eval_warm"] = _eval(policy, task, test_prompts, cfg, "warm", bar, dist)
     ref_policy = None  # the KL reference: the policy GRPO starts from (after any warm start)
     if cfg.algo.beta > 0 and cfg.model.lora_r == 0:  # LoRA: the base model, adapters disabled
         ref_policy = copy.copy(policy)
         ref_policy.model = copy.deepcopy(policy.model).eval().requires_grad_(False)
     metrics_path, samples_path = run / "metrics.jsonl", run / "samples.jsonl"
-    metrics_path.write_text("")
-    samples_path.write_text("")
+    if dist.main:
+        metrics_path.write_text("")
+        samples_path.write_text("")
     failures_total: dict[str, int] = {}
     last_diag: dict = {}
     t_train = time.time()
     steps_run = 0
     for step in range(1, cfg.optim.steps + 1):
-        idx = sampler.take(cfg.rollout.prompts_per_step)
+        idx = dist.shard(sampler.take(cfg.rollout.prompts_per_step))  # (every process draws the same, keeps its share)
         data = rollout_step(policy, [task.train[i] for i in idx], [train_prompts[i] for i in idx], reward_set, cfg, credit)
         diag = {}
-        if cfg.algo.diag_every and (step - 1) % cfg.algo.diag_every == 0:
+        if cfg.algo.diag_every and (step - 1) % cfg.algo.diag_every == 0 and dist.main:  # (on process 0's share)
             diag = gradient_diagnostics(policy, data, cfg, device)
             last_diag.update(diag)
-        stats = update_step(policy, ref_policy, optimizer, scheduler, data, cfg, device)
-        row = {"step": step, **data.metrics, **diag, **stats, "elapsed": round(time.time() - t_start, 2)}
+        stats = update_step(policy, ref_policy, optimizer, scheduler, data, cfg, device, dist)
+        metrics = pool_metrics(dist.gather(data.metrics)) if dist.active else data.metrics
+        row = {"step": step, **metrics, **diag, **stats, "elapsed": round(time.time() - t_start, 2)}
         for k, v in row.items():
             if k.startswith("reward_failures/"):
                 failures_total[k.split("/", 1)[1]] = failures_total.get(k.split("/", 1)[1], 0) + v
         if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.optim.steps:
-            ev = _eval(policy, task, test_prompts, cfg, f"step {step}", bar)
+            ev = _eval(policy, task, test_prompts, cfg, f"step {step}", bar, dist)
             row["eval_accuracy"] = ev["accuracy"]
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        if cfg.log.samples_every and step % cfg.log.samples_every == 0:
+        if dist.main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        if cfg.log.samples_every and step % cfg.log.samples_every == 0 and dist.main:
             texts = leaf_texts(policy, data.trees[:1], cfg.rollout.K, cfg.rollout.M)
             with samples_path.open("a") as f:
                 f.write(json.dumps({"step": step, "prompt": task.train[idx[0]].prompt, "answer": task.train[idx[0]].answer,
@@ -414,15 +493,18 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
                             cos="-" if cos is None else f"{cos:.2f}", len=f"{row['completion_tokens']:.0f}",
                             loss=f"{row['loss']:.4f}", gen=f"{row['time_generate']:.1f}s", upd=f"{row['time_update']:.1f}s")
         steps_run = step
-        if cfg.optim.time_budget_s and time.time() - t_train >= cfg.optim.time_budget_s:
+        if cfg.optim.time_budget_s and dist.max([time.time() - t_train >= cfg.optim.time_budget_s])[0]:  # (all stop together)
             break
     train_seconds = time.time() - t_train
     if cfg.eval.after:
-        summary["eval_after"] = _eval(policy, task, test_prompts, cfg, "after", bar)
+        summary["eval_after"] = _eval(policy, task, test_prompts, cfg, "after", bar, dist)
     if bar is not None:
         bar.close()
-    if cfg.log.save_model:
+    if dist.active:
+        summary["replicas_in_sync"] = dist.in_sync(model)
+    if cfg.log.save_model and dist.main:
         policy.save(run / "model")
+    dist.barrier()
     summary.update(
         steps=steps_run,
         train_seconds=round(train_seconds, 2),
@@ -433,5 +515,6 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         summary["accuracy_gain"] = summary["eval_after"]["accuracy"] - summary["eval_before"]["accuracy"]
     if "eval_warm" in summary and "eval_after" in summary:
         summary["rl_gain"] = summary["eval_after"]["accuracy"] - summary["eval_warm"]["accuracy"]
-    (run / "summary.json").write_text(json.dumps(summary, indent=2))
+    if dist.main:
+        (run / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
