@@ -78,7 +78,12 @@ def _rank_update(rank: int, world: int, port: int, out: str, agg: str, trim: boo
     try:
         policy, cfg, data, optimizer, scheduler = _step(agg)
         stats = update_step(policy, None, optimizer, scheduler, _shard(data, rank, world, trim), cfg, device, dist)
-        torch.save({"params": {k: v.clone() for k, v in policy.model.state_dict().items()}, "stats": stats}, Path(out) / f"rank{rank}.pt")
+        params = {k: v.clone() for k, v in policy.model.state_dict().items()}
+        synced = dist.in_sync(policy.model)
+        with torch.no_grad():
+            next(policy.model.parameters())[0, 0] += rank * 1e-9  # one process drifts
+        drifted = dist.in_sync(policy.model)
+        torch.save({"params": params, "stats": stats, "in_sync": (synced, drifted)}, Path(out) / f"rank{rank}.pt")
     finally:
         dist.close()
 
@@ -96,6 +101,7 @@ def test_two_processes_make_the_one_process_update(tmp_path, agg, trim):
     for key, value in ref.items():
         assert torch.equal(ranks[0]["params"][key], ranks[1]["params"][key]), key  # the replicas agree exactly
         torch.testing.assert_close(ranks[0]["params"][key], value, rtol=0, atol=1e-12)  # ... on the one-process update
+    assert all(r["in_sync"] == (True, False) for r in ranks)  # the checksum sees a drift of 1e-9 in one entry
     got = ranks[0]["stats"]
     assert got["trees_updated"] == want["trees_updated"] == P
     assert got["loss"] == pytest.approx(want["loss"], abs=1e-12) and got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-10)

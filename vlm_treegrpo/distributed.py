@@ -109,7 +109,7 @@ class Dist:
         if not self.active:
             return True
         with torch.no_grad():
-            sums = torch.stack([p.double().sum() for p in module.parameters()]).to(self.device)  # [n_params]
+            sums = torch.stack([p.detach().sum(dtype=torch.float64) for p in module.parameters()]).to(self.device)  # [n_params]
         hi, neg_lo = sums.clone(), -sums
         dist.all_reduce(hi, op=dist.ReduceOp.MAX)
         dist.all_reduce(neg_lo, op=dist.ReduceOp.MAX)
