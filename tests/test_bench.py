@@ -207,3 +207,16 @@ def test_race_trl_with_lora_trains_the_same_adapters_and_saves_a_plain_model(tmp
     assert not any("lora" in n for n, _ in loaded.model.named_parameters())
     changed = [n for n, p in loaded.model.named_parameters() if not torch.equal(p, base.model.get_parameter(n))]
     assert changed and all(("q_proj" in n or "v_proj" in n) for n in changed)  # only the adapted weights moved
+
+
+@pytest.mark.parametrize("flag,value", [("--rounds", "0"), ("--steps", "0"), ("--warmup", "-1")])
+def test_bench_rejects_counts_out_of_range_before_running(flag, value, tmp_path):
+    import argparse
+
+    from vlm_treegrpo.bench import add_arguments, run
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    with pytest.raises(ConfigError, match="--rounds >= 1"):
+        run(p.parse_args(["--model", "tiny-llama", "--trainers", "ours", flag, value, "--out", str(tmp_path / "b.json")]))
+    assert not (tmp_path / "b.json").exists()
