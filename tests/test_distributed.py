@@ -16,8 +16,8 @@ import torch
 import torch.multiprocessing as mp
 
 from vlm_treegrpo.config import ConfigError, config_from_dict
-from vlm_treegrpo.distributed import Dist, _buckets, from_env
-from vlm_treegrpo.trainer import _check_shares, pool_metrics
+from vlm_treegrpo.distributed import Dist, _buckets, from_env, pool_metrics
+from vlm_treegrpo.trainer import _check_shares
 
 ROOT = Path(__file__).resolve().parents[1]
 P = 4  # prompts in the step
@@ -134,6 +134,7 @@ def test_one_process_is_a_no_op_and_shares_must_split_evenly():
     d = Dist()
     assert d.main and not d.active and d.shard([1, 2, 3]) == [1, 2, 3] and d.sum([2, 3]) == [2.0, 3.0] and d.gather("x") == ["x"]
     assert Dist(rank=1, world=2).shard([0, 1, 2, 3]) == [2, 3]
+    assert d.seed(5) == 5 and len({Dist(rank=r, world=3).seed(5) for r in range(3)}) == 3  # process 0 keeps the one-process seed
     cfg = config_from_dict({"rollout": {"prompts_per_step": 3}})
     with pytest.raises(ConfigError, match="rollout.prompts_per_step"):
         _check_shares(cfg, 2)

@@ -27,6 +27,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+RANK_SEED = 7919
+"""Process ``r`` samples with ``seed + RANK_SEED * r`` (:meth:`Dist.seed`)."""
+
 BUCKET_ELEMENTS = 2**24
 """Gradients are summed in flat buckets of at most this many elements (64 MB in fp32)."""
 
@@ -47,6 +50,11 @@ class Dist:
     @property
     def active(self) -> bool:
         return self.world > 1
+
+    def seed(self, base: int) -> int:
+        """This process's sampling seed: ``base`` for process 0 (the one-process stream), and a
+        distinct one for each other process."""
+        return base + RANK_SEED * self.rank
 
     def shard(self, items: Sequence) -> list:
         """This process's contiguous share of ``items`` (whose length ``world`` divides)."""
@@ -122,6 +130,28 @@ class Dist:
     def close(self) -> None:
         if self.active and dist.is_initialized():
             dist.destroy_process_group()
+
+
+SUMMED_METRICS = ("packed_tokens", "unpacked_tokens")
+"""Step metrics that are counts: summed over the processes (as are ``reward_failures/*``);
+``time_*`` take the slowest process; the rest are means over processes (their shares of a step
+are the same size)."""
+
+def pool_metrics(rows: list[dict]) -> dict:
+    """One step's metrics from every process's ``rows`` (:data:`SUMMED_METRICS`); a key some
+    processes lack is pooled over those that have it; non-numbers are process 0's."""
+    out: dict = {}
+    for key in dict.fromkeys(k for r in rows for k in r):
+        vals = [r[key] for r in rows if key in r]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            out[key] = vals[0]
+        elif key in SUMMED_METRICS or key.startswith("reward_failures/"):
+            out[key] = sum(vals)
+        elif key.startswith("time_"):
+            out[key] = max(vals)
+        else:
+            out[key] = sum(vals) / len(vals)
+    return out
 
 
 def _buckets(grads: list[Tensor]) -> Iterable[list[Tensor]]:

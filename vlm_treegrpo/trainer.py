@@ -41,7 +41,7 @@ from vlm_treegrpo.core.advantages import group_advantages, tree_advantages
 from vlm_treegrpo.core.diagnostics import mean_pairwise_cosine, reward_std_stats, update_norms
 from vlm_treegrpo.core.losses import kl_penalty, masked_mean, policy_loss, policy_loss_metrics
 from vlm_treegrpo.data.sources import Task, task_from_config
-from vlm_treegrpo.distributed import Dist, from_env
+from vlm_treegrpo.distributed import Dist, from_env, pool_metrics
 from vlm_treegrpo.evaluate import evaluate
 from vlm_treegrpo.optim import adamw, warmup_constant
 from vlm_treegrpo.policy import Policy, TextPolicy, TrainBatch, make_policy
@@ -193,32 +193,6 @@ def rollout_step(policy: Policy, examples, prompts, reward_set: RewardSet, cfg: 
     if scored.errors:
         metrics["reward_errors"] = scored.errors[:3]
     return StepData(trees, rewards, thought_adv, answer_adv, packed, metrics)
-
-
-SUMMED_METRICS = ("packed_tokens", "unpacked_tokens")
-"""Step metrics that are counts: summed over the processes (as are ``reward_failures/*``);
-``time_*`` take the slowest process; the rest are means over processes (their shares of a step
-are the same size)."""
-
-RANK_SEED = 7919
-"""Process ``r`` of a data-parallel job samples with ``optim.seed + RANK_SEED * r``."""
-
-
-def pool_metrics(rows: list[dict]) -> dict:
-    """One step's metrics from every process's ``rows`` (:data:`SUMMED_METRICS`); a key some
-    processes lack is pooled over those that have it; non-numbers are process 0's."""
-    out: dict = {}
-    for key in dict.fromkeys(k for r in rows for k in r):
-        vals = [r[key] for r in rows if key in r]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
-            out[key] = vals[0]
-        elif key in SUMMED_METRICS or key.startswith("reward_failures/"):
-            out[key] = sum(vals)
-        elif key.startswith("time_"):
-            out[key] = max(vals)
-        else:
-            out[key] = sum(vals) / len(vals)
-    return out
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -420,7 +394,7 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
     model = policy.model
     dist.broadcast_params(model)
     if dist.rank:
-        torch.manual_seed(cfg.optim.seed + RANK_SEED * dist.rank)  # (process 0 keeps the one-process stream)
+        torch.manual_seed(dist.seed(cfg.optim.seed))
     credit = None
     if cfg.algo.credit == "rredcot":
         from vlm_treegrpo.credit import rredcot_for
