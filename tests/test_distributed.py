@@ -113,6 +113,7 @@ def test_torchrun_trains_two_processes_through_the_cli(tmp_path):
            "log.progress=false", "model.threads=1", "data.n_test=5", "rollout.prompts_per_step=4", "sft.steps=1", "sft.batch_size=4", "log.save_model=true"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count('"replicas_in_sync": true') == 1  # process 0 prints the summary
     run = tmp_path / "tiny-llama"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["replicas_in_sync"] is True and summary["steps"] == 2

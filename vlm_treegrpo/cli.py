@@ -13,10 +13,13 @@ from vlm_treegrpo.data.loaders import DataError
 
 
 def _cmd_train(args) -> int:
+    from vlm_treegrpo.distributed import launched_rank
     from vlm_treegrpo.trainer import train
 
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg)
+    if launched_rank() != 0:  # (under torchrun process 0 prints the summary)
+        return 0
     keep = {k: v for k, v in summary.items() if not isinstance(v, dict) or k == "reward_failures"}
     for key in ("eval_before", "eval_warm", "eval_after"):
         if key in summary:

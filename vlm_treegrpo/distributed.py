@@ -169,6 +169,11 @@ def _buckets(grads: list[Tensor]) -> Iterable[list[Tensor]]:
         yield bucket
 
 
+def launched_rank() -> int:
+    """This process's rank as ``torchrun`` set it (0 without ``torchrun``)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def from_env(device: torch.device, timeout_minutes: float = 60.0) -> tuple[Dist, torch.device]:
     """The job's :class:`Dist` from ``torchrun``'s environment, and the device this process
     trains on (``cuda:LOCAL_RANK`` when ``device`` is CUDA); makes the process group. One
@@ -176,7 +181,7 @@ def from_env(device: torch.device, timeout_minutes: float = 60.0) -> tuple[Dist,
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist(), device
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local = launched_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
