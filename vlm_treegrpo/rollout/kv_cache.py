@@ -80,6 +80,12 @@ PLAIN_LAYERS = (DynamicLayer, StaticLayer)
 """Cache layers holding every column's keys and values (a sliding window keeps only its last ones)."""
 
 
+def is_plain(cache) -> bool:
+    """Whether every layer of ``cache`` is plain (:data:`PLAIN_LAYERS`): rows and columns can be
+    taken from it."""
+    return all(type(layer) in PLAIN_LAYERS for layer in cache.layers)
+
+
 @dataclass
 class CachePiece:
     """Some rows of a decode pass and their KV cache (a pass that drops finished rows ends with
@@ -94,7 +100,7 @@ class CachePiece:
 def select_rows(cache, idx: Tensor):
     """A new dynamic cache of ``cache``'s rows ``idx``; None unless every layer is plain
     (:data:`PLAIN_LAYERS`)."""
-    if any(type(layer) not in PLAIN_LAYERS for layer in cache.layers):
+    if not is_plain(cache):
         return None
     out = DynamicCache()
     for i, layer in enumerate(cache.layers):
@@ -132,7 +138,7 @@ def continuation_cache(thought: ThoughtPass, rows: list[int], thought_lens: list
     per-token keys and values (a sliding window): the caller prefills instead.
     """
     pieces, thought.pieces = thought.pieces, None  # consumed: the thought pass's cache is freed with this call
-    if not pieces or any(p.cache is None or any(type(layer) not in PLAIN_LAYERS for layer in p.cache.layers) for p in pieces):
+    if not pieces or any(p.cache is None or not is_plain(p.cache) for p in pieces):
         return None
     where = {int(r): (p, i) for p, piece in enumerate(pieces) for i, r in enumerate(piece.rows.tolist())}
     if any(r not in where for r in rows):
