@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +26,18 @@ P = 4  # prompts in the step
 
 def varied_reward(completion: str, example) -> float:
     return (len(completion) % 7) / 6.0
+
+
+def sigterm_on_rank1_reward(completion: str, example) -> float:
+    """:func:`varied_reward`; process 1 sends itself SIGTERM on its 9th call (its 8 leaves a step: in step 2)."""
+    if os.environ.get("RANK") == "1":
+        CALLS[0] += 1
+        if CALLS[0] == 9:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return varied_reward(completion, example)
+
+
+CALLS = [0]
 
 
 def _free_port() -> int:
@@ -107,12 +120,24 @@ def test_two_processes_make_the_one_process_update(tmp_path, agg, trim):
     assert got["loss"] == pytest.approx(want["loss"], abs=1e-12) and got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-10)
 
 
-def test_torchrun_trains_two_processes_through_the_cli(tmp_path):
+def _torchrun_train(tmp_path, *overrides: str, ok: bool = True) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            "-m", "vlm_treegrpo.cli", "train", "--config", str(ROOT / "configs/tiny-llama.yaml"), f"log.run_dir={tmp_path}",
-           "log.progress=false", "model.threads=1", "data.n_test=5", "rollout.prompts_per_step=4", "sft.steps=1", "sft.batch_size=4", "log.save_model=true"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+           "log.progress=false", "model.threads=1", "data.n_test=5", "rollout.prompts_per_step=4", "sft.steps=1", "sft.batch_size=4",
+           "algo.rewards=[test_distributed:varied_reward]", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert (proc.returncode == 0) == ok, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _steps(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("time_") and k not in ("elapsed", "norm/diag_seconds")} for r in rows]
+
+
+def test_torchrun_trains_two_processes_through_the_cli_and_resumes_exactly(tmp_path):
+    proc = _torchrun_train(tmp_path, "log.save_model=true", "log.checkpoint_every=1")
     assert proc.stdout.count('"replicas_in_sync": true') == 1  # process 0 prints the summary
     run = tmp_path / "tiny-llama"
     summary = json.loads((run / "summary.json").read_text())
@@ -122,6 +147,25 @@ def test_torchrun_trains_two_processes_through_the_cli(tmp_path):
     assert [r["step"] for r in rows] == [1, 2]  # one process writes
     assert rows[0]["unpacked_tokens"] > 0 and (run / "model" / "config.json").exists()
     assert len((run / "sft.jsonl").read_text().splitlines()) == 1
+    assert sorted(p.name for p in (run / "checkpoint").glob("rng-*.pt")) == ["rng-0.pt", "rng-1.pt"]  # each process's generators
+
+    resumed = json.loads(_torchrun_train(tmp_path, "log.resume=must", "optim.steps=3").stdout)
+    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 3 and resumed["replicas_in_sync"] is True
+    _torchrun_train(tmp_path, "optim.steps=3", "log.name=straight")
+    assert _steps(run) == _steps(tmp_path / "straight")  # the resumed step 3 is the never-stopped run's
+
+
+def test_a_signal_to_one_process_stops_every_process_after_the_step_with_a_checkpoint(tmp_path):
+    proc = _torchrun_train(tmp_path, "optim.steps=50", "eval.before=false", "sft.steps=0", "log.checkpoint_every=0",
+                           "algo.rewards=[test_distributed:sigterm_on_rank1_reward]", ok=False)
+    assert proc.stdout.count('"stopped_by": "SIGTERM"') == 1  # process 0 stopped too, and says why
+    assert "exitcode  : 143" in proc.stderr  # (torchrun's report of the processes' exit status)
+    run = tmp_path / "tiny-llama"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stopped_by"] == "SIGTERM" and summary["steps"] == 2 and summary["replicas_in_sync"] is True
+    assert "eval_after" not in summary and not (run / "model").exists()
+    meta = json.loads((run / "checkpoint" / "meta.json").read_text())
+    assert meta["step"] == 2 and meta["processes"] == 2 and (run / "checkpoint" / "rng-1.pt").exists()
 
 
 def test_pool_metrics_sums_counts_takes_the_slowest_time_and_averages_the_rest():

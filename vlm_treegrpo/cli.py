@@ -1,11 +1,13 @@
 """The ``vlm-treegrpo`` command line: train, eval, advise, bench, prepare, presets.
 
-Config problems exit with status 2 and one line naming the field.
+Config problems exit with status 2 and one line naming the field. A training run stopped by
+SIGTERM or SIGINT checkpoints and exits with 128 + the signal's number (143, 130).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 from vlm_treegrpo.config import ConfigError, load_config
@@ -18,14 +20,17 @@ def _cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg)
+    code = 0
+    if summary.get("stopped_by") in signal.Signals.__members__:  # (stopped by SIGTERM / SIGINT, checkpointed)
+        code = 128 + signal.Signals[summary["stopped_by"]].value
     if launched_rank() != 0:  # (under torchrun process 0 prints the summary)
-        return 0
-    keep = {k: v for k, v in summary.items() if not isinstance(v, dict) or k == "reward_failures"}
+        return code
+    keep = {k: v for k, v in summary.items() if not isinstance(v, dict) or k in ("reward_failures", "checkpoints")}
     for key in ("eval_before", "eval_warm", "eval_after"):
         if key in summary:
             keep[key] = {k: v for k, v in summary[key].items() if k != "samples"}
     print(json.dumps(keep, indent=2))
-    return 0
+    return code
 
 
 def _cmd_eval(args) -> int:

@@ -296,7 +296,8 @@ class OptimConfig:
     time_budget_s: float = 0.0
     """Stop after the step during which the GRPO loop's wall-clock time (rollouts, updates and any
     periodic evaluation) reaches this many seconds, even if fewer than ``steps`` ran; 0 = no limit.
-    The summary's ``steps`` is the number of steps that ran."""
+    The summary's ``steps`` is the number of steps that ran. A resumed run (``log.resume``)
+    counts the seconds of the sessions before it too."""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 0, "optim.steps", f"must be >= 0, got {self.steps}")
@@ -371,10 +372,18 @@ class LogConfig:
     """Save the trained weights (or LoRA adapter) to <run>/model at the end."""
     samples_every: int = 5
     """Write a few sample completions to samples.jsonl every N steps (0 = never)."""
+    checkpoint_every: int = 0
+    """Write a resumable checkpoint to <run>/checkpoint every N GRPO steps and after the last
+    (0 = only when the run is stopped by SIGTERM / SIGINT); :mod:`vlm_treegrpo.checkpoint`."""
+    resume: str = "off"
+    """``off`` (start afresh, overwriting the run's logs), ``auto`` (go on from <run>/checkpoint
+    when there is one, else start) or ``must`` (go on from it; stop if there is none)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.name) and "/" not in self.name, "log.name", f"must be a non-empty name without '/', got {self.name!r}")
         _require(self.samples_every >= 0, "log.samples_every", f"must be >= 0, got {self.samples_every}")
+        _require(self.checkpoint_every >= 0, "log.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+        _choice(self.resume, ("off", "auto", "must"), "log.resume")
 
     @property
     def path(self) -> Path:

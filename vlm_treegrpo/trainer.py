@@ -20,6 +20,9 @@ per-prompt gradients (on a small parameter subset, :mod:`vlm_treegrpo.scores`). 
 ``algo.credit: rredcot`` the rollout's advantages are replaced by RREDCoT's per-segment ones
 (arXiv 2606.06475, :mod:`vlm_treegrpo.credit`).
 
+Checkpoints (``log.checkpoint_every``, and on SIGTERM / Ctrl-C) and ``log.resume`` let a stopped
+run go on exactly where it stopped (:mod:`vlm_treegrpo.checkpoint`, :mod:`vlm_treegrpo.interrupt`).
+
 With ``sft.steps > 0`` a supervised warm start (:mod:`vlm_treegrpo.sft`) runs between the
 ``eval_before`` and the first GRPO step; its greedy accuracy is reported as ``eval_warm``.
 """
@@ -29,6 +32,7 @@ import contextlib
 import copy
 import json
 import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +40,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from vlm_treegrpo import checkpoint
 from vlm_treegrpo.config import ConfigError, TrainConfig, resolve_autocast
 from vlm_treegrpo.core.advantages import group_advantages, tree_advantages
 from vlm_treegrpo.core.diagnostics import mean_pairwise_cosine, reward_std_stats, update_norms
@@ -43,6 +48,7 @@ from vlm_treegrpo.core.losses import kl_penalty, masked_mean, policy_loss, polic
 from vlm_treegrpo.data.sources import Task, task_from_config
 from vlm_treegrpo.distributed import Dist, from_env, pool_metrics
 from vlm_treegrpo.evaluate import evaluate
+from vlm_treegrpo.interrupt import StopRequests
 from vlm_treegrpo.optim import adamw, warmup_constant
 from vlm_treegrpo.policy import Policy, TextPolicy, TrainBatch, make_policy
 from vlm_treegrpo.rewards import RewardSet
@@ -111,6 +117,13 @@ class PromptSampler:
             out.append(self.order[self.pos])
             self.pos += 1
         return out
+
+    def state_dict(self) -> dict:
+        return {"gen": self.gen.get_state(), "order": list(self.order), "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["gen"])
+        self.order, self.pos = list(state["order"]), state["pos"]
 
 
 @dataclass
@@ -379,9 +392,23 @@ def _check_shares(cfg: TrainConfig, world: int) -> None:
         raise ConfigError(f"sft.batch_size: {cfg.sft.batch_size} examples do not split over {world} processes")
 
 
+def _resume_point(cfg: TrainConfig) -> Path | None:
+    """The checkpoint ``log.resume`` continues from (checked against ``cfg``), or None."""
+    if cfg.log.resume == "off":
+        return None
+    found = checkpoint.find(cfg.log.path)
+    if found is None:
+        if cfg.log.resume == "must":
+            raise ConfigError(f"log.resume: no checkpoint in {cfg.log.path / checkpoint.DIR} (log.resume=auto starts afresh then)")
+        return None
+    checkpoint.check_compatible(checkpoint.read_meta(found)["config"], cfg, found)
+    return found
+
+
 def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_start: float) -> dict:
     _check_shares(cfg, dist.world)
     run = cfg.log.path
+    resume_from = _resume_point(cfg)
     if dist.main:
         run.mkdir(parents=True, exist_ok=True)
         (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -419,64 +446,92 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
     summary: dict = {"run": str(run), "model": cfg.model.name, "K": cfg.rollout.K, "M": cfg.rollout.M, "data_skipped": task.skipped}
     if dist.active:
         summary["processes"] = dist.world
-    if cfg.eval.before:
+    if cfg.eval.before and resume_from is None:
         summary["eval_before"] = _eval(policy, task, test_prompts, cfg, "before", bar, dist)
-    if cfg.sft.steps > 0:
+    if cfg.sft.steps > 0 and resume_from is None:
         summary.update(_sft(policy, task, train_prompts, cfg, device, run, bar, dist))
         summary["eval_warm"] = _eval(policy, task, test_prompts, cfg, "warm", bar, dist)
     ref_policy = None  # the KL reference: the policy GRPO starts from (after any warm start)
     if cfg.algo.beta > 0 and cfg.model.lora_r == 0:  # LoRA: the base model, adapters disabled
         ref_policy = copy.copy(policy)
         ref_policy.model = copy.deepcopy(policy.model).eval().requires_grad_(False)
+    ref_model = ref_policy.model if ref_policy is not None else None
     metrics_path, samples_path = run / "metrics.jsonl", run / "samples.jsonl"
-    if dist.main:
+    state = checkpoint.TrainerState(step=0, sampler={}, summary=dict(summary))
+    if resume_from is not None:
+        state, rng_restored = checkpoint.load(resume_from, model, optimizer, scheduler, ref_model, device, dist)
+        sampler.load_state_dict(state.sampler)
+        summary.update(state.summary)
+        summary["resumed_from_step"] = state.step
+        if not rng_restored:  # (written by fewer processes: this one draws a fresh stream)
+            torch.manual_seed(dist.seed(cfg.optim.seed) + state.step)
+            summary["resume_rng"] = "reseeded"
+        if dist.main:
+            checkpoint.keep_rows(metrics_path, state.step)
+            checkpoint.keep_rows(samples_path, state.step)
+        if bar is not None:
+            bar.update(state.step)
+    elif dist.main:
         metrics_path.write_text("")
         samples_path.write_text("")
-    failures_total: dict[str, int] = {}
-    last_diag: dict = {}
-    t_train = time.time()
-    steps_run = 0
-    for step in range(1, cfg.optim.steps + 1):
-        idx = dist.shard(sampler.take(cfg.rollout.prompts_per_step))  # (every process draws the same, keeps its share)
-        data = rollout_step(policy, [task.train[i] for i in idx], [train_prompts[i] for i in idx], reward_set, cfg, credit)
-        diag = {}
-        if cfg.algo.diag_every and (step - 1) % cfg.algo.diag_every == 0 and dist.main:  # (on process 0's share)
-            diag = gradient_diagnostics(policy, data, cfg, device)
-            last_diag.update(diag)
-        stats = update_step(policy, ref_policy, optimizer, scheduler, data, cfg, device, dist)
-        metrics = pool_metrics(dist.gather(data.metrics)) if dist.active else data.metrics
-        row = {"step": step, **metrics, **diag, **stats, "elapsed": round(time.time() - t_start, 2)}
-        for k, v in row.items():
-            if k.startswith("reward_failures/"):
-                failures_total[k.split("/", 1)[1]] = failures_total.get(k.split("/", 1)[1], 0) + v
-        if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.optim.steps:
-            ev = _eval(policy, task, test_prompts, cfg, f"step {step}", bar, dist)
-            row["eval_accuracy"] = ev["accuracy"]
-        if dist.main:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-        if cfg.log.samples_every and step % cfg.log.samples_every == 0 and dist.main:
-            texts = leaf_texts(policy, data.trees[:1], cfg.rollout.K, cfg.rollout.M)
-            with samples_path.open("a") as f:
-                f.write(json.dumps({"step": step, "prompt": task.train[idx[0]].prompt, "answer": task.train[idx[0]].answer,
-                                    "rewards": data.rewards[0].flatten().tolist(), "completions": texts}) + "\n")
-        if bar is not None:
-            bar.update(1)
-            cos = last_diag.get("norm/grad_cosine")
-            bar.set_postfix(reward=f"{row['reward']:.3f}", std=f"{row['reward_std_within']:.2f}", zero=f"{row['zero_std_frac']:.2f}",
-                            cos="-" if cos is None else f"{cos:.2f}", len=f"{row['completion_tokens']:.0f}",
-                            loss=f"{row['loss']:.4f}", gen=f"{row['time_generate']:.1f}s", upd=f"{row['time_update']:.1f}s")
-        steps_run = step
-        if cfg.optim.time_budget_s and dist.max([time.time() - t_train >= cfg.optim.time_budget_s])[0]:  # (all stop together)
-            break
-    train_seconds = time.time() - t_train
-    if cfg.eval.after:
+    pre_loop = state.summary
+    failures_total: dict[str, int] = dict(state.failures_total)
+    last_diag: dict = dict(state.last_diag)
+    t_train, seconds_before = time.time(), state.train_seconds
+    steps_run, stopped_by, saves = state.step, None, {"written": 0, "seconds": 0.0}
+    every = cfg.log.checkpoint_every
+    with StopRequests() as stop:
+        for step in range(state.step + 1, cfg.optim.steps + 1):
+            idx = dist.shard(sampler.take(cfg.rollout.prompts_per_step))  # (every process draws the same, keeps its share)
+            data = rollout_step(policy, [task.train[i] for i in idx], [train_prompts[i] for i in idx], reward_set, cfg, credit)
+            diag = {}
+            if cfg.algo.diag_every and (step - 1) % cfg.algo.diag_every == 0 and dist.main:  # (on process 0's share)
+                diag = gradient_diagnostics(policy, data, cfg, device)
+                last_diag.update(diag)
+            stats = update_step(policy, ref_policy, optimizer, scheduler, data, cfg, device, dist)
+            metrics = pool_metrics(dist.gather(data.metrics)) if dist.active else data.metrics
+            row = {"step": step, **metrics, **diag, **stats, "elapsed": round(time.time() - t_start, 2)}
+            for k, v in row.items():
+                if k.startswith("reward_failures/"):
+                    failures_total[k.split("/", 1)[1]] = failures_total.get(k.split("/", 1)[1], 0) + v
+            if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.optim.steps:
+                ev = _eval(policy, task, test_prompts, cfg, f"step {step}", bar, dist)
+                row["eval_accuracy"] = ev["accuracy"]
+            if dist.main:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+            if cfg.log.samples_every and step % cfg.log.samples_every == 0 and dist.main:
+                texts = leaf_texts(policy, data.trees[:1], cfg.rollout.K, cfg.rollout.M)
+                with samples_path.open("a") as f:
+                    f.write(json.dumps({"step": step, "prompt": task.train[idx[0]].prompt, "answer": task.train[idx[0]].answer,
+                                        "rewards": data.rewards[0].flatten().tolist(), "completions": texts}) + "\n")
+            if bar is not None:
+                bar.update(1)
+                cos = last_diag.get("norm/grad_cosine")
+                bar.set_postfix(reward=f"{row['reward']:.3f}", std=f"{row['reward_std_within']:.2f}", zero=f"{row['zero_std_frac']:.2f}",
+                                cos="-" if cos is None else f"{cos:.2f}", len=f"{row['completion_tokens']:.0f}",
+                                loss=f"{row['loss']:.4f}", gen=f"{row['time_generate']:.1f}s", upd=f"{row['time_update']:.1f}s")
+            steps_run = step
+            over_budget = bool(cfg.optim.time_budget_s) and seconds_before + time.time() - t_train >= cfg.optim.time_budget_s
+            over_budget, signalled = dist.max([over_budget, stop.signal or 0])  # (all stop together, on any process's signal)
+            if signalled or (every and (step % every == 0 or step == cfg.optim.steps or over_budget)):
+                state = checkpoint.TrainerState(step, sampler.state_dict(), pre_loop, failures_total, last_diag,
+                                                seconds_before + time.time() - t_train)
+                saves["seconds"] += checkpoint.save(run, state, model, optimizer, scheduler, ref_model, cfg, device, dist)
+                saves["written"] += 1
+            if signalled:
+                stopped_by = signal.Signals(int(signalled)).name
+                break
+            if over_budget:
+                break
+    train_seconds = seconds_before + time.time() - t_train
+    if cfg.eval.after and stopped_by is None:
         summary["eval_after"] = _eval(policy, task, test_prompts, cfg, "after", bar, dist)
     if bar is not None:
         bar.close()
     if dist.active:
         summary["replicas_in_sync"] = dist.in_sync(model)
-    if cfg.log.save_model and dist.main:
+    if cfg.log.save_model and dist.main and stopped_by is None:
         policy.save(run / "model")
     dist.barrier()
     summary.update(
@@ -485,6 +540,10 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
         wall_seconds=round(time.time() - t_start, 2),
         reward_failures=failures_total,
     )
+    if saves["written"]:
+        summary["checkpoints"] = {"written": saves["written"], "seconds": round(saves["seconds"], 2), "path": str(run / checkpoint.DIR)}
+    if stopped_by is not None:
+        summary["stopped_by"] = stopped_by  # (no final evaluation or model save: go on with log.resume=auto)
     if "eval_before" in summary and "eval_after" in summary:
         summary["accuracy_gain"] = summary["eval_after"]["accuracy"] - summary["eval_before"]["accuracy"]
     if "eval_warm" in summary and "eval_after" in summary:

@@ -1,0 +1,155 @@
+"""Checkpoints and resuming: a run stopped (by its step budget or by SIGTERM) and resumed makes
+the same steps, bit for bit, as one that never stopped; a resume that cannot be exact is refused
+with the field named."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlm_treegrpo import checkpoint
+from vlm_treegrpo.cli import main as cli_main
+from vlm_treegrpo.config import ConfigError, load_config
+from vlm_treegrpo.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+SIGTERM_AT = {"call": None, "calls": 0}
+""":func:`varied_reward` sends this process SIGTERM on its ``call``-th call (None: never)."""
+
+VARIANTS = {
+    "full weights, KL to a warm-started reference": ["algo.beta=0.05", "sft.steps=1", "sft.batch_size=2"],
+    "LoRA": ["model.lora_r=4"],
+}
+
+
+def varied_reward(completion: str, example) -> float:
+    SIGTERM_AT["calls"] += 1
+    if SIGTERM_AT["calls"] == SIGTERM_AT["call"]:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return (len(completion) % 7) / 6.0
+
+
+def _args(tmp_path: Path, name: str, variant: str, *extra: str) -> list[str]:
+    return [f"log.run_dir={tmp_path}", f"log.name={name}", "log.progress=false", "optim.steps=4", "data.n_test=2",
+            "rollout.thought_max_tokens=5", "rollout.answer_max_tokens=5", "algo.rewards=[test_checkpoint:varied_reward]",
+            "algo.diag_every=3", *VARIANTS[variant], *extra]
+
+
+def _run(tmp_path: Path, name: str, variant: str, *extra: str) -> dict:
+    SIGTERM_AT["calls"] = 0
+    return train(load_config(ROOT / "configs/tiny-llama.yaml", _args(tmp_path, name, variant, *extra)), quiet=True)
+
+
+def _rows(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("time_") and k not in ("elapsed", "norm/diag_seconds")} for r in rows]
+
+
+def _timeless(ev: dict | None) -> dict | None:
+    return None if ev is None else {k: v for k, v in ev.items() if k != "seconds"}
+
+
+def _same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], dict):
+            _same_tensors(a[k], b[k])
+        elif isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """Each variant run 4 steps without stopping, checkpointing every 2."""
+    out = {}
+    for variant in VARIANTS:
+        tmp = tmp_path_factory.mktemp("straight")
+        summary = _run(tmp, "run", variant, "log.checkpoint_every=2")
+        out[variant] = (tmp / "run", summary)
+    return out
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_a_run_stopped_after_its_steps_and_resumed_makes_the_same_steps(tmp_path, straight, variant):
+    whole, whole_summary = straight[variant]
+    assert whole_summary["checkpoints"]["written"] == 2 and whole_summary["steps"] == 4
+    first = _run(tmp_path, "run", variant, "optim.steps=2", "log.checkpoint_every=2")
+    assert first["steps"] == 2 and "stopped_by" not in first
+    second = _run(tmp_path, "run", variant, "log.resume=must", "log.checkpoint_every=2")
+    run = tmp_path / "run"
+    assert second["resumed_from_step"] == 2 and second["steps"] == 4
+    assert _rows(run) == _rows(whole)  # steps 1-2 kept from the first session, 3-4 made again exactly
+    assert [r["step"] for r in _rows(run)] == [1, 2, 3, 4]
+    for key in ("eval_before", "eval_warm"):  # measured once, before the first step, and carried over
+        assert _timeless(second.get(key)) == _timeless(whole_summary.get(key))
+    assert _timeless(second["eval_after"]) == _timeless(whole_summary["eval_after"])
+    for name in ("model.pt", "optimizer.pt"):
+        _same_tensors(torch.load(run / "checkpoint" / name), torch.load(whole / "checkpoint" / name))
+    assert (run / "checkpoint" / "reference.pt").exists() == ("algo.beta=0.05" in VARIANTS[variant])
+    assert [json.loads(x)["step"] for x in (run / "samples.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_sigterm_finishes_the_step_checkpoints_exits_143_and_the_resumed_run_is_exact(tmp_path, straight, capsys):
+    variant = "LoRA"
+    whole, whole_summary = straight[variant]
+    SIGTERM_AT["calls"], SIGTERM_AT["call"] = 0, 9  # a call of step 2's scoring (8 leaves a step)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        code = cli_main(["train", "--config", str(ROOT / "configs/tiny-llama.yaml"), *_args(tmp_path, "run", variant)])
+    finally:
+        SIGTERM_AT["call"] = None
+    assert code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == previous  # the handler is the loop's only
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stopped_by"] == "SIGTERM" and summary["steps"] == 2 and "eval_after" not in summary
+    assert checkpoint.read_meta(run / "checkpoint")["step"] == 2 and summary["checkpoints"]["written"] == 1
+    resumed = _run(tmp_path, "run", variant, "log.resume=auto")
+    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 4 and "stopped_by" not in resumed
+    assert _rows(run) == _rows(whole)
+    assert _timeless(resumed["eval_after"]) == _timeless(whole_summary["eval_after"])
+
+
+def test_resume_refuses_a_changed_algorithm_and_a_missing_checkpoint(tmp_path, straight):
+    whole, _ = straight["LoRA"]
+    with pytest.raises(ConfigError, match=r"^rollout\.K: .*trained with 2, this run sets 4"):
+        _run(whole.parent, "run", "LoRA", "log.resume=must", "rollout.K=4")
+    with pytest.raises(ConfigError, match=r"^log\.resume: no checkpoint"):
+        _run(tmp_path, "fresh", "LoRA", "log.resume=must")
+    # more steps and other logging may change: a finished run goes on from its last checkpoint
+    more = _run(whole.parent, "run", "LoRA", "log.resume=auto", "optim.steps=5", "log.samples_every=0")
+    assert more["resumed_from_step"] == 4 and more["steps"] == 5
+    assert [r["step"] for r in _rows(whole)] == [1, 2, 3, 4, 5]
+
+
+def test_find_takes_the_newest_complete_checkpoint(tmp_path):
+    assert checkpoint.find(tmp_path) is None
+    for name, step in (("checkpoint.old", 2), ("checkpoint", 4)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "meta.json").write_text(json.dumps({"step": step}))
+    (tmp_path / "checkpoint.tmp").mkdir()  # (being written: no meta.json yet)
+    assert checkpoint.find(tmp_path) == tmp_path / "checkpoint"
+    (tmp_path / "checkpoint").rename(tmp_path / "gone")  # a crash between the two renames of a swap
+    (tmp_path / "checkpoint.tmp" / "meta.json").write_text(json.dumps({"step": 6}))
+    assert checkpoint.find(tmp_path) == tmp_path / "checkpoint.tmp"
+
+
+def test_keep_rows_drops_the_steps_after_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "x": s}) + "\n" for s in (1, 2, 3)))
+    checkpoint.keep_rows(path, 2)
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2]
+    checkpoint.keep_rows(tmp_path / "absent.jsonl", 2)  # nothing to keep: no error
+
+
+def test_log_fields_are_checked():
+    with pytest.raises(ConfigError, match=r"^log\.resume: "):
+        load_config(None, ["log.resume=yes"])
+    with pytest.raises(ConfigError, match=r"^log\.checkpoint_every: "):
+        load_config(None, ["log.checkpoint_every=-1"])
