@@ -21,8 +21,9 @@ SIGTERM_AT = {"call": None, "calls": 0}
 """:func:`varied_reward` sends this process SIGTERM on its ``call``-th call (None: never)."""
 
 VARIANTS = {
-    "full weights, KL to a warm-started reference": ["algo.beta=0.05", "sft.steps=1", "sft.batch_size=2"],
-    "LoRA": ["model.lora_r=4"],
+    "full weights, KL to a warm-started reference": ("tiny-llama", ["algo.beta=0.05", "sft.steps=1", "sft.batch_size=2"]),
+    "LoRA": ("tiny-llama", ["model.lora_r=4"]),
+    "VLM": ("tiny-qwen2-vl", ["data.n_train=16"]),
 }
 
 
@@ -36,12 +37,12 @@ def varied_reward(completion: str, example) -> float:
 def _args(tmp_path: Path, name: str, variant: str, *extra: str) -> list[str]:
     return [f"log.run_dir={tmp_path}", f"log.name={name}", "log.progress=false", "optim.steps=4", "data.n_test=2",
             "rollout.thought_max_tokens=5", "rollout.answer_max_tokens=5", "algo.rewards=[test_checkpoint:varied_reward]",
-            "algo.diag_every=3", *VARIANTS[variant], *extra]
+            "algo.diag_every=3", *VARIANTS[variant][1], *extra]
 
 
 def _run(tmp_path: Path, name: str, variant: str, *extra: str) -> dict:
     SIGTERM_AT["calls"] = 0
-    return train(load_config(ROOT / "configs/tiny-llama.yaml", _args(tmp_path, name, variant, *extra)), quiet=True)
+    return train(load_config(ROOT / f"configs/{VARIANTS[variant][0]}.yaml", _args(tmp_path, name, variant, *extra)), quiet=True)
 
 
 def _rows(run: Path) -> list[dict]:
@@ -91,7 +92,7 @@ def test_a_run_stopped_after_its_steps_and_resumed_makes_the_same_steps(tmp_path
     assert _timeless(second["eval_after"]) == _timeless(whole_summary["eval_after"])
     for name in ("model.pt", "optimizer.pt"):
         _same_tensors(torch.load(run / "checkpoint" / name), torch.load(whole / "checkpoint" / name))
-    assert (run / "checkpoint" / "reference.pt").exists() == ("algo.beta=0.05" in VARIANTS[variant])
+    assert (run / "checkpoint" / "reference.pt").exists() == ("algo.beta=0.05" in VARIANTS[variant][1])
     assert [json.loads(x)["step"] for x in (run / "samples.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
