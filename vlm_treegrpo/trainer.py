@@ -47,7 +47,7 @@ from vlm_treegrpo.core.diagnostics import mean_pairwise_cosine, reward_std_stats
 from vlm_treegrpo.core.losses import kl_penalty, masked_mean, policy_loss, policy_loss_metrics
 from vlm_treegrpo.data.sources import Task, task_from_config
 from vlm_treegrpo.distributed import Dist, from_env, pool_metrics
-from vlm_treegrpo.evaluate import evaluate
+from vlm_treegrpo.evaluate import evaluate, rates, tally
 from vlm_treegrpo.interrupt import StopRequests
 from vlm_treegrpo.optim import adamw, warmup_constant
 from vlm_treegrpo.policy import Policy, TextPolicy, TrainBatch, make_policy
@@ -257,16 +257,16 @@ def update_step(policy: Policy, ref_policy: Policy | None, optimizer, scheduler,
     model = policy.model
     model.train()
     batch = data.packed
-    total_tokens, rows_with_tokens = (max(x, 1.0) for x in dist.sum([batch.target_mask.sum(), (batch.target_mask.sum(-1) > 0).sum()]))
     max_len = int(dist.max([batch.input_ids.shape[1]])[0])
     # A tree whose advantages are all zero (every leaf got the same reward) adds exactly zero
-    # policy gradient; without a KL term it is skipped. The normalizers above still count it,
-    # so the gradient is identical to the unskipped one.
+    # policy gradient; without a KL term it is skipped. The normalizers still count it, so the
+    # gradient is identical to the unskipped one.
+    counts = [batch.target_mask.sum(), (batch.target_mask.sum(-1) > 0).sum()]
     live = ((batch.advantages != 0) & (batch.target_mask > 0)).any(-1)  # [N]
     if a.beta == 0:
         batch = batch.rows(live)
     N = batch.input_ids.shape[0]
-    live_tokens = max(dist.sum([batch.target_mask.sum()])[0], 1.0)
+    total_tokens, rows_with_tokens, live_tokens = (max(x, 1.0) for x in dist.sum([*counts, batch.target_mask.sum()]))
     chunks = [slice(i, i + o.micro_batch) for i in range(0, N, o.micro_batch)]
 
     def ref_logp(mb: TrainBatch) -> torch.Tensor:
@@ -313,10 +313,10 @@ def update_step(policy: Policy, ref_policy: Policy | None, optimizer, scheduler,
         dist.sum_grads(params)
         gn = torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm if o.max_grad_norm > 0 else float("inf"))
         optimizer.step()
-        stats = dict(zip(sums, dist.sum(list(sums.values()))), grad_norm=float(gn))
+        *pooled, trees = dist.sum([*sums.values(), N])
+        stats = dict(zip(sums, pooled), grad_norm=float(gn), trees_updated=int(trees))
     scheduler.step()
     stats["lr"] = scheduler.get_last_lr()[0]
-    stats["trees_updated"] = int(dist.sum([N])[0])
     stats["time_update"] = time.time() - t0
     return stats
 
@@ -332,13 +332,9 @@ def _eval(policy: Policy, task: Task, test_prompts, cfg: TrainConfig, label: str
     else:
         t0 = time.time()
         part = range(dist.rank, len(test_prompts), dist.world)  # (strided: a share for every process, any test-set size)
-        res = {"accuracy": 0.0, "format_rate": 0.0, "mean_completion_tokens": 0.0, "n": 0, "samples": []}
-        if len(part):
-            res = evaluate(policy, [task.test[i] for i in part], [test_prompts[i] for i in part], budget, cfg.eval.batch_size)
-        n = res["n"]
-        correct, formatted, tokens, total = dist.sum([res["accuracy"] * n, res["format_rate"] * n, res["mean_completion_tokens"] * n, n])
-        res.update(accuracy=correct / total, format_rate=formatted / total, mean_completion_tokens=tokens / total, n=int(total),
-                   seconds=round(time.time() - t0, 2))
+        t = tally(policy, [task.test[i] for i in part], [test_prompts[i] for i in part], budget, cfg.eval.batch_size)
+        keys = ("n", "correct", "formatted", "tokens")
+        res = rates({**t, **dict(zip(keys, dist.sum([t[k] for k in keys])))}, time.time() - t0)
     if bar is not None:
         bar.set_description("train")
     return res
