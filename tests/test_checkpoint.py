@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from vlm_treegrpo import checkpoint
 from vlm_treegrpo.cli import main as cli_main
 from vlm_treegrpo.config import ConfigError, load_config
+from vlm_treegrpo.policy import make_policy
 from vlm_treegrpo.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,15 +120,31 @@ def test_sigterm_finishes_the_step_checkpoints_exits_143_and_the_resumed_run_is_
 
 
 def test_resume_refuses_a_changed_algorithm_and_a_missing_checkpoint(tmp_path, straight):
-    whole, _ = straight["LoRA"]
+    shutil.copytree(straight["LoRA"][0], tmp_path / "run")  # (the shared run stays as it was)
     with pytest.raises(ConfigError, match=r"^rollout\.K: .*trained with 2, this run sets 4"):
-        _run(whole.parent, "run", "LoRA", "log.resume=must", "rollout.K=4")
+        _run(tmp_path, "run", "LoRA", "log.resume=must", "rollout.K=4")
     with pytest.raises(ConfigError, match=r"^log\.resume: no checkpoint"):
         _run(tmp_path, "fresh", "LoRA", "log.resume=must")
     # more steps and other logging may change: a finished run goes on from its last checkpoint
-    more = _run(whole.parent, "run", "LoRA", "log.resume=auto", "optim.steps=5", "log.samples_every=0")
+    more = _run(tmp_path, "run", "LoRA", "log.resume=auto", "optim.steps=5", "log.samples_every=0")
     assert more["resumed_from_step"] == 4 and more["steps"] == 5
-    assert [r["step"] for r in _rows(whole)] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in _rows(tmp_path / "run")] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("variant", ["LoRA", "VLM"])
+def test_a_checkpoint_evaluates_and_exports_as_the_trained_model(tmp_path, straight, variant, capsys):
+    whole, whole_summary = straight[variant]
+    config = str(ROOT / f"configs/{VARIANTS[variant][0]}.yaml")
+    budget = ["data.n_test=2", "rollout.thought_max_tokens=5", "rollout.answer_max_tokens=5"]
+    capsys.readouterr()
+    assert cli_main(["eval", "--config", config, "--model", str(whole / "checkpoint"), *budget]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert [s["completion"] for s in got["samples"]] == [s["completion"] for s in whole_summary["eval_after"]["samples"]]
+    assert cli_main(["export", str(whole / "checkpoint"), str(tmp_path / "model")]) == 0
+    exported = make_policy(str(tmp_path / "model"), "cpu", "float32").model.state_dict()
+    loaded = checkpoint.load_policy(whole / "checkpoint", "cpu", "float32").model.state_dict()
+    assert exported.keys() == loaded.keys() and all(torch.equal(exported[k], loaded[k]) for k in loaded)
+    assert cli_main(["export", str(whole), str(tmp_path / "x")]) == 2  # (the run, not its checkpoint: one line, status 2)
 
 
 def test_find_takes_the_newest_complete_checkpoint(tmp_path):

@@ -174,6 +174,31 @@ def load(path: Path, model, optimizer, scheduler, ref_model, device: torch.devic
     return state, rng.exists()
 
 
+def is_checkpoint(path) -> bool:
+    """Whether ``path`` is a complete checkpoint directory."""
+    return (Path(path) / "meta.json").is_file() and (Path(path) / "model.pt").is_file()
+
+
+def load_policy(path, device, dtype: str = "auto", attn_implementation: str = "auto"):
+    """The policy a checkpoint holds: its config's base model with the trained weights (LoRA
+    adapters merged in). What ``model.name=<run>/checkpoint`` and ``vlm-treegrpo eval --model
+    <run>/checkpoint`` load; ``vlm-treegrpo export`` saves it as a plain model directory."""
+    from vlm_treegrpo.config import config_from_dict
+    from vlm_treegrpo.policy import make_policy
+    from vlm_treegrpo.trainer import apply_lora
+
+    path = Path(path)
+    m = config_from_dict(read_meta(path)["config"]).model
+    policy = make_policy(m.name, device, dtype, attn_implementation)
+    if m.lora_r > 0:
+        policy.model = apply_lora(policy.model, m.lora_r, m.lora_alpha, m.lora_targets)
+    _load_params(policy.model, torch.load(path / "model.pt", map_location="cpu", weights_only=True), path / "model.pt")
+    if m.lora_r > 0:
+        policy.model = policy.model.merge_and_unload()
+    policy.model.eval()
+    return policy
+
+
 def keep_rows(path: Path, last_step: int) -> None:
     """Drop the lines of a ``step``-keyed JSONL log written after ``last_step`` (steps the
     resumed run makes again)."""

@@ -1,4 +1,4 @@
-"""The ``vlm-treegrpo`` command line: train, eval, advise, bench, prepare, presets.
+"""The ``vlm-treegrpo`` command line: train, eval, export, advise, bench, prepare, presets.
 
 Config problems exit with status 2 and one line naming the field. A training run stopped by
 SIGTERM or SIGINT checkpoints and exits with 128 + the signal's number (143, 130).
@@ -9,6 +9,7 @@ import argparse
 import json
 import signal
 import sys
+from pathlib import Path
 
 from vlm_treegrpo.config import ConfigError, load_config
 from vlm_treegrpo.data.loaders import DataError
@@ -48,6 +49,17 @@ def _cmd_eval(args) -> int:
     prompts = [policy.encode(ex, task.instruction) for ex in task.test]
     res = evaluate(policy, task.test, prompts, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, cfg.eval.batch_size)
     print(json.dumps({"model": name, **res}, indent=2))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from vlm_treegrpo import checkpoint
+
+    if not checkpoint.is_checkpoint(args.checkpoint):
+        raise ConfigError(f"export: {args.checkpoint} is not a training checkpoint (no meta.json and model.pt)")
+    policy = checkpoint.load_policy(args.checkpoint, "cpu", "float32")
+    policy.save(args.out)
+    print(f"wrote {args.out} (step {checkpoint.read_meta(Path(args.checkpoint))['step']} of {args.checkpoint})")
     return 0
 
 
@@ -99,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--model", help="model to evaluate (default: the config's model.name), e.g. runs/x/model")
         p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. rollout.M=4")
         p.set_defaults(fn=fn)
+    p = sub.add_parser("export", help="save a training checkpoint's model as a plain model directory")
+    p.add_argument("checkpoint", help="a run's checkpoint directory, e.g. runs/x/checkpoint")
+    p.add_argument("out", help="directory to write (loadable as model.name or eval --model)")
+    p.set_defaults(fn=_cmd_export)
     p = sub.add_parser("advise", help="group-size advisor: estimate the best G and K x M from one batch")
     p.add_argument("--config", help="YAML config file")
     p.add_argument("--prompts", type=int, default=0, help="prompts in the measured batch (default: rollout.prompts_per_step)")

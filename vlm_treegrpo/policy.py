@@ -131,11 +131,15 @@ def named_policies() -> dict[str, PolicyBuilder]:
 
 def make_policy(name: str, device: torch.device | str, dtype: str = "auto", attn_implementation: str = "auto") -> Policy:
     """The policy for a model name. The config boundary: a known name (:func:`named_policies`),
-    else a local directory or hub id, a :class:`~vlm_treegrpo.vlm.policy.VLMPolicy` when its config
-    has a ``vision_config`` (family from ``model_type``), a :class:`TextPolicy` otherwise."""
+    a training checkpoint directory (:func:`vlm_treegrpo.checkpoint.load_policy`), else a local
+    directory or hub id, a :class:`~vlm_treegrpo.vlm.policy.VLMPolicy` when its config has a
+    ``vision_config`` (family from ``model_type``), a :class:`TextPolicy` otherwise."""
+    from vlm_treegrpo import checkpoint
     from vlm_treegrpo.vlm.policy import load_vlm_policy
     from vlm_treegrpo.vlm.registry import checkpoint_family
 
+    if checkpoint.is_checkpoint(name):
+        return checkpoint.load_policy(name, device, dtype, attn_implementation)
     build = named_policies().get(name)
     if build is None:
         family = checkpoint_family(name)
