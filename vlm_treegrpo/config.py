@@ -64,6 +64,10 @@ class ModelConfig:
     """Module names that get LoRA adapters."""
     threads: int = 0
     """torch CPU threads; 0: all cores when the model is on the CPU, 4 when it is on a GPU."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass instead of keeping them (activation
+    checkpointing, :func:`~vlm_treegrpo.rollout.attention.checkpoint_layer`): the training forward
+    keeps one tensor per layer, for about one more forward's compute. Same gradients, to the bit."""
     autocast: str = "auto"
     """Mixed precision for rollouts and the training forward/backward: auto (bfloat16 on a GPU,
     none on the CPU), none or bfloat16 (weights and optimizer state stay in `dtype`; evaluation

@@ -52,6 +52,7 @@ from vlm_treegrpo.interrupt import StopRequests
 from vlm_treegrpo.optim import adamw, warmup_constant
 from vlm_treegrpo.policy import Policy, TextPolicy, TrainBatch, make_policy
 from vlm_treegrpo.rewards import RewardSet
+from vlm_treegrpo.rollout.attention import enable_activation_checkpointing
 from vlm_treegrpo.rollout.tree import SamplingParams, Tree
 from vlm_treegrpo.scores import token_score_features, weighted_row_sums
 from vlm_treegrpo.sft import warm_start
@@ -414,6 +415,8 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
     policy = make_policy(cfg.model.name, device, cfg.model.training_dtype(device.type), cfg.model.attn_implementation)
     if cfg.model.lora_r > 0:
         policy.model = apply_lora(policy.model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_targets)
+    if cfg.model.gradient_checkpointing:
+        enable_activation_checkpointing(policy.model)
     model = policy.model
     dist.broadcast_params(model)
     if dist.rank:

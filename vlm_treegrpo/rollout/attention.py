@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
@@ -37,6 +38,7 @@ from vlm_treegrpo.core.tree_packing import SegmentPlan
 NAME = "vlm_treegrpo"
 _PLAN: contextvars.ContextVar[SegmentPlan | None] = contextvars.ContextVar("vlm_treegrpo_segment_plan", default=None)
 _DENSE: contextvars.ContextVar[Callable[[], Tensor] | None] = contextvars.ContextVar("vlm_treegrpo_dense_mask", default=None)
+_SWITCHED: contextvars.ContextVar[tuple] = contextvars.ContextVar("vlm_treegrpo_switched_configs", default=())
 _LOW = (torch.bfloat16, torch.float16)
 
 
@@ -165,6 +167,7 @@ def _through_us(model, plan: SegmentPlan | None, only: tuple[str, ...] | None, d
     configs = [c for c in causal_configs(model) if only is None or c._attn_implementation in only]
     saved = [c._attn_implementation for c in configs]
     token, dense_token = _PLAN.set(plan), _DENSE.set(functools.cache(dense) if dense is not None else None)
+    switched_token = _SWITCHED.set(tuple(configs))
     for c in configs:
         c._attn_implementation = NAME
     try:
@@ -174,6 +177,47 @@ def _through_us(model, plan: SegmentPlan | None, only: tuple[str, ...] | None, d
             c._attn_implementation = impl
         _PLAN.reset(token)
         _DENSE.reset(dense_token)
+        _SWITCHED.reset(switched_token)
+
+
+def checkpoint_layer(function, *args, **kwargs):
+    """Activation checkpointing of one layer that recomputes it, in the backward pass, under the
+    kernel switch it first ran under (transformers' per-layer ``_gradient_checkpointing_func``).
+
+    The packed forward runs inside :func:`tree_attention`, but the backward pass, and with it
+    the recomputation, runs after that context has been left. Plain ``torch.utils.checkpoint``
+    would then recompute the attention through the model's own kernel over the all-ones mask,
+    i.e. the wrong function (non-reentrant checkpointing stops on the mismatch; reentrant
+    checkpointing would return wrong gradients). Here the segment plan, the dense-mask builder
+    and the switched configs are captured at the forward and restored for the recomputation."""
+    ctx, switched = contextvars.copy_context(), _SWITCHED.get()
+
+    def run(*a, **kw):
+        saved = [c._attn_implementation for c in switched]
+        for c in switched:
+            c._attn_implementation = NAME
+        try:
+            return ctx.run(function, *a, **kw)
+        finally:
+            for c, impl in zip(switched, saved):
+                c._attn_implementation = impl
+
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+
+def enable_activation_checkpointing(model) -> int:
+    """Checkpoint every transformers layer of ``model`` (a LoRA wrapper's too) with
+    :func:`checkpoint_layer`; returns how many layers."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, GradientCheckpointingLayer):
+            m.gradient_checkpointing, m._gradient_checkpointing_func = True, checkpoint_layer
+            n += 1
+    if n == 0:
+        raise ValueError(f"model.gradient_checkpointing: {type(model).__name__} has no checkpointable layers")
+    return n
 
 
 def tree_attention(model, plan: SegmentPlan | None, dense: Callable[[], Tensor] | None = None):
