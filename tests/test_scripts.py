@@ -1,5 +1,5 @@
 """The scripts run end to end on tiny models: the two studies (--quick, their JSON and PNG), the
-step profile, and the GPU check's refusal without CUDA."""
+step profile, the activation-memory comparison, and the GPU check's refusal without CUDA."""
 from __future__ import annotations
 
 import importlib.util
@@ -79,3 +79,15 @@ def test_gpu_check_script_parses_and_refuses_a_machine_without_cuda(tmp_path):
     proc = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True,
                           env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"}, cwd=ROOT)
     assert proc.returncode == 2 and "no CUDA" in proc.stderr
+
+
+def test_activation_memory_compares_both_settings(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests"))  # (the workers import the test reward)
+    out = tmp_path / "am.json"
+    assert _script("activation_memory").main(["--config", str(ROOT / "configs/tiny-llama.yaml"), "--updates", "1", "--out", str(out),
+                                               REWARD, "eval.before=false"]) == 0
+    res = json.loads(out.read_text())["results"]
+    assert [r["gradient_checkpointing"] for r in res] == [False, True]
+    for r in res:
+        assert len(r["updates"]) == len(r["timed_updates"]) == 1 and r["update_s"] > 0 and r["peak_above_mib"] >= 0
+    assert res[0]["updates"][0]["packed_tokens"] == res[1]["updates"][0]["packed_tokens"]  # the same batch both ways

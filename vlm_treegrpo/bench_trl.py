@@ -7,7 +7,7 @@ TRL settings chosen to do the same work as ours (every one is reported in the re
   ``num_iterations = 1``, so TRL skips its old-log-prob pass exactly as our on-policy update does;
 * ``beta = 0`` (no reference model), ``loss_type = "dapo"`` (token mean over the whole batch, our
   ``token_mean``), ``scale_rewards = "group"`` (our std scaling), ``epsilon = 0.2``;
-* ``gradient_checkpointing = False`` (TRL's default is True; ours never checkpoints),
+* ``gradient_checkpointing = False`` (TRL's default is True; ours does not by default: ``model.gradient_checkpointing``),
   ``bf16 = (autocast == "bfloat16")`` with ``use_cpu`` on a CPU-only machine;
 * torch's CPU threads by our rule (``set_threads``: all cores on the CPU, 4 beside a GPU);
 * constant learning rate, AdamW betas (0.9, 0.99), no weight decay, grad-norm clip 1.0;
@@ -176,7 +176,7 @@ def trl_args(cfg, output_dir: str, max_steps: int, micro_prompts: int, shuffle: 
     attention kernel ours would pick (flash-attention on a GPU with flash-attn and half-precision
     weights, else sdpa); loss ``dapo`` (a token mean over the
     batch, our ``token_mean``) with group std scaling, ``epsilon = 0.2``; gradient checkpointing
-    off (ours never checkpoints), bf16 as our autocast; no logging, saving or evaluation."""
+    off (as ours by default), bf16 as our autocast; no logging, saving or evaluation."""
     from trl import GRPOConfig
 
     from vlm_treegrpo.config import resolve_autocast
