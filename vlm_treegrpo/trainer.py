@@ -479,8 +479,11 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
     t_train, seconds_before = time.time(), state.train_seconds
     steps_run, stopped_by, saves = state.step, None, {"written": 0, "seconds": 0.0}
     every = cfg.log.checkpoint_every
+    last = cfg.optim.steps
+    if cfg.optim.time_budget_s and seconds_before >= cfg.optim.time_budget_s:
+        last = state.step  # (resumed with its time budget already spent: no more steps)
     with StopRequests() as stop:
-        for step in range(state.step + 1, cfg.optim.steps + 1):
+        for step in range(state.step + 1, last + 1):
             idx = dist.shard(sampler.take(cfg.rollout.prompts_per_step))  # (every process draws the same, keeps its share)
             data = rollout_step(policy, [task.train[i] for i in idx], [train_prompts[i] for i in idx], reward_set, cfg, credit)
             diag = {}
