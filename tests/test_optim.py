@@ -1,9 +1,15 @@
-"""The shared optimizer: fused AdamW where torch has it, the same update as the default AdamW."""
+"""The shared optimizer: fused AdamW where torch has it, the same update as the default AdamW;
+the learning-rate schedules, and the rate the trainer logs."""
 from __future__ import annotations
 
+import json
+import math
+
+import pytest
 import torch
 
-from vlm_treegrpo.optim import adamw, warmup_constant
+from vlm_treegrpo.config import ConfigError, load_config
+from vlm_treegrpo.optim import adamw, lr_schedule, warmup_constant
 
 
 def _params(seed=0):
@@ -37,3 +43,36 @@ def test_warmup_then_constant():
         sched.step()
     assert lrs == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert warmup_constant(adamw(_params(), 0.5), 0).get_last_lr() == [0.5]
+
+
+def _lrs(kind: str, warmup: int, total: int, n: int) -> list[float]:
+    opt = adamw(_params(), 1.0)
+    sched = lr_schedule(opt, kind, warmup, total)
+    out = []
+    for _ in range(n):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_linear_and_cosine_decay_after_the_warm_up():
+    assert _lrs("linear", 2, 6, 6) == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    got = _lrs("cosine", 0, 4, 4)
+    want = [0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert got == pytest.approx(want, abs=1e-15) and got[0] == 1.0
+    assert _lrs("constant", 1, 3, 3) == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="unknown schedule"):
+        lr_schedule(adamw(_params(), 1.0), "step")
+    with pytest.raises(ConfigError, match=r"^optim\.schedule: "):
+        load_config(None, ["optim.schedule=exp"])
+
+
+def test_the_trainer_logs_the_rate_each_step_used(tmp_path):
+    from vlm_treegrpo.trainer import train
+
+    cfg = load_config(None, [f"log.run_dir={tmp_path}", "log.progress=false", "optim.steps=3", "optim.lr=0.3", "optim.schedule=linear",
+                             "eval.before=false", "eval.after=false", "rollout.thought_max_tokens=3", "rollout.answer_max_tokens=3"])
+    train(cfg, quiet=True)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == pytest.approx([0.3, 0.2, 0.1], abs=1e-15)

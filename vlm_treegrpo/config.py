@@ -289,6 +289,9 @@ class OptimConfig:
     """AdamW betas."""
     warmup_steps: int = 0
     """Linear warm-up steps."""
+    schedule: str = "constant"
+    """The learning rate after the warm-up: constant, linear (TRL's default) or cosine decay
+    towards 0 at ``steps`` (a resumed run that changes ``steps`` stretches the decay)."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 = off)."""
     micro_batch: int = 4
@@ -312,6 +315,7 @@ class OptimConfig:
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", f"must be two numbers in [0, 1), got {self.betas}"
         )
         _require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _choice(self.schedule, ("constant", "linear", "cosine"), "optim.schedule")
         _require(self.max_grad_norm >= 0, "optim.max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
         _require(self.micro_batch >= 1, "optim.micro_batch", f"must be >= 1, got {self.micro_batch}")
 

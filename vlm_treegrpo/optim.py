@@ -1,6 +1,7 @@
-"""The optimizer and schedule every training loop here uses (GRPO, the SFT warm start, the bench)."""
+"""The optimizer and schedules every training loop here uses (GRPO, the SFT warm start, the bench)."""
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -17,7 +18,28 @@ def adamw(params: Iterable[torch.nn.Parameter], lr: float, betas: Sequence[float
         return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
 
 
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def lr_factor(step: int, kind: str, warmup_steps: int, total_steps: int) -> float:
+    """The learning rate's multiplier for optimizer step ``step + 1`` (``step`` counts the steps
+    made): a linear warm-up to 1 over ``warmup_steps`` steps, then ``constant`` 1, or a ``linear``
+    or ``cosine`` decay that would reach 0 at step ``total_steps``."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_schedule(optimizer, kind: str = "constant", warmup_steps: int = 0, total_steps: int = 0):
+    """The scheduler of :func:`lr_factor` (call ``step()`` after each optimizer step)."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"lr_schedule: unknown schedule {kind!r} (known: {SCHEDULES})")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, kind, warmup_steps, total_steps))
+
+
 def warmup_constant(optimizer, warmup_steps: int):
     """Linear warm-up over ``warmup_steps`` optimizer steps, then the constant learning rate."""
-    warm = warmup_steps
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    return lr_schedule(optimizer, "constant", warmup_steps)

@@ -49,7 +49,7 @@ from vlm_treegrpo.data.sources import Task, task_from_config
 from vlm_treegrpo.distributed import Dist, from_env, pool_metrics
 from vlm_treegrpo.evaluate import evaluate, rates, tally
 from vlm_treegrpo.interrupt import StopRequests
-from vlm_treegrpo.optim import adamw, warmup_constant
+from vlm_treegrpo.optim import adamw, lr_schedule
 from vlm_treegrpo.policy import Policy, TextPolicy, TrainBatch, make_policy
 from vlm_treegrpo.rewards import RewardSet
 from vlm_treegrpo.rollout.attention import enable_activation_checkpointing
@@ -316,8 +316,8 @@ def update_step(policy: Policy, ref_policy: Policy | None, optimizer, scheduler,
         optimizer.step()
         *pooled, trees = dist.sum([*sums.values(), N])
         stats = dict(zip(sums, pooled), grad_norm=float(gn), trees_updated=int(trees))
+    stats["lr"] = optimizer.param_groups[0]["lr"]  # (the rate this step used)
     scheduler.step()
-    stats["lr"] = scheduler.get_last_lr()[0]
     stats["time_update"] = time.time() - t0
     return stats
 
@@ -434,7 +434,7 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
-    scheduler = warmup_constant(optimizer, cfg.optim.warmup_steps)
+    scheduler = lr_schedule(optimizer, cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.steps)
     sampler = PromptSampler(len(task.train), cfg.optim.seed)
 
     bar = None
