@@ -53,6 +53,7 @@ from vlm_treegrpo.optim import adamw, lr_schedule
 from vlm_treegrpo.policy import Policy, TextPolicy, TrainBatch, make_policy
 from vlm_treegrpo.rewards import RewardSet
 from vlm_treegrpo.rollout.attention import enable_activation_checkpointing
+from vlm_treegrpo.rollout.logprobs import collect_entropy
 from vlm_treegrpo.rollout.tree import SamplingParams, Tree
 from vlm_treegrpo.scores import token_score_features, weighted_row_sums
 from vlm_treegrpo.sft import warm_start
@@ -284,15 +285,17 @@ def update_step(policy: Policy, ref_policy: Policy | None, optimizer, scheduler,
     refs = [ref_logp(batch.rows(c).to(device)) for c in chunks] if a.beta > 0 else None
 
     stats: dict[str, float] = {}
-    for _ in range(a.updates_per_batch):
+    entropy: list[tuple[float, float]] = []
+    for u in range(a.updates_per_batch):
         optimizer.zero_grad(set_to_none=True)
         sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0}
         for ci, c in enumerate(chunks):
             mb = batch.rows(c).to(device)
             if mb.target_mask.sum() == 0:
                 continue
-            with autocast_ctx(device, cfg.model.autocast):
+            with autocast_ctx(device, cfg.model.autocast), collect_entropy() if u == 0 else contextlib.nullcontext() as ent:
                 logp = policy.logp(mb, cfg.rollout.temperature)  # [n, L]
+            entropy += ent or []
             old_logp = old[ci] if old is not None else logp.detach()
             loss = policy_loss(logp, old_logp, mb.advantages, mb.target_mask, kind=a.loss, clip_eps=a.clip_eps, agg=a.agg, max_len=max_len)
             if a.agg == "token_mean":
@@ -314,8 +317,10 @@ def update_step(policy: Policy, ref_policy: Policy | None, optimizer, scheduler,
         dist.sum_grads(params)
         gn = torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm if o.max_grad_norm > 0 else float("inf"))
         optimizer.step()
-        *pooled, trees = dist.sum([*sums.values(), N])
+        *pooled, trees, ent_sum, ent_weight = dist.sum([*sums.values(), N, sum(e for e, _ in entropy), sum(w for _, w in entropy)])
         stats = dict(zip(sums, pooled), grad_norm=float(gn), trees_updated=int(trees))
+        # the policy's entropy at the updated tokens, before this step's update (None: nothing updated)
+        stats["entropy"] = ent_sum / ent_weight if ent_weight else None
     stats["lr"] = optimizer.param_groups[0]["lr"]  # (the rate this step used)
     scheduler.step()
     stats["time_update"] = time.time() - t0
@@ -512,6 +517,7 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
                 cos = last_diag.get("norm/grad_cosine")
                 bar.set_postfix(reward=f"{row['reward']:.3f}", std=f"{row['reward_std_within']:.2f}", zero=f"{row['zero_std_frac']:.2f}",
                                 cos="-" if cos is None else f"{cos:.2f}", len=f"{row['completion_tokens']:.0f}",
+                                ent="-" if row.get("entropy") is None else f"{row['entropy']:.2f}",
                                 loss=f"{row['loss']:.4f}", gen=f"{row['time_generate']:.1f}s", upd=f"{row['time_update']:.1f}s")
             steps_run = step
             over_budget = bool(cfg.optim.time_budget_s) and seconds_before + time.time() - t_train >= cfg.optim.time_budget_s

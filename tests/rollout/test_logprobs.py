@@ -1,11 +1,12 @@
-"""Token log-probs from kept logits: the chunked TokenLogp equals autograd's log-softmax."""
+"""Token log-probs from kept logits: the chunked TokenLogp equals autograd's log-softmax, and the
+entropy it records on request equals the softmax's."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch.testing import assert_close
 
-from vlm_treegrpo.rollout.logprobs import TokenLogp, gather_logp
+from vlm_treegrpo.rollout.logprobs import TokenLogp, collect_entropy, gather_logp
 
 
 def _reference(logits, col, ids, target, temperature):
@@ -45,3 +46,26 @@ def test_gather_logp_without_targets_is_zero_and_keeps_the_graph():
     assert torch.equal(out, torch.zeros(2, 5))
     out.sum().backward()
     assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_collect_entropy_records_the_tokens_entropy_once_per_pass(temperature, monkeypatch):
+    monkeypatch.setattr(TokenLogp, "CHUNK", 3)
+    torch.manual_seed(1)
+    N, U, V, L = 2, 9, 40, 12
+    logits = torch.randn(N, U, V, requires_grad=True)
+    col = torch.randint(0, U, (N, L))
+    col[0, :3] = 4  # one predictor for three tokens: its entropy counts three times
+    ids = torch.randint(0, V, (N, L))
+    target = (torch.rand(N, L) > 0.25).float()
+    target[0, :3] = 1.0
+    lp = torch.log_softmax(logits.detach() / temperature, dim=-1)
+    h = -(lp.exp() * lp).sum(-1)  # [N, U]
+    want = torch.stack([h[n, col[n]] for n in range(N)])[target > 0]  # [T]
+    with collect_entropy() as got:
+        out = gather_logp(logits, col, ids, target, temperature)
+    assert len(got) == 1 and got[0][1] == want.numel()
+    assert got[0][0] == pytest.approx(float(want.sum()), rel=1e-5)
+    assert out.requires_grad  # (the log-probs keep their graph)
+    gather_logp(logits, col, ids, target, temperature)
+    assert len(got) == 1  # outside the context nothing is recorded

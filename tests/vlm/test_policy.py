@@ -311,3 +311,31 @@ def test_shared_prefill_gives_the_plain_generate_logits(family):
     assert len(plain) == len(shared) == 3
     for a, b in zip(plain, shared):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_entropy_of_a_tree_is_the_same_packed_and_per_leaf(family):
+    """The entropy a log-prob pass records (``collect_entropy``) counts every token of a tree
+    once: per leaf a thought's tokens weigh 1/M in each of its M leaves, packed they are scored
+    once. Both equal the entropy computed from the full log-softmax of plain per-leaf forwards."""
+    from vlm_treegrpo.rollout.logprobs import collect_entropy
+
+    policy = make_policy(f"tiny-{family}", "cpu")
+    prompts, trees, thought_adv, answer_adv = _tree_setup(policy, EXAMPLES[:2], thought=3, answer=2)
+    leaf = policy.leaf_rows(trees, thought_adv, answer_adv)
+    with torch.no_grad(), collect_entropy() as got:
+        policy.logp(leaf)
+    assert len(got) == 1
+    with torch.no_grad():
+        logits = policy.adapter.forward_logits(policy.model, leaf.inputs, dedupe_images=False).float()  # [B, L, V]
+    C = leaf.completion_ids.shape[1]
+    lp = torch.log_softmax(logits[:, -C - 1 : -1], dim=-1)  # [B, C, V] predictors of the completion tokens
+    h = -(lp.exp() * lp).sum(-1)  # [B, C]
+    want = float((h * leaf.weights).sum() / leaf.weights.sum())
+    assert got[0][0] / got[0][1] == pytest.approx(want, rel=1e-5)
+    assert got[0][1] == pytest.approx(sum(len(t.thoughts[k]) + sum(len(a) for a in t.answers[k]) for t in trees for k in range(K)))
+    if policy.adapter.tree_packing:
+        with torch.no_grad(), collect_entropy() as packed:
+            policy.logp(policy.pack(trees, thought_adv, answer_adv))
+        assert packed[0][1] == pytest.approx(got[0][1])  # every token once
+        assert packed[0][0] / packed[0][1] == pytest.approx(want, rel=1e-4)

@@ -1,11 +1,49 @@
-"""Per-token log-probs of packed trees under a causal LM (one forward per micro-batch)."""
+"""Per-token log-probs of packed trees under a causal LM (one forward per micro-batch), and the
+policy's entropy at the same tokens on request (:func:`collect_entropy`)."""
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import torch
 from torch import Tensor
 
 from vlm_treegrpo.rollout.attention import model_mask, per_segment, tree_attention
 from vlm_treegrpo.rollout.packing import PackedBatch
+
+
+_ENTROPY: contextvars.ContextVar[list | None] = contextvars.ContextVar("vlm_treegrpo_entropy", default=None)
+
+
+@contextlib.contextmanager
+def collect_entropy():
+    """Within this context every log-prob pass (:class:`TokenLogp`, and the per-leaf one of
+    :class:`~vlm_treegrpo.vlm.policy.LeafBatch`) also appends ``(sum, weight)`` to the yielded
+    list: the entropy of the tempered next-token distribution at each scored token, summed over
+    the tokens (weighted as the pass weighs them), and the tokens' total weight. No gradient."""
+    out: list[tuple[float, float]] = []
+    token = _ENTROPY.set(out)
+    try:
+        yield out
+    finally:
+        _ENTROPY.reset(token)
+
+
+def entropy_wanted() -> bool:
+    return _ENTROPY.get() is not None
+
+
+def record_entropy(total: Tensor | float, weight: Tensor | float) -> None:
+    """Add one pass's entropy sum and token weight to the active :func:`collect_entropy`."""
+    sink = _ENTROPY.get()
+    if sink is not None:
+        sink.append((float(total), float(weight)))
+
+
+def row_entropy(z: Tensor, lse: Tensor) -> Tensor:
+    """Entropy of ``softmax(z)`` per row, given its logsumexp: ``lse - sum(p * z)``. fp32 ``z
+    [..., V]``, ``lse [...]``."""
+    return lse - (torch.exp(z - lse[..., None]) * z).sum(-1)
 
 
 def additive_mask(attention: Tensor, dtype: torch.dtype) -> Tensor:
@@ -93,8 +131,19 @@ class TokenLogp(torch.autograd.Function):
     def forward(ctx, x: Tensor, rows: Tensor, ids: Tensor, temperature: float) -> Tensor:  # x [R, V], rows/ids [T]
         used = torch.unique(rows)  # [R'] rows anybody reads
         lse = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)  # [R]
+        ent = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device) if entropy_wanted() else None  # [R]
         for c in used.split(TokenLogp.CHUNK):
-            lse[c] = torch.logsumexp(x.index_select(0, c).float() / temperature, dim=-1)
+            z = x.index_select(0, c).float() / temperature  # [C, V]
+            if ent is None:
+                lse[c] = torch.logsumexp(z, dim=-1)
+            else:  # (one exp pass for both)
+                m = z.amax(-1, keepdim=True)  # [C, 1]
+                e = torch.exp(z - m)
+                total = e.sum(-1)  # [C]
+                lse[c] = m.squeeze(-1) + total.log()
+                ent[c] = lse[c] - (e * z).sum(-1) / total
+        if ent is not None:
+            record_entropy(ent[rows].sum(), rows.numel())  # (a row predicting several tokens counts for each)
         ctx.save_for_backward(x, rows, ids, lse, used)
         ctx.temperature = temperature
         return x[rows, ids].float() / temperature - lse[rows]  # [T]
