@@ -465,7 +465,7 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
     if resume_from is not None:
         state, rng_restored = checkpoint.load(resume_from, model, optimizer, scheduler, ref_model, device, dist)
         sampler.load_state_dict(state.sampler)
-        summary.update(state.summary)
+        summary.update({k: v for k, v in state.summary.items() if k not in summary})  # (eval_before, the warm start's)
         summary["resumed_from_step"] = state.step
         if not rng_restored:  # (written by fewer processes: this one draws a fresh stream)
             torch.manual_seed(dist.seed(cfg.optim.seed) + state.step)
