@@ -31,6 +31,7 @@ from vlm_treegrpo.config import ConfigError, TrainConfig
 from vlm_treegrpo.distributed import Dist
 
 DIR, TMP, OLD = "checkpoint", "checkpoint.tmp", "checkpoint.old"
+BEST = "best"
 
 MAY_CHANGE = ("optim.steps", "optim.time_budget_s", "model.threads", "model.device", "model.gradient_checkpointing", "eval.", "log.")
 """Config fields a resumed run may set differently from the checkpoint's (a prefix ends with a
@@ -50,6 +51,8 @@ class TrainerState:
     last_diag: dict = field(default_factory=dict)
     train_seconds: float = 0.0
     """Seconds of GRPO steps so far, over every session of the run."""
+    best: dict = field(default_factory=dict)
+    """``{"step", "accuracy"}`` of the weights in ``<run>/best`` (``log.save_best``)."""
 
 
 def trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -172,6 +175,20 @@ def load(path: Path, model, optimizer, scheduler, ref_model, device: torch.devic
     if rng.exists():
         set_rng_state(torch.load(rng, map_location="cpu", weights_only=True), device)
     return state, rng.exists()
+
+
+def save_best(run: Path, model, cfg: TrainConfig, step: int, accuracy: float) -> Path:
+    """Write ``model``'s trainable weights to ``run/best`` (replacing what is there, by a rename)
+    with a ``meta.json`` of ``step`` and ``accuracy``: a directory :func:`load_policy` (and so
+    ``eval --model`` and ``export``) reads, though not one a run resumes from."""
+    tmp, final = run / f"{BEST}.tmp", run / BEST
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save({n: p.detach().cpu() for n, p in trainable(model).items()}, tmp / "model.pt")
+    (tmp / "meta.json").write_text(json.dumps({"step": step, "accuracy": accuracy, "saved_at": time.time(), "config": cfg.to_dict()}, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
 
 
 def is_checkpoint(path) -> bool:

@@ -26,7 +26,7 @@ def _cmd_train(args) -> int:
         code = 128 + signal.Signals[summary["stopped_by"]].value
     if launched_rank() != 0:  # (under torchrun process 0 prints the summary)
         return code
-    keep = {k: v for k, v in summary.items() if not isinstance(v, dict) or k in ("reward_failures", "checkpoints")}
+    keep = {k: v for k, v in summary.items() if not isinstance(v, dict) or k in ("reward_failures", "checkpoints", "best")}
     for key in ("eval_before", "eval_warm", "eval_after"):
         if key in summary:
             keep[key] = {k: v for k, v in summary[key].items() if k != "samples"}

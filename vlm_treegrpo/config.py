@@ -383,6 +383,10 @@ class LogConfig:
     checkpoint_every: int = 0
     """Write a resumable checkpoint to <run>/checkpoint every N GRPO steps and after the last
     (0 = only when the run is stopped by SIGTERM / SIGINT); :mod:`vlm_treegrpo.checkpoint`."""
+    save_best: bool = False
+    """Keep the weights of the run's best held-out accuracy so far (of ``eval.before``, the warm
+    start's, every ``eval.every`` and ``eval.after``; the earliest on a tie) in <run>/best, for
+    ``eval --model`` and ``export``."""
     resume: str = "off"
     """``off`` (start afresh, overwriting the run's logs), ``auto`` (go on from <run>/checkpoint
     when there is one, else start) or ``must`` (go on from it; stop if there is none)."""

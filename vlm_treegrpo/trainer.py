@@ -450,11 +450,22 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
     summary: dict = {"run": str(run), "model": cfg.model.name, "K": cfg.rollout.K, "M": cfg.rollout.M, "data_skipped": task.skipped}
     if dist.active:
         summary["processes"] = dist.world
+    best: dict = {}
+
+    def keep_if_best(ev: dict, step: int) -> None:
+        """``log.save_best``: the weights behind ``ev`` when its accuracy beats the best so far."""
+        if cfg.log.save_best and ev["accuracy"] > best.get("accuracy", -1.0):
+            best.update(step=step, accuracy=ev["accuracy"])
+            if dist.main:
+                checkpoint.save_best(run, model, cfg, step, ev["accuracy"])
+
     if cfg.eval.before and resume_from is None:
         summary["eval_before"] = _eval(policy, task, test_prompts, cfg, "before", bar, dist)
+        keep_if_best(summary["eval_before"], 0)
     if cfg.sft.steps > 0 and resume_from is None:
         summary.update(_sft(policy, task, train_prompts, cfg, device, run, bar, dist))
         summary["eval_warm"] = _eval(policy, task, test_prompts, cfg, "warm", bar, dist)
+        keep_if_best(summary["eval_warm"], 0)
     ref_policy = None  # the KL reference: the policy GRPO starts from (after any warm start)
     if cfg.algo.beta > 0 and cfg.model.lora_r == 0:  # LoRA: the base model, adapters disabled
         ref_policy = copy.copy(policy)
@@ -464,6 +475,7 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
     state = checkpoint.TrainerState(step=0, sampler={}, summary=dict(summary))
     if resume_from is not None:
         state, rng_restored = checkpoint.load(resume_from, model, optimizer, scheduler, ref_model, device, dist)
+        best.update(state.best)
         sampler.load_state_dict(state.sampler)
         summary.update({k: v for k, v in state.summary.items() if k not in summary})  # (eval_before, the warm start's)
         summary["resumed_from_step"] = state.step
@@ -504,6 +516,7 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
             if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.optim.steps:
                 ev = _eval(policy, task, test_prompts, cfg, f"step {step}", bar, dist)
                 row["eval_accuracy"] = ev["accuracy"]
+                keep_if_best(ev, step)
             if dist.main:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -524,7 +537,7 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
             over_budget, signalled = dist.max([over_budget, stop.signal or 0])  # (all stop together, on any process's signal)
             if signalled or (every and (step % every == 0 or step == cfg.optim.steps or over_budget)):
                 state = checkpoint.TrainerState(step, sampler.state_dict(), pre_loop, failures_total, last_diag,
-                                                seconds_before + time.time() - t_train)
+                                                seconds_before + time.time() - t_train, dict(best))
                 saves["seconds"] += checkpoint.save(run, state, model, optimizer, scheduler, ref_model, cfg, device, dist)
                 saves["written"] += 1
             if signalled:
@@ -535,6 +548,7 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
     train_seconds = seconds_before + time.time() - t_train
     if cfg.eval.after and stopped_by is None:
         summary["eval_after"] = _eval(policy, task, test_prompts, cfg, "after", bar, dist)
+        keep_if_best(summary["eval_after"], steps_run)
     if bar is not None:
         bar.close()
     if dist.active:
@@ -550,6 +564,8 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
     )
     if saves["written"]:
         summary["checkpoints"] = {"written": saves["written"], "seconds": round(saves["seconds"], 2), "path": str(run / checkpoint.DIR)}
+    if best:
+        summary["best"] = {**best, "path": str(run / checkpoint.BEST)}
     if stopped_by is not None:
         summary["stopped_by"] = stopped_by  # (no final evaluation or model save: go on with log.resume=auto)
     if "eval_before" in summary and "eval_after" in summary:
