@@ -15,6 +15,10 @@ last, ``meta.json`` (step, processes, config), whose presence marks a complete c
 checkpoint is written beside the old one (``checkpoint.tmp``) and swapped in by renames, so a
 crash while writing leaves the previous one whole. Under ``torchrun`` the run directory must be
 on a file system every process sees.
+
+A checkpoint is also a model (:func:`load_policy`: ``eval --model``, ``model.name``, ``export``),
+as is ``<run>/best``, the weights of the best evaluation so far (``log.save_best``,
+:func:`save_best`).
 """
 from __future__ import annotations
 
