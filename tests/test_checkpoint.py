@@ -108,6 +108,7 @@ def test_sigterm_finishes_the_step_checkpoints_exits_143_and_the_resumed_run_is_
     finally:
         SIGTERM_AT["call"] = None
     assert code == 128 + signal.SIGTERM
+    assert "SIGTERM: stopped after step 2, checkpoint in " in capsys.readouterr().err  # (what the user sees)
     assert signal.getsignal(signal.SIGTERM) == previous  # the handler is the loop's only
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())

@@ -33,6 +33,7 @@ import copy
 import json
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -479,6 +480,8 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
         sampler.load_state_dict(state.sampler)
         summary.update({k: v for k, v in state.summary.items() if k not in summary})  # (eval_before, the warm start's)
         summary["resumed_from_step"] = state.step
+        if dist.main and not quiet:
+            print(f"resuming from step {state.step} of {resume_from}", file=sys.stderr, flush=True)
         if not rng_restored:  # (written by fewer processes: this one draws a fresh stream)
             torch.manual_seed(dist.seed(cfg.optim.seed) + state.step)
             summary["resume_rng"] = "reseeded"
@@ -542,6 +545,9 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
                 saves["written"] += 1
             if signalled:
                 stopped_by = signal.Signals(int(signalled)).name
+                if dist.main and not quiet:
+                    print(f"{stopped_by}: stopped after step {step}, checkpoint in {run / checkpoint.DIR} "
+                          "(the same command with log.resume=auto goes on)", file=sys.stderr, flush=True)
                 break
             if over_budget:
                 break
