@@ -175,7 +175,7 @@ def test_save_best_keeps_the_weights_of_the_best_evaluation_across_a_resume(tmp_
     meta = checkpoint.read_meta(tmp_path / "run" / "best")
     assert meta["step"] == 1 and meta["accuracy"] == 0.5
     monkeypatch.setattr(trainer, "_eval", real_eval)
-    one = _run(tmp_path, "one", "LoRA", "optim.steps=1", "log.checkpoint_every=1")  # the weights after step 1
+    _run(tmp_path, "one", "LoRA", "optim.steps=1", "log.checkpoint_every=1")  # the weights after step 1
     _same_tensors(torch.load(tmp_path / "run" / "best" / "model.pt"), torch.load(tmp_path / "one" / "checkpoint" / "model.pt"))
     assert checkpoint.load_policy(tmp_path / "run" / "best", "cpu", "float32") is not None  # (eval --model / export read it)
 

@@ -1,4 +1,4 @@
-"""The ``vlm-treegrpo`` command line: train, eval, export, advise, bench, prepare, presets.
+"""The ``vlm-treegrpo`` command line: train, eval, export, plot, advise, bench, prepare, presets.
 
 Config problems exit with status 2 and one line naming the field. A training run stopped by
 SIGTERM or SIGINT checkpoints and exits with 128 + the signal's number (143, 130).
@@ -63,6 +63,19 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_plot(args) -> int:
+    from vlm_treegrpo.plots import plot_runs, summary_table
+
+    metrics = [m for m in args.metrics.split(",") if m]
+    try:
+        missing = plot_runs(args.runs, args.out, metrics, args.x)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(str(err)) from err
+    print(summary_table(args.runs))
+    print(f"wrote {args.out}" + (f" (not logged by any run: {', '.join(missing)})" if missing else ""))
+    return 0
+
+
 def _cmd_advise(args) -> int:
     from vlm_treegrpo.advise import advise, format_table
 
@@ -115,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a run's checkpoint directory, e.g. runs/x/checkpoint")
     p.add_argument("out", help="directory to write (loadable as model.name or eval --model)")
     p.set_defaults(fn=_cmd_export)
+    p = sub.add_parser("plot", help="compare runs: curves of their step metrics (PNG) and a table of their summaries")
+    p.add_argument("runs", nargs="+", help="run directories, e.g. runs/a runs/b")
+    p.add_argument("--metrics", default="reward,eval_accuracy,entropy,zero_std_frac,completion_tokens,grad_norm",
+                   help="comma list of metrics.jsonl columns")
+    p.add_argument("--x", choices=("step", "elapsed"), default="step", help="x axis")
+    p.add_argument("--out", default="plot.png", help="PNG path")
+    p.set_defaults(fn=_cmd_plot)
     p = sub.add_parser("advise", help="group-size advisor: estimate the best G and K x M from one batch")
     p.add_argument("--config", help="YAML config file")
     p.add_argument("--prompts", type=int, default=0, help="prompts in the measured batch (default: rollout.prompts_per_step)")
