@@ -161,12 +161,12 @@ def test_save_best_keeps_the_weights_of_the_best_evaluation_across_a_resume(tmp_
     import vlm_treegrpo.trainer as trainer
 
     scripted = iter([0.1, 0.5, 0.3, 0.2, 0.4])  # before, steps 1-3 (eval.every=1), after step 4
-    real_eval = trainer._eval
+    real_eval = trainer.evaluate_held_out
 
     def scripted_eval(*args, **kwargs):
         return {**real_eval(*args, **kwargs), "accuracy": next(scripted)}
 
-    monkeypatch.setattr(trainer, "_eval", scripted_eval)
+    monkeypatch.setattr(trainer, "evaluate_held_out", scripted_eval)
     first = _run(tmp_path, "run", "LoRA", "log.save_best=true", "eval.every=1", "optim.steps=2", "log.checkpoint_every=2")
     assert first["best"]["step"] == 1 and first["best"]["accuracy"] == 0.5
     # (the first session's final evaluation drew 0.3 from the script; the resumed one evaluates steps 3 and 4)
@@ -174,7 +174,7 @@ def test_save_best_keeps_the_weights_of_the_best_evaluation_across_a_resume(tmp_
     assert second["best"] == {"step": 1, "accuracy": 0.5, "path": str(tmp_path / "run" / "best")}  # 0.2 and 0.4 do not beat it
     meta = checkpoint.read_meta(tmp_path / "run" / "best")
     assert meta["step"] == 1 and meta["accuracy"] == 0.5
-    monkeypatch.setattr(trainer, "_eval", real_eval)
+    monkeypatch.setattr(trainer, "evaluate_held_out", real_eval)
     _run(tmp_path, "one", "LoRA", "optim.steps=1", "log.checkpoint_every=1")  # the weights after step 1
     _same_tensors(torch.load(tmp_path / "run" / "best" / "model.pt"), torch.load(tmp_path / "one" / "checkpoint" / "model.pt"))
     assert checkpoint.load_policy(tmp_path / "run" / "best", "cpu", "float32") is not None  # (eval --model / export read it)

@@ -137,12 +137,13 @@ def _steps(run: Path) -> list[dict]:
 
 
 def test_torchrun_trains_two_processes_through_the_cli_and_resumes_exactly(tmp_path):
-    proc = _torchrun_train(tmp_path, "log.save_model=true", "log.checkpoint_every=1")
+    proc = _torchrun_train(tmp_path, "log.save_model=true", "log.checkpoint_every=1", "eval.samples=2")
     assert proc.stdout.count('"replicas_in_sync": true') == 1  # process 0 prints the summary
     run = tmp_path / "tiny-llama"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["replicas_in_sync"] is True and summary["steps"] == 2
     assert summary["eval_before"]["n"] == summary["eval_after"]["n"] == 5  # the test set split 3 + 2, counts summed
+    assert 0.0 <= summary["eval_after"]["pass@1"] <= summary["eval_after"]["pass@2"] <= 1.0  # (pass@k summed the same way)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]  # one process writes
     assert rows[0]["unpacked_tokens"] > 0 and (run / "model" / "config.json").exists()

@@ -1,13 +1,18 @@
-"""Greedy evaluation: the rates of tallies summed over shards of the test set (as data-parallel
-processes sum them) equal the evaluation of the whole set."""
+"""Held-out evaluation: the rates of tallies summed over shards of the test set (as data-parallel
+processes sum them) equal the evaluation of the whole set; pass@k over sampled completions."""
 from __future__ import annotations
 
+import json
+import math
+
+import pytest
 import torch
 
 from vlm_treegrpo.data.arithmetic import make_arithmetic
 from vlm_treegrpo.data.types import Example
-from vlm_treegrpo.evaluate import evaluate, rates, tally
+from vlm_treegrpo.evaluate import evaluate, pass_at_k, pass_ks, pass_rates, rates, sample_tally, tally
 from vlm_treegrpo.policy import make_policy
+from vlm_treegrpo.rollout.tree import SamplingParams, Tree
 
 
 class EchoPolicy:
@@ -45,3 +50,65 @@ def test_summed_shard_tallies_equal_the_whole_evaluation():
     pooled = rates({**summed, "samples": parts[0]["samples"]}, 0.0)
     for key in ("n", "accuracy", "format_rate", "mean_completion_tokens"):
         assert pooled[key] == whole[key], key
+
+
+def test_pass_at_k_is_the_unbiased_estimator():
+    assert pass_at_k(4, 1, 1) == 0.25
+    assert pass_at_k(4, 1, 2) == 1 - 3 / 6  # 1 - C(3,2)/C(4,2)
+    assert pass_at_k(4, 1, 4) == 1.0 and pass_at_k(4, 0, 4) == 0.0 and pass_at_k(5, 5, 1) == 1.0
+    assert pass_at_k(8, 3, 4) == pytest.approx(1 - math.comb(5, 4) / math.comb(8, 4))
+    with pytest.raises(ValueError):
+        pass_at_k(4, 1, 5)
+    assert pass_ks(8) == [1, 2, 4, 8] and pass_ks(6) == [1, 2, 4, 6] and pass_ks(1) == [1]
+
+
+class ScriptedSampler(EchoPolicy):
+    """``sample`` returns, for prompt ``p``, the n completions ``self.script[p]`` (texts)."""
+
+    def __init__(self, script: dict[int, list[str]]):
+        self.script = script
+        texts = [t for p in sorted(script) for t in script[p]]
+        super().__init__(texts)
+        self.index = {(p, k): i for i, (p, k) in enumerate((p, k) for p in sorted(script) for k in range(len(script[p])))}
+
+    def sample(self, prompts, K, M, thought_max_tokens, answer_max_tokens, sampling, branch_delimiters):
+        assert M == 1 and answer_max_tokens == 0 and branch_delimiters == []  # flat: no branching
+        trees = []
+        for p in prompts:
+            t = Tree(prompt_ids=list(p), prompt=p)
+            t.thoughts = [[self.index[(p[0], k)]] for k in range(K)]
+            t.thought_done, t.answers = [True] * K, [[[]] for _ in range(K)]
+            trees.append(t)
+        return trees
+
+
+def test_sample_tally_sums_each_prompts_pass_at_k():
+    examples = [Example(prompt=f"q{i}", answer=str(i)) for i in range(3)]
+    script = {0: ["Answer: 0", "Answer: 9", "Answer: 9", "Answer: 9"],  # 1 of 4 correct
+              1: ["Answer: 1"] * 4,  # 4 of 4
+              2: ["Answer: 7"] * 4}  # 0 of 4
+    got = sample_tally(ScriptedSampler(script), examples, [[i] for i in range(3)], 8, 4, SamplingParams(), batch_size=8)
+    assert got["prompts"] == 3
+    assert got["pass@1"] == pytest.approx(0.25 + 1 + 0)
+    assert got["pass@2"] == pytest.approx(0.5 + 1 + 0)
+    assert got["pass@4"] == pytest.approx(1 + 1 + 0)
+    assert pass_rates(got) == pytest.approx({"pass@1": 1.25 / 3, "pass@2": 1.5 / 3, "pass@4": 2 / 3})
+
+
+def test_sampled_evaluations_leave_the_training_draws_alone(tmp_path):
+    from vlm_treegrpo.config import load_config
+    from vlm_treegrpo.trainer import train
+
+    rows = {}
+    for samples in (0, 2):
+        cfg = load_config(None, [f"log.run_dir={tmp_path}", f"log.name=s{samples}", "log.progress=false", "optim.steps=2",
+                                 "eval.every=1", f"eval.samples={samples}", "data.n_test=3", "rollout.thought_max_tokens=4",
+                                 "rollout.answer_max_tokens=4"])
+        summary = train(cfg, quiet=True)
+        lines = (tmp_path / f"s{samples}" / "metrics.jsonl").read_text().splitlines()
+        rows[samples] = [{k: v for k, v in json.loads(x).items() if not k.startswith(("time_", "eval_pass")) and k not in ("elapsed", "norm/diag_seconds")}
+                         for x in lines]
+        if samples:
+            assert "eval_pass@1" in json.loads(lines[0]) and {"pass@1", "pass@2"} <= set(summary["eval_after"])
+            assert summary["eval_before"]["pass@2"] >= summary["eval_before"]["pass@1"]
+    assert rows[0] == rows[2]  # the sampled evaluations drew from their own generator

@@ -36,7 +36,7 @@ def _cmd_train(args) -> int:
 
 def _cmd_eval(args) -> int:
     from vlm_treegrpo.data.sources import task_from_config
-    from vlm_treegrpo.evaluate import evaluate
+    from vlm_treegrpo.evaluate import evaluate_held_out
     from vlm_treegrpo.policy import make_policy
     from vlm_treegrpo.trainer import resolve_device, set_threads
 
@@ -47,7 +47,7 @@ def _cmd_eval(args) -> int:
     policy = make_policy(name, device, cfg.model.dtype, cfg.model.attn_implementation)
     task = task_from_config(cfg.data)
     prompts = [policy.encode(ex, task.instruction) for ex in task.test]
-    res = evaluate(policy, task.test, prompts, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, cfg.eval.batch_size)
+    res = evaluate_held_out(policy, task, prompts, cfg)
     print(json.dumps({"model": name, **res}, indent=2))
     return 0
 
@@ -117,7 +117,7 @@ def _cmd_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm-treegrpo", description="Tree-style GRPO for VLMs and LLMs")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, fn, help_ in (("train", _cmd_train, "train a policy"), ("eval", _cmd_eval, "greedy held-out accuracy")):
+    for name, fn, help_ in (("train", _cmd_train, "train a policy"), ("eval", _cmd_eval, "held-out accuracy: greedy, and pass@k with eval.samples=n")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--config", help="YAML config file")
         if name == "eval":

@@ -359,9 +359,14 @@ class EvalConfig:
     """Prompts per generation batch."""
     max_new_tokens: int = 0
     """Generation budget; 0 uses the rollout's thought + answer budget."""
+    samples: int = 0
+    """Besides the greedy accuracy, sample this many completions per test prompt (at the
+    rollout's temperature, top-p and top-k; seeded, the same draws at every evaluation) and
+    report the unbiased pass@k for k = 1, 2, 4, ... up to it; 0 = greedy only."""
 
     def __post_init__(self) -> None:
         _require(self.every >= 0, "eval.every", f"must be >= 0, got {self.every}")
+        _require(self.samples >= 0, "eval.samples", f"must be >= 0, got {self.samples}")
         _require(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
         _require(self.max_new_tokens >= 0, "eval.max_new_tokens", f"must be >= 0, got {self.max_new_tokens}")
 

@@ -1,9 +1,14 @@
-"""Greedy held-out evaluation: accuracy by the correctness reward, plus format and length."""
+"""Held-out evaluation: greedy accuracy by the correctness reward, plus format and length; and,
+on request, pass@k over n sampled completions per prompt (:func:`sample_tally`)."""
 from __future__ import annotations
 
+import math
 import time
 
 import torch
+
+from vlm_treegrpo.distributed import Dist
+from vlm_treegrpo.rollout.tree import SamplingParams
 
 from vlm_treegrpo.data.types import Example
 from vlm_treegrpo.rewards import correctness_reward, format_reward
@@ -49,3 +54,85 @@ def evaluate(policy, examples: list[Example], prompts: list[list[int]], max_new_
     """Greedy held-out evaluation: the :func:`rates` of a :func:`tally` of every prompt."""
     t0 = time.time()
     return rates(tally(policy, examples, prompts, max_new_tokens, batch_size, progress), time.time() - t0)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k of one prompt with ``c`` correct among ``n`` samples (Chen et al.,
+    2021): ``1 - C(n - c, k) / C(n, k)``, the chance that k of the n drawn without replacement
+    hold a correct one."""
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@k: k must be in [1, n={n}], got {k}")
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def pass_ks(n: int) -> list[int]:
+    """The k reported for n samples: the powers of two below n, and n."""
+    return [2**i for i in range(n.bit_length()) if 2**i < n] + [n]
+
+
+@torch.no_grad()
+def sample_tally(policy, examples: list[Example], prompts: list, max_new_tokens: int, n: int, sampling,
+                 batch_size: int = 50) -> dict:
+    """Sample ``n`` completions per prompt (``sampling``, a
+    :class:`~vlm_treegrpo.rollout.tree.SamplingParams`; flat, no branching) and sum, over the
+    prompts, the unbiased pass@k of each k of :func:`pass_ks`: ``{"prompts", "pass@<k>": sum}``.
+    ``batch_size`` counts completions, so ``batch_size // n`` prompts go per batch."""
+    model = policy.model
+    was_training = model.training
+    model.eval()
+    out: dict = {"prompts": 0, **{f"pass@{k}": 0.0 for k in pass_ks(n)}}
+    step = max(1, batch_size // n)
+    for start in range(0, len(prompts), step):
+        trees = policy.sample(prompts[start : start + step], n, 1, max_new_tokens, 0, sampling, [])
+        texts = policy.decode([t.leaf_ids(k, 0) for t in trees for k in range(n)])
+        for i in range(len(trees)):
+            ex = examples[start + i]
+            c = int(sum(correctness_reward(texts[i * n + k], ex) >= 1.0 for k in range(n)))
+            out["prompts"] += 1
+            for k in pass_ks(n):
+                out[f"pass@{k}"] += pass_at_k(n, c, k)
+    if was_training:
+        model.train()
+    return out
+
+
+def pass_rates(t: dict) -> dict:
+    """``{"pass@<k>": rate}`` of a :func:`sample_tally` (or of several summed)."""
+    p = max(t["prompts"], 1)
+    return {k: v / p for k, v in t.items() if k.startswith("pass@")}
+
+
+EVAL_SEED = 1_000_003
+"""Sampled evaluations (``eval.samples``) draw from ``optim.seed + EVAL_SEED`` (per process), in
+a forked generator: every evaluation of a run samples with the same seed, and training draws
+what it would without them."""
+
+
+def evaluate_held_out(policy, task, test_prompts: list, cfg, label: str = "", bar=None, dist: Dist = Dist()) -> dict:
+    """The held-out evaluation a config asks for: greedy accuracy (:func:`evaluate`) and, with
+    ``eval.samples``, pass@k (:func:`sample_tally`) of ``task.test``. Under data parallelism
+    each process scores a slice of the test set and the counts are summed (``samples``: process
+    0's). ``bar``: a progress bar to label with ``label`` meanwhile."""
+    budget = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
+    if bar is not None:
+        bar.set_description(f"eval {label}")
+    part = range(dist.rank, len(test_prompts), dist.world)  # (strided: a share for every process, any test-set size)
+    examples, prompts = [task.test[i] for i in part], [test_prompts[i] for i in part]
+    if not dist.active:
+        res = evaluate(policy, examples, prompts, budget, cfg.eval.batch_size)
+    else:
+        t0 = time.time()
+        t = tally(policy, examples, prompts, budget, cfg.eval.batch_size)
+        keys = ("n", "correct", "formatted", "tokens")
+        res = rates({**t, **dict(zip(keys, dist.sum([t[k] for k in keys])))}, time.time() - t0)
+    if cfg.eval.samples:
+        t0 = time.time()
+        device = next(policy.model.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # (training draws as without)
+            torch.manual_seed(dist.seed(cfg.optim.seed + EVAL_SEED))
+            t = sample_tally(policy, examples, prompts, budget, cfg.eval.samples, SamplingParams.of(cfg.rollout), cfg.eval.batch_size)
+        keys = list(t)  # (the same order on every process)
+        res.update(pass_rates(dict(zip(keys, dist.sum([t[k] for k in keys])))), sampled_seconds=round(time.time() - t0, 2))
+    if bar is not None:
+        bar.set_description("train")
+    return res

@@ -48,7 +48,7 @@ from vlm_treegrpo.core.diagnostics import mean_pairwise_cosine, reward_std_stats
 from vlm_treegrpo.core.losses import kl_penalty, masked_mean, policy_loss, policy_loss_metrics
 from vlm_treegrpo.data.sources import Task, task_from_config
 from vlm_treegrpo.distributed import Dist, from_env, pool_metrics
-from vlm_treegrpo.evaluate import evaluate, rates, tally
+from vlm_treegrpo.evaluate import evaluate_held_out
 from vlm_treegrpo.interrupt import StopRequests
 from vlm_treegrpo.optim import adamw, lr_schedule
 from vlm_treegrpo.policy import Policy, TextPolicy, TrainBatch, make_policy
@@ -328,25 +328,6 @@ def update_step(policy: Policy, ref_policy: Policy | None, optimizer, scheduler,
     return stats
 
 
-def _eval(policy: Policy, task: Task, test_prompts, cfg: TrainConfig, label: str, bar, dist: Dist = Dist()) -> dict:
-    """Greedy held-out evaluation; under data parallelism each process scores a slice of the
-    test set and the counts are summed (``samples``: process 0's)."""
-    budget = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
-    if bar is not None:
-        bar.set_description(f"eval {label}")
-    if not dist.active:
-        res = evaluate(policy, task.test, test_prompts, budget, cfg.eval.batch_size)
-    else:
-        t0 = time.time()
-        part = range(dist.rank, len(test_prompts), dist.world)  # (strided: a share for every process, any test-set size)
-        t = tally(policy, [task.test[i] for i in part], [test_prompts[i] for i in part], budget, cfg.eval.batch_size)
-        keys = ("n", "correct", "formatted", "tokens")
-        res = rates({**t, **dict(zip(keys, dist.sum([t[k] for k in keys])))}, time.time() - t0)
-    if bar is not None:
-        bar.set_description("train")
-    return res
-
-
 def _sft(policy: Policy, task: Task, train_prompts, cfg: TrainConfig, device, run: Path, bar, dist: Dist = Dist()) -> dict:
     """The supervised warm start; writes ``sft.jsonl`` and returns its summary fields."""
     s, device_ctx = cfg.sft, lambda: autocast_ctx(device, cfg.model.autocast)
@@ -461,11 +442,11 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
                 checkpoint.save_best(run, model, cfg, step, ev["accuracy"])
 
     if cfg.eval.before and resume_from is None:
-        summary["eval_before"] = _eval(policy, task, test_prompts, cfg, "before", bar, dist)
+        summary["eval_before"] = evaluate_held_out(policy, task, test_prompts, cfg, "before", bar, dist)
         keep_if_best(summary["eval_before"], 0)
     if cfg.sft.steps > 0 and resume_from is None:
         summary.update(_sft(policy, task, train_prompts, cfg, device, run, bar, dist))
-        summary["eval_warm"] = _eval(policy, task, test_prompts, cfg, "warm", bar, dist)
+        summary["eval_warm"] = evaluate_held_out(policy, task, test_prompts, cfg, "warm", bar, dist)
         keep_if_best(summary["eval_warm"], 0)
     ref_policy = None  # the KL reference: the policy GRPO starts from (after any warm start)
     if cfg.algo.beta > 0 and cfg.model.lora_r == 0:  # LoRA: the base model, adapters disabled
@@ -517,8 +498,9 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
                 if k.startswith("reward_failures/"):
                     failures_total[k.split("/", 1)[1]] = failures_total.get(k.split("/", 1)[1], 0) + v
             if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.optim.steps:
-                ev = _eval(policy, task, test_prompts, cfg, f"step {step}", bar, dist)
+                ev = evaluate_held_out(policy, task, test_prompts, cfg, f"step {step}", bar, dist)
                 row["eval_accuracy"] = ev["accuracy"]
+                row.update({f"eval_{k}": v for k, v in ev.items() if k.startswith("pass@")})
                 keep_if_best(ev, step)
             if dist.main:
                 with metrics_path.open("a") as f:
@@ -553,7 +535,7 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
                 break
     train_seconds = seconds_before + time.time() - t_train
     if cfg.eval.after and stopped_by is None:
-        summary["eval_after"] = _eval(policy, task, test_prompts, cfg, "after", bar, dist)
+        summary["eval_after"] = evaluate_held_out(policy, task, test_prompts, cfg, "after", bar, dist)
         keep_if_best(summary["eval_after"], steps_run)
     if bar is not None:
         bar.close()
