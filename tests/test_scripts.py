@@ -1,5 +1,6 @@
 """The scripts run end to end on tiny models: the two studies (--quick, their JSON and PNG), the
-step profile, the activation-memory comparison, and the GPU check's refusal without CUDA."""
+step profile, the activation-memory comparison, stop-and-resume through the real CLI, and the GPU
+check's refusal without CUDA."""
 from __future__ import annotations
 
 import importlib.util
@@ -91,3 +92,26 @@ def test_activation_memory_compares_both_settings(tmp_path, monkeypatch):
     for r in res:
         assert len(r["updates"]) == len(r["timed_updates"]) == 1 and r["update_s"] > 0 and r["peak_above_mib"] >= 0
     assert res[0]["updates"][0]["packed_tokens"] == res[1]["updates"][0]["packed_tokens"]  # the same batch both ways
+
+
+def test_stop_and_resume_sigterms_the_cli_and_the_resumed_run_matches_a_run_never_stopped(tmp_path):
+    """The real CLI in its own process, stopped from outside with SIGTERM, then resumed."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("vlm-treegrpo", path=str(Path(sys.executable).parent))
+    cli = exe or f"{sys.executable} -m vlm_treegrpo.cli"
+    args = ["optim.steps=30", "eval.before=false", "eval.after=false", "log.samples_every=0", "algo.diag_every=0", REWARD]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "CLI": cli}
+    ref = subprocess.run(cli.split() + ["train", "--config", str(ROOT / "configs/tiny-llama.yaml"), "log.name=ref", "log.progress=false",
+                                        *args], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    proc = subprocess.run(["bash", str(ROOT / "scripts/stop_and_resume.sh"), str(ROOT / "configs/tiny-llama.yaml"), "stopped", "2",
+                           "runs/ref/metrics.jsonl", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    assert "first session: exit 143" in proc.stdout and "second session: exit 0" in proc.stdout
+    assert "steps matching the reference: 30 of 30 (resumed run logged 30)" in proc.stdout
+    summary = json.loads((tmp_path / "runs/stopped/summary.json").read_text())
+    assert summary["resumed_from_step"] >= 2 and summary["steps"] == 30
