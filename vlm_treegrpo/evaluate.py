@@ -2,16 +2,28 @@
 on request, pass@k over n sampled completions per prompt (:func:`sample_tally`)."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
 import torch
 
+from vlm_treegrpo.data.types import Example
 from vlm_treegrpo.distributed import Dist
+from vlm_treegrpo.rewards import correctness_reward, format_reward
 from vlm_treegrpo.rollout.tree import SamplingParams
 
-from vlm_treegrpo.data.types import Example
-from vlm_treegrpo.rewards import correctness_reward, format_reward
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """``model`` in eval mode for the block, back in training mode after it if it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()
 
 
 @torch.no_grad()
@@ -19,25 +31,21 @@ def tally(policy, examples: list[Example], prompts: list[list[int]], max_new_tok
     """Greedy-decode every prompt once and score it: ``{"n", "correct", "formatted", "tokens",
     "samples"}``, sums over the prompts (``samples``: the first few (prompt, completion, answer,
     correct) for inspection)."""
-    model = policy.model
-    was_training = model.training
-    model.eval()
     out = {"n": 0, "correct": 0.0, "formatted": 0.0, "tokens": 0, "samples": []}
-    for start in range(0, len(prompts), batch_size):
-        outs = policy.greedy(prompts[start : start + batch_size], max_new_tokens)
-        for j, (ids, text) in enumerate(zip(outs, policy.decode(outs))):
-            ex = examples[start + j]
-            ok = correctness_reward(text, ex)
-            out["n"] += 1
-            out["correct"] += ok
-            out["formatted"] += format_reward(text, ex)
-            out["tokens"] += len(ids)
-            if len(out["samples"]) < 5:
-                out["samples"].append({"prompt": ex.prompt, "completion": text, "answer": ex.answer, "correct": ok})
-        if progress is not None:
-            progress(min(start + batch_size, len(prompts)), len(prompts))
-    if was_training:
-        model.train()
+    with eval_mode(policy.model):
+        for start in range(0, len(prompts), batch_size):
+            outs = policy.greedy(prompts[start : start + batch_size], max_new_tokens)
+            for j, (ids, text) in enumerate(zip(outs, policy.decode(outs))):
+                ex = examples[start + j]
+                ok = correctness_reward(text, ex)
+                out["n"] += 1
+                out["correct"] += ok
+                out["formatted"] += format_reward(text, ex)
+                out["tokens"] += len(ids)
+                if len(out["samples"]) < 5:
+                    out["samples"].append({"prompt": ex.prompt, "completion": text, "answer": ex.answer, "correct": ok})
+            if progress is not None:
+                progress(min(start + batch_size, len(prompts)), len(prompts))
     return out
 
 
@@ -77,22 +85,18 @@ def sample_tally(policy, examples: list[Example], prompts: list, max_new_tokens:
     :class:`~vlm_treegrpo.rollout.tree.SamplingParams`; flat, no branching) and sum, over the
     prompts, the unbiased pass@k of each k of :func:`pass_ks`: ``{"prompts", "pass@<k>": sum}``.
     ``batch_size`` counts completions, so ``batch_size // n`` prompts go per batch."""
-    model = policy.model
-    was_training = model.training
-    model.eval()
     out: dict = {"prompts": 0, **{f"pass@{k}": 0.0 for k in pass_ks(n)}}
     step = max(1, batch_size // n)
-    for start in range(0, len(prompts), step):
-        trees = policy.sample(prompts[start : start + step], n, 1, max_new_tokens, 0, sampling, [])
-        texts = policy.decode([t.leaf_ids(k, 0) for t in trees for k in range(n)])
-        for i in range(len(trees)):
-            ex = examples[start + i]
-            c = int(sum(correctness_reward(texts[i * n + k], ex) >= 1.0 for k in range(n)))
-            out["prompts"] += 1
-            for k in pass_ks(n):
-                out[f"pass@{k}"] += pass_at_k(n, c, k)
-    if was_training:
-        model.train()
+    with eval_mode(policy.model):
+        for start in range(0, len(prompts), step):
+            trees = policy.sample(prompts[start : start + step], n, 1, max_new_tokens, 0, sampling, [])
+            texts = policy.decode([t.leaf_ids(k, 0) for t in trees for k in range(n)])
+            for i in range(len(trees)):
+                ex = examples[start + i]
+                c = int(sum(correctness_reward(texts[i * n + k], ex) >= 1.0 for k in range(n)))
+                out["prompts"] += 1
+                for k in pass_ks(n):
+                    out[f"pass@{k}"] += pass_at_k(n, c, k)
     return out
 
 
@@ -118,13 +122,10 @@ def evaluate_held_out(policy, task, test_prompts: list, cfg, label: str = "", ba
         bar.set_description(f"eval {label}")
     part = range(dist.rank, len(test_prompts), dist.world)  # (strided: a share for every process, any test-set size)
     examples, prompts = [task.test[i] for i in part], [test_prompts[i] for i in part]
-    if not dist.active:
-        res = evaluate(policy, examples, prompts, budget, cfg.eval.batch_size)
-    else:
-        t0 = time.time()
-        t = tally(policy, examples, prompts, budget, cfg.eval.batch_size)
-        keys = ("n", "correct", "formatted", "tokens")
-        res = rates({**t, **dict(zip(keys, dist.sum([t[k] for k in keys])))}, time.time() - t0)
+    t0 = time.time()
+    t = tally(policy, examples, prompts, budget, cfg.eval.batch_size)
+    keys = ("n", "correct", "formatted", "tokens")  # (summed over the processes; as they are for one)
+    res = rates({**t, **dict(zip(keys, dist.sum([t[k] for k in keys])))}, time.time() - t0)
     if cfg.eval.samples:
         t0 = time.time()
         device = next(policy.model.parameters()).device
