@@ -40,10 +40,14 @@ def record_entropy(total: Tensor | float, weight: Tensor | float) -> None:
         sink.append((float(total), float(weight)))
 
 
-def row_entropy(z: Tensor, lse: Tensor) -> Tensor:
-    """Entropy of ``softmax(z)`` per row, given its logsumexp: ``lse - sum(p * z)``. fp32 ``z
-    [..., V]``, ``lse [...]``."""
-    return lse - (torch.exp(z - lse[..., None]) * z).sum(-1)
+def logsumexp_and_entropy(z: Tensor) -> tuple[Tensor, Tensor]:
+    """``(logsumexp(z), entropy of softmax(z))`` over the last dim of fp32 ``z [..., V]``, with
+    one exp pass for both: ``H = lse - sum(p * z)``."""
+    m = z.amax(-1, keepdim=True)
+    e = torch.exp(z - m)
+    total = e.sum(-1)
+    lse = m.squeeze(-1) + total.log()
+    return lse, lse - (e * z).sum(-1) / total
 
 
 def additive_mask(attention: Tensor, dtype: torch.dtype) -> Tensor:
@@ -136,12 +140,8 @@ class TokenLogp(torch.autograd.Function):
             z = x.index_select(0, c).float() / temperature  # [C, V]
             if ent is None:
                 lse[c] = torch.logsumexp(z, dim=-1)
-            else:  # (one exp pass for both)
-                m = z.amax(-1, keepdim=True)  # [C, 1]
-                e = torch.exp(z - m)
-                total = e.sum(-1)  # [C]
-                lse[c] = m.squeeze(-1) + total.log()
-                ent[c] = lse[c] - (e * z).sum(-1) / total
+            else:
+                lse[c], ent[c] = logsumexp_and_entropy(z)
         if ent is not None:
             record_entropy(ent[rows].sum(), rows.numel())  # (a row predicting several tokens counts for each)
         ctx.save_for_backward(x, rows, ids, lse, used)

@@ -35,9 +35,9 @@ from torch import Tensor
 
 from vlm_treegrpo.data.types import Example
 from vlm_treegrpo.models.loader import pick_attn_implementation, pick_dtype, save_weights
-from vlm_treegrpo.rollout.prompts import user_message
-from vlm_treegrpo.rollout.logprobs import entropy_wanted, record_entropy, row_entropy
 from vlm_treegrpo.rollout.kv_cache import continuation_cache
+from vlm_treegrpo.rollout.logprobs import entropy_wanted, logsumexp_and_entropy, record_entropy
+from vlm_treegrpo.rollout.prompts import user_message
 from vlm_treegrpo.rollout.tree import SamplingParams, Tree, generate_batch, grow_trees, resuming_generator
 from vlm_treegrpo.vlm.adapter import Encoded, VLMAdapter
 from vlm_treegrpo.vlm.batching import flat_image_keys
@@ -118,7 +118,7 @@ class LeafBatch:
         logp = picked - lse
         if entropy_wanted():
             with torch.no_grad():
-                record_entropy((row_entropy(logits, lse) * self.weights).sum(), self.weights.sum())
+                record_entropy((logsumexp_and_entropy(logits)[1] * self.weights).sum(), self.weights.sum())
         logp = torch.where(self.weights > 0, logp, torch.zeros_like(logp))
         return torch.cat([logp.new_zeros((B, T)), logp], dim=1)  # [B, T+C]
 
