@@ -43,20 +43,14 @@ def worker(config: str | None, overrides: list[str], updates: int) -> dict:
     from vlm_treegrpo.config import load_config
     from vlm_treegrpo.data.sources import task_from_config
     from vlm_treegrpo.optim import adamw, warmup_constant
-    from vlm_treegrpo.policy import make_policy
     from vlm_treegrpo.rewards import RewardSet
-    from vlm_treegrpo.rollout.attention import enable_activation_checkpointing
-    from vlm_treegrpo.trainer import PromptSampler, apply_lora, resolve_device, rollout_step, set_threads, update_step
+    from vlm_treegrpo.trainer import PromptSampler, build_policy, resolve_device, rollout_step, set_threads, update_step
 
     cfg = load_config(config, overrides)
     device = resolve_device(cfg.model.device)
     set_threads(cfg.model.threads, device)
     torch.manual_seed(cfg.optim.seed)
-    policy = make_policy(cfg.model.name, device, cfg.model.training_dtype(device.type), cfg.model.attn_implementation)
-    if cfg.model.lora_r > 0:
-        policy.model = apply_lora(policy.model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_targets)
-    if cfg.model.gradient_checkpointing:
-        enable_activation_checkpointing(policy.model)
+    policy = build_policy(cfg.model, device, cfg.model.training_dtype(device.type), cfg.model.attn_implementation)
     task = task_from_config(cfg.data)
     prompts = [policy.encode(ex, task.instruction) for ex in task.train]
     rewards = RewardSet.from_config(cfg.algo.rewards)

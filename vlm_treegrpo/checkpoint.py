@@ -22,6 +22,7 @@ as is ``<run>/best``, the weights of the best evaluation so far (``log.save_best
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -205,14 +206,11 @@ def load_policy(path, device, dtype: str = "auto", attn_implementation: str = "a
     adapters merged in). What ``model.name=<run>/checkpoint`` and ``vlm-treegrpo eval --model
     <run>/checkpoint`` load; ``vlm-treegrpo export`` saves it as a plain model directory."""
     from vlm_treegrpo.config import config_from_dict
-    from vlm_treegrpo.policy import make_policy
-    from vlm_treegrpo.trainer import apply_lora
+    from vlm_treegrpo.trainer import build_policy
 
     path = Path(path)
-    m = config_from_dict(read_meta(path)["config"]).model
-    policy = make_policy(m.name, device, dtype, attn_implementation)
-    if m.lora_r > 0:
-        policy.model = apply_lora(policy.model, m.lora_r, m.lora_alpha, m.lora_targets)
+    m = dataclasses.replace(config_from_dict(read_meta(path)["config"]).model, gradient_checkpointing=False)
+    policy = build_policy(m, device, dtype, attn_implementation)
     _load_params(policy.model, torch.load(path / "model.pt", map_location="cpu", weights_only=True), path / "model.pt")
     if m.lora_r > 0:
         policy.model = policy.model.merge_and_unload()

@@ -42,7 +42,7 @@ import torch
 import yaml
 
 from vlm_treegrpo import checkpoint
-from vlm_treegrpo.config import ConfigError, TrainConfig, resolve_autocast
+from vlm_treegrpo.config import ConfigError, ModelConfig, TrainConfig, resolve_autocast
 from vlm_treegrpo.core.advantages import group_advantages, tree_advantages
 from vlm_treegrpo.core.diagnostics import mean_pairwise_cosine, reward_std_stats, update_norms
 from vlm_treegrpo.core.losses import kl_penalty, masked_mean, policy_loss, policy_loss_metrics
@@ -102,6 +102,17 @@ def apply_lora(model, r: int, alpha: float, targets: list[str]):
     from peft import get_peft_model
 
     return get_peft_model(model, lora_config(r, alpha, targets))
+
+
+def build_policy(m: ModelConfig, device, dtype: str, attn_implementation: str) -> Policy:
+    """The policy ``model.*`` describes, in ``dtype``: LoRA adapters when ``lora_r`` > 0, and
+    activation checkpointing when ``gradient_checkpointing`` is on."""
+    policy = make_policy(m.name, device, dtype, attn_implementation)
+    if m.lora_r > 0:
+        policy.model = apply_lora(policy.model, m.lora_r, m.lora_alpha, m.lora_targets)
+    if m.gradient_checkpointing:
+        enable_activation_checkpointing(policy.model)
+    return policy
 
 
 class PromptSampler:
@@ -399,11 +410,7 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
     torch.manual_seed(cfg.optim.seed)
     set_threads(cfg.model.threads, device)
 
-    policy = make_policy(cfg.model.name, device, cfg.model.training_dtype(device.type), cfg.model.attn_implementation)
-    if cfg.model.lora_r > 0:
-        policy.model = apply_lora(policy.model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_targets)
-    if cfg.model.gradient_checkpointing:
-        enable_activation_checkpointing(policy.model)
+    policy = build_policy(cfg.model, device, cfg.model.training_dtype(device.type), cfg.model.attn_implementation)
     model = policy.model
     dist.broadcast_params(model)
     if dist.rank:
