@@ -9,7 +9,8 @@
 #          docs/results/demo-smollm2-s8-metrics.jsonl log.checkpoint_every=10
 # Prints when the signal was sent, the first session's exit status (143 expected), the second
 # session's, and how many steps match the reference (all metrics but times). Needs the runs
-# directory to be ./runs (the default log.run_dir).
+# directory to be ./runs (the default log.run_dir). CLI=... and PYTHON=... pick the command and
+# the interpreter (default .venv/bin/vlm-treegrpo and .venv/bin/python).
 set -u
 CONFIG=$1; NAME=$2; STEP=$3; shift 3
 REF=""
@@ -29,12 +30,10 @@ kill -TERM "$PID"; wait "$PID"; echo "first session: exit $? at $(( $(date +%s) 
 $CLI train --config "$CONFIG" log.name="$NAME" log.progress=false log.resume=auto "$@" > "$RUN.second.log" 2>&1
 echo "second session: exit $? at $(( $(date +%s) - T0 )) s"
 if [ -n "$REF" ]; then
-    python3 - "$REF" "$RUN/metrics.jsonl" <<'PY'
-import json, sys
-def rows(p):
-    skip = lambda k: k.startswith("time_") or k in ("elapsed", "norm/diag_seconds")
-    return [{k: v for k, v in json.loads(x).items() if not skip(k)} for x in open(p) if x.strip()]
-ref, got = rows(sys.argv[1]), rows(sys.argv[2])
+    ${PYTHON:-.venv/bin/python} - "$REF" "$RUN/metrics.jsonl" <<'PY'
+import sys
+from vlm_treegrpo.plots import read_rows, timeless
+ref, got = ([timeless(r) for r in read_rows(p)] for p in sys.argv[1:3])
 same = sum(1 for a, b in zip(ref, got) if {k: a[k] for k in a if k in b} == {k: b[k] for k in a if k in b})
 print(f"steps matching the reference: {same} of {len(ref)} (resumed run logged {len(got)})")
 PY

@@ -15,6 +15,7 @@ import torch
 from vlm_treegrpo import checkpoint
 from vlm_treegrpo.cli import main as cli_main
 from vlm_treegrpo.config import ConfigError, load_config
+from vlm_treegrpo.plots import timeless
 from vlm_treegrpo.policy import make_policy
 from vlm_treegrpo.trainer import train
 
@@ -49,7 +50,7 @@ def _run(tmp_path: Path, name: str, variant: str, *extra: str) -> dict:
 
 def _rows(run: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith("time_") and k not in ("elapsed", "norm/diag_seconds")} for r in rows]
+    return [timeless(r) for r in rows]
 
 
 def _timeless(ev: dict | None) -> dict | None:

@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 
 from vlm_treegrpo.config import ConfigError, config_from_dict
 from vlm_treegrpo.distributed import Dist, _buckets, from_env, pool_metrics
+from vlm_treegrpo.plots import timeless
 from vlm_treegrpo.trainer import _check_shares
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,7 +134,7 @@ def _torchrun_train(tmp_path, *overrides: str, ok: bool = True) -> subprocess.Co
 
 def _steps(run: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith("time_") and k not in ("elapsed", "norm/diag_seconds")} for r in rows]
+    return [timeless(r) for r in rows]
 
 
 def test_torchrun_trains_two_processes_through_the_cli_and_resumes_exactly(tmp_path):

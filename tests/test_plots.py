@@ -50,5 +50,7 @@ def test_bad_logs_are_named(tmp_path, capsys):
         f.write("{not json\n")
     with pytest.raises(ValueError, match=r"metrics.jsonl line 2"):
         read_rows(bad)
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 2"):
+        read_rows(bad / "metrics.jsonl")  # (a file is read as it is)
     assert cli_main(["plot", str(tmp_path / "missing")]) == 2
     assert "has no metrics.jsonl" in capsys.readouterr().err

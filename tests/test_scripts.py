@@ -104,7 +104,7 @@ def test_stop_and_resume_sigterms_the_cli_and_the_resumed_run_matches_a_run_neve
     exe = shutil.which("vlm-treegrpo", path=str(Path(sys.executable).parent))
     cli = exe or f"{sys.executable} -m vlm_treegrpo.cli"
     args = ["optim.steps=30", "eval.before=false", "eval.after=false", "log.samples_every=0", "algo.diag_every=0", REWARD]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "CLI": cli}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "CLI": cli, "PYTHON": sys.executable}
     ref = subprocess.run(cli.split() + ["train", "--config", str(ROOT / "configs/tiny-llama.yaml"), "log.name=ref", "log.progress=false",
                                         *args], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr[-2000:]

@@ -16,9 +16,16 @@ from pathlib import Path
 DEFAULT_METRICS = ("reward", "eval_accuracy", "entropy", "zero_std_frac", "completion_tokens", "grad_norm")
 
 
+def timeless(row: dict) -> dict:
+    """A step row without its wall-clock fields (``time_*``, ``elapsed``, ``norm/diag_seconds``):
+    what two runs making the same steps log alike."""
+    return {k: v for k, v in row.items() if not k.startswith("time_") and k not in ("elapsed", "norm/diag_seconds")}
+
+
 def read_rows(run: Path) -> list[dict]:
-    """The step rows of ``run/metrics.jsonl``; a bad line is reported with its number."""
-    path = Path(run) / "metrics.jsonl"
+    """The step rows of ``run/metrics.jsonl`` (or of ``run`` itself when it is a file); a bad
+    line is reported with its number."""
+    path = Path(run) if Path(run).is_file() else Path(run) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"plot: {run} has no metrics.jsonl")
     rows = []
