@@ -22,7 +22,7 @@ def _cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg)
     code = 0
-    if summary.get("stopped_by") in signal.Signals.__members__:  # (stopped by SIGTERM / SIGINT, checkpointed)
+    if "stopped_by" in summary:  # (a signal's name: stopped by SIGTERM / SIGINT, checkpointed)
         code = 128 + signal.Signals[summary["stopped_by"]].value
     if launched_rank() != 0:  # (under torchrun process 0 prints the summary)
         return code
