@@ -85,17 +85,20 @@ def test_a_run_stopped_after_its_steps_and_resumed_makes_the_same_steps(tmp_path
     assert whole_summary["checkpoints"]["written"] == 2 and whole_summary["steps"] == 4
     first = _run(tmp_path, "run", variant, "optim.steps=2", "log.checkpoint_every=2")
     assert first["steps"] == 2 and "stopped_by" not in first
-    second = _run(tmp_path, "run", variant, "log.resume=must", "log.checkpoint_every=2")
     run = tmp_path / "run"
+    run_id = checkpoint.read_meta(run / "checkpoint")["run_id"]
+    second = _run(tmp_path, "run", variant, "log.resume=must", "log.checkpoint_every=2")
+    assert checkpoint.read_meta(run / "checkpoint")["run_id"] == run_id != checkpoint.read_meta(whole / "checkpoint")["run_id"]
     assert second["resumed_from_step"] == 2 and second["steps"] == 4
     assert _rows(run) == _rows(whole)  # steps 1-2 kept from the first session, 3-4 made again exactly
     assert [r["step"] for r in _rows(run)] == [1, 2, 3, 4]
     for key in ("eval_before", "eval_warm"):  # measured once, before the first step, and carried over
         assert _timeless(second.get(key)) == _timeless(whole_summary.get(key))
     assert _timeless(second["eval_after"]) == _timeless(whole_summary["eval_after"])
-    for name in ("model.pt", "optimizer.pt"):
+    with_reference = "algo.beta=0.05" in VARIANTS[variant][1]
+    for name in ("model.pt", "optimizer.pt") + (("reference.pt",) if with_reference else ()):
         _same_tensors(torch.load(run / "checkpoint" / name), torch.load(whole / "checkpoint" / name))
-    assert (run / "checkpoint" / "reference.pt").exists() == ("algo.beta=0.05" in VARIANTS[variant][1])
+    assert (run / "checkpoint" / "reference.pt").exists() == with_reference
     assert [json.loads(x)["step"] for x in (run / "samples.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
@@ -179,6 +182,27 @@ def test_save_best_keeps_the_weights_of_the_best_evaluation_across_a_resume(tmp_
     _run(tmp_path, "one", "LoRA", "optim.steps=1", "log.checkpoint_every=1")  # the weights after step 1
     _same_tensors(torch.load(tmp_path / "run" / "best" / "model.pt"), torch.load(tmp_path / "one" / "checkpoint" / "model.pt"))
     assert checkpoint.load_policy(tmp_path / "run" / "best", "cpu", "float32") is not None  # (eval --model / export read it)
+
+
+def test_a_checkpoint_links_its_own_runs_frozen_reference_and_writes_over_another_runs(tmp_path):
+    ref = torch.nn.Linear(3, 2)
+    weights = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    stale = {n: torch.zeros_like(p) for n, p in weights.items()}
+    previous = tmp_path / "checkpoint"
+    previous.mkdir()
+    torch.save(stale, previous / "reference.pt")  # (what that run's reference was)
+    (previous / "meta.json").write_text(json.dumps({"step": 2, "run_id": "run-a"}))
+    for run_id, linked in [("run-a", True), ("run-b", False), ("", False)]:
+        tmp = tmp_path / f"tmp-{run_id or 'none'}"
+        tmp.mkdir()
+        assert checkpoint.save_reference(ref, previous, tmp, run_id) is linked
+        same_file = os.stat(tmp / "reference.pt").st_ino == os.stat(previous / "reference.pt").st_ino
+        assert same_file is linked
+        _same_tensors(torch.load(tmp / "reference.pt"), stale if linked else weights)
+    (previous / "meta.json").unlink()  # (an incomplete checkpoint is no one's)
+    tmp = tmp_path / "tmp-incomplete"
+    tmp.mkdir()
+    assert checkpoint.save_reference(ref, previous, tmp, "run-a") is False
 
 
 def test_find_takes_the_newest_complete_checkpoint(tmp_path):

@@ -11,9 +11,11 @@ as one that was never stopped (``tests/test_checkpoint.py``).
 The directory holds ``model.pt`` (the trainable parameters by name), ``reference.pt`` (the KL
 reference's, when ``algo.beta > 0`` without LoRA), ``optimizer.pt`` (optimizer and schedule),
 ``trainer.pt`` (sampler, summary so far, counters), ``rng-<rank>.pt`` per process and, written
-last, ``meta.json`` (step, processes, config), whose presence marks a complete checkpoint. A new
-checkpoint is written beside the old one (``checkpoint.tmp``) and swapped in by renames, so a
-crash while writing leaves the previous one whole. Under ``torchrun`` the run directory must be
+last, ``meta.json`` (step, processes, run id, config), whose presence marks a complete checkpoint.
+A new checkpoint is written beside the old one (``checkpoint.tmp``) and swapped in by renames, so
+a crash while writing leaves the previous one whole. The reference is frozen for a run, so a
+checkpoint whose predecessor has the same run id (:attr:`TrainerState.run_id`, kept through
+resumes) hard-links its ``reference.pt`` instead of writing the weights again. Under ``torchrun`` the run directory must be
 on a file system every process sees.
 
 A checkpoint is also a model (:func:`load_policy`: ``eval --model``, ``model.name``, ``export``),
@@ -24,9 +26,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +62,13 @@ class TrainerState:
     """Seconds of GRPO steps so far, over every session of the run."""
     best: dict = field(default_factory=dict)
     """``{"step", "accuracy"}`` of the weights in ``<run>/best`` (``log.save_best``)."""
+    run_id: str = ""
+    """Names the run (a fresh run draws one, a resumed run keeps its checkpoint's): the reference
+    in a checkpoint with the same run id is this run's frozen reference."""
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex
 
 
 def trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -145,13 +156,13 @@ def save(run: Path, state: TrainerState, model, optimizer, scheduler, ref_model,
     if dist.main:
         torch.save({n: p.detach().cpu() for n, p in trainable(model).items()}, tmp / "model.pt")
         if ref_model is not None:
-            torch.save({n: p.detach().cpu() for n, p in ref_model.named_parameters()}, tmp / "reference.pt")
+            save_reference(ref_model, run / DIR, tmp, state.run_id)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         torch.save(vars(state), tmp / "trainer.pt")
     dist.barrier()  # (every process's generators are on disk before the checkpoint is marked complete)
     if dist.main:
-        (tmp / "meta.json").write_text(json.dumps({"step": state.step, "processes": dist.world, "saved_at": time.time(),
-                                                   "config": cfg.to_dict()}, indent=1))
+        (tmp / "meta.json").write_text(json.dumps({"step": state.step, "processes": dist.world, "run_id": state.run_id,
+                                                   "saved_at": time.time(), "config": cfg.to_dict()}, indent=1))
         final, old = run / DIR, run / OLD
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
@@ -160,6 +171,24 @@ def save(run: Path, state: TrainerState, model, optimizer, scheduler, ref_model,
         shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return time.time() - t0
+
+
+def save_reference(ref_model, previous: Path, tmp: Path, run_id: str) -> bool:
+    """``tmp/reference.pt``: a hard link to ``previous``'s when that checkpoint is this run's
+    (same ``run_id``: the reference is frozen for a run), else the weights written anew. Returns
+    whether it linked. A checkpoint of another run in the same directory, or a file system
+    without hard links, gets the weights written."""
+    target = tmp / "reference.pt"
+    old = previous / "reference.pt"
+    meta = previous / "meta.json"
+    if run_id and old.is_file() and meta.is_file() and json.loads(meta.read_text()).get("run_id") == run_id:
+        try:
+            os.link(old, target)
+            return True
+        except OSError:
+            pass
+    torch.save({n: p.detach().cpu() for n, p in ref_model.named_parameters()}, target)
+    return False
 
 
 def load(path: Path, model, optimizer, scheduler, ref_model, device: torch.device, dist: Dist = Dist()) -> tuple[TrainerState, bool]:

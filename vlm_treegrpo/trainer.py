@@ -461,9 +461,10 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
         ref_policy.model = copy.deepcopy(policy.model).eval().requires_grad_(False)
     ref_model = ref_policy.model if ref_policy is not None else None
     metrics_path, samples_path = run / "metrics.jsonl", run / "samples.jsonl"
-    state = checkpoint.TrainerState(step=0, sampler={}, summary=dict(summary))
+    state = checkpoint.TrainerState(step=0, sampler={}, summary=dict(summary), run_id=checkpoint.new_run_id())
     if resume_from is not None:
         state, rng_restored = checkpoint.load(resume_from, model, optimizer, scheduler, ref_model, device, dist)
+        state.run_id = state.run_id or checkpoint.new_run_id()  # (a checkpoint from before run ids)
         best.update(state.best)
         sampler.load_state_dict(state.sampler)
         summary.update({k: v for k, v in state.summary.items() if k not in summary})  # (eval_before, the warm start's)
@@ -529,7 +530,7 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
             over_budget, signalled = dist.max([over_budget, stop.signal or 0])  # (all stop together, on any process's signal)
             if signalled or (every and (step % every == 0 or step == cfg.optim.steps or over_budget)):
                 state = checkpoint.TrainerState(step, sampler.state_dict(), pre_loop, failures_total, last_diag,
-                                                seconds_before + time.time() - t_train, dict(best))
+                                                seconds_before + time.time() - t_train, dict(best), state.run_id)
                 saves["seconds"] += checkpoint.save(run, state, model, optimizer, scheduler, ref_model, cfg, device, dist)
                 saves["written"] += 1
             if signalled:
