@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vlm_treegrpo.config import ConfigError, load_config
-from vlm_treegrpo.optim import adamw, lr_schedule, warmup_constant
+from vlm_treegrpo.optim import adamw, clipped_step, lr_schedule, warmup_constant
 
 
 def _params(seed=0):
@@ -76,3 +76,31 @@ def test_the_trainer_logs_the_rate_each_step_used(tmp_path):
     train(cfg, quiet=True)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in rows] == pytest.approx([0.3, 0.2, 0.1], abs=1e-15)
+
+
+def test_clipped_step_clips_and_steps_on_a_finite_gradient_and_makes_no_step_on_a_non_finite_one():
+    ours, ref = _params(), _params()
+    opt, ref_opt = adamw(ours, 1e-2), adamw(ref, 1e-2)
+    for a, b in zip(ours, ref):
+        a.grad = torch.full_like(a, 2.0)
+        b.grad = a.grad.clone()
+    norm, stepped = clipped_step(opt, ours, 1.0)
+    assert stepped and norm == pytest.approx(2.0 * math.sqrt(15 + 7))
+    expected = float(torch.nn.utils.clip_grad_norm_(ref, 1.0))
+    ref_opt.step()
+    assert norm == expected
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b)
+    before = [p.detach().clone() for p in ours]
+    moments = {k: v.clone() for k, v in opt.state[ours[0]].items()}
+    for bad in (float("nan"), float("inf")):
+        for p in ours:
+            p.grad = torch.ones_like(p)
+        ours[1].grad[3] = bad
+        norm, stepped = clipped_step(opt, ours, 1.0)
+        assert not stepped and not math.isfinite(norm)
+        assert all(p.grad is None for p in ours)  # (dropped: the next step starts from zero)
+        for p, b in zip(ours, before):
+            assert torch.equal(p, b)
+        for k, v in opt.state[ours[0]].items():
+            assert torch.equal(v, moments[k]), k

@@ -42,7 +42,8 @@ from vlm_treegrpo.distributed import Dist
 DIR, TMP, OLD = "checkpoint", "checkpoint.tmp", "checkpoint.old"
 BEST = "best"
 
-MAY_CHANGE = ("optim.steps", "optim.time_budget_s", "model.threads", "model.device", "model.gradient_checkpointing", "eval.", "log.")
+MAY_CHANGE = ("optim.steps", "optim.time_budget_s", "optim.max_nonfinite_steps", "model.threads", "model.device",
+              "model.gradient_checkpointing", "eval.", "log.")
 """Config fields a resumed run may set differently from the checkpoint's (a prefix ends with a
 dot); any other difference stops the run with a :class:`~vlm_treegrpo.config.ConfigError` that
 names the field."""
@@ -65,6 +66,8 @@ class TrainerState:
     run_id: str = ""
     """Names the run (a fresh run draws one, a resumed run keeps its checkpoint's): the reference
     in a checkpoint with the same run id is this run's frozen reference."""
+    updates_skipped: int = 0
+    """Optimizer updates skipped so far for a non-finite gradient."""
 
 
 def new_run_id() -> str:

@@ -22,8 +22,9 @@ def _cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg)
     code = 0
-    if "stopped_by" in summary:  # (a signal's name: stopped by SIGTERM / SIGINT, checkpointed)
-        code = 128 + signal.Signals[summary["stopped_by"]].value
+    if "stopped_by" in summary:  # (checkpointed: a signal's name, SIGTERM / SIGINT, or a gradient that stayed non-finite)
+        stopped_by = summary["stopped_by"]
+        code = 128 + signal.Signals[stopped_by].value if stopped_by in signal.Signals.__members__ else 1
     if launched_rank() != 0:  # (under torchrun process 0 prints the summary)
         return code
     keep = {k: v for k, v in summary.items() if not isinstance(v, dict) or k in ("reward_failures", "checkpoints", "best")}

@@ -294,6 +294,10 @@ class OptimConfig:
     towards 0 at ``steps`` (a resumed run that changes ``steps`` stretches the decay)."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 = off)."""
+    max_nonfinite_steps: int = 3
+    """A step whose gradient is not finite (NaN or inf) makes no update (the step's row says
+    ``skipped_updates``); this many such steps in a row stop the run with a checkpoint, the
+    weights being those of the last finite update. 0 = never stop."""
     micro_batch: int = 4
     """Rows per forward/backward (gradient accumulation splits the step): packed prompt trees for
     text models and for the VLM families that pack trees (all but Gemma3), leaves for Gemma3
@@ -317,6 +321,7 @@ class OptimConfig:
         _require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _choice(self.schedule, ("constant", "linear", "cosine"), "optim.schedule")
         _require(self.max_grad_norm >= 0, "optim.max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
+        _require(self.max_nonfinite_steps >= 0, "optim.max_nonfinite_steps", f"must be >= 0, got {self.max_nonfinite_steps}")
         _require(self.micro_batch >= 1, "optim.micro_batch", f"must be >= 1, got {self.micro_batch}")
 
 

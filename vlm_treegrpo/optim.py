@@ -18,6 +18,19 @@ def adamw(params: Iterable[torch.nn.Parameter], lr: float, betas: Sequence[float
         return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
 
 
+def clipped_step(optimizer, params: list[torch.nn.Parameter], max_grad_norm: float) -> tuple[float, bool]:
+    """Clip the gradients of ``params`` to ``max_grad_norm`` (0 = no clipping) and step
+    ``optimizer``; returns the norm before clipping and whether the step was made. A non-finite
+    norm (an inf or a NaN in any gradient: an overflow under bf16, a diverging loss) makes no
+    step: the gradients are dropped, and the weights and the optimizer's moments stay as they were."""
+    norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf")))
+    if not math.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        return norm, False
+    optimizer.step()
+    return norm, True
+
+
 SCHEDULES = ("constant", "linear", "cosine")
 
 

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from vlm_treegrpo.data.types import Example
 from vlm_treegrpo.distributed import Dist
-from vlm_treegrpo.optim import adamw
+from vlm_treegrpo.optim import adamw, clipped_step
 from vlm_treegrpo.policy import Policy, TrainBatch
 from vlm_treegrpo.rollout.tree import Tree
 
@@ -89,9 +89,8 @@ def sft_step(policy: Policy, batch: TrainBatch, optimizer, micro_batch: int, max
         nll += loss.item()
     params = [p for p in model.parameters() if p.requires_grad]
     dist.sum_grads(params)
-    gn = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
-    optimizer.step()
-    return {"nll": dist.sum([nll])[0], "grad_norm": float(gn)}
+    norm, _ = clipped_step(optimizer, params, max_grad_norm)  # (a non-finite gradient makes no step)
+    return {"nll": dist.sum([nll])[0], "grad_norm": norm}
 
 
 def warm_start(

@@ -50,7 +50,7 @@ from vlm_treegrpo.data.sources import Task, task_from_config
 from vlm_treegrpo.distributed import Dist, from_env, pool_metrics
 from vlm_treegrpo.evaluate import evaluate_held_out
 from vlm_treegrpo.interrupt import StopRequests
-from vlm_treegrpo.optim import adamw, lr_schedule
+from vlm_treegrpo.optim import adamw, clipped_step, lr_schedule
 from vlm_treegrpo.policy import Policy, TextPolicy, TrainBatch, make_policy
 from vlm_treegrpo.rewards import RewardSet
 from vlm_treegrpo.rollout.attention import enable_activation_checkpointing
@@ -222,6 +222,10 @@ def rollout_step(policy: Policy, examples, prompts, reward_set: RewardSet, cfg: 
     return StepData(trees, rewards, thought_adv, answer_adv, packed, metrics)
 
 
+NONFINITE = "nonfinite_gradients"
+"""``stopped_by`` of a run stopped by ``optim.max_nonfinite_steps``."""
+
+
 def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
@@ -298,6 +302,7 @@ def update_step(policy: Policy, ref_policy: Policy | None, optimizer, scheduler,
 
     stats: dict[str, float] = {}
     entropy: list[tuple[float, float]] = []
+    skipped = 0
     for u in range(a.updates_per_batch):
         optimizer.zero_grad(set_to_none=True)
         sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0}
@@ -327,14 +332,15 @@ def update_step(policy: Policy, ref_policy: Policy | None, optimizer, scheduler,
             sums["ratio_mean"] += m["ratio_mean"] * share
         params = [p for p in model.parameters() if p.requires_grad]
         dist.sum_grads(params)
-        gn = torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm if o.max_grad_norm > 0 else float("inf"))
-        optimizer.step()
+        gn, stepped = clipped_step(optimizer, params, o.max_grad_norm)  # (the same on every process: summed gradients)
+        skipped += not stepped
         *pooled, trees, ent_sum, ent_weight = dist.sum([*sums.values(), N, sum(e for e, _ in entropy), sum(w for _, w in entropy)])
-        stats = dict(zip(sums, pooled), grad_norm=float(gn), trees_updated=int(trees))
+        stats = dict(zip(sums, pooled), grad_norm=gn, trees_updated=int(trees), skipped_updates=skipped)
         # the policy's entropy at the updated tokens, before this step's update (None: nothing updated)
         stats["entropy"] = ent_sum / ent_weight if ent_weight else None
     stats["lr"] = optimizer.param_groups[0]["lr"]  # (the rate this step used)
-    scheduler.step()
+    if skipped < a.updates_per_batch:  # (the schedule counts the updates made, as transformers' Trainer does)
+        scheduler.step()
     stats["time_update"] = time.time() - t0
     return stats
 
@@ -487,6 +493,7 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
     last_diag: dict = dict(state.last_diag)
     t_train, seconds_before = time.time(), state.train_seconds
     steps_run, stopped_by, saves = state.step, None, {"written": 0, "seconds": 0.0}
+    updates_skipped, nonfinite_in_a_row = state.updates_skipped, 0
     every = cfg.log.checkpoint_every
     last = cfg.optim.steps
     if cfg.optim.time_budget_s and seconds_before >= cfg.optim.time_budget_s:
@@ -500,6 +507,9 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
                 diag = gradient_diagnostics(policy, data, cfg, device)
                 last_diag.update(diag)
             stats = update_step(policy, ref_policy, optimizer, scheduler, data, cfg, device, dist)
+            updates_skipped += stats["skipped_updates"]
+            nonfinite_in_a_row = nonfinite_in_a_row + 1 if stats["skipped_updates"] == cfg.algo.updates_per_batch else 0
+            diverged = bool(cfg.optim.max_nonfinite_steps) and nonfinite_in_a_row >= cfg.optim.max_nonfinite_steps
             metrics = pool_metrics(dist.gather(data.metrics)) if dist.active else data.metrics
             row = {"step": step, **metrics, **diag, **stats, "elapsed": round(time.time() - t_start, 2)}
             for k, v in row.items():
@@ -528,9 +538,9 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
             steps_run = step
             over_budget = bool(cfg.optim.time_budget_s) and seconds_before + time.time() - t_train >= cfg.optim.time_budget_s
             over_budget, signalled = dist.max([over_budget, stop.signal or 0])  # (all stop together, on any process's signal)
-            if signalled or (every and (step % every == 0 or step == cfg.optim.steps or over_budget)):
+            if signalled or diverged or (every and (step % every == 0 or step == cfg.optim.steps or over_budget)):
                 state = checkpoint.TrainerState(step, sampler.state_dict(), pre_loop, failures_total, last_diag,
-                                                seconds_before + time.time() - t_train, dict(best), state.run_id)
+                                                seconds_before + time.time() - t_train, dict(best), state.run_id, updates_skipped)
                 saves["seconds"] += checkpoint.save(run, state, model, optimizer, scheduler, ref_model, cfg, device, dist)
                 saves["written"] += 1
             if signalled:
@@ -538,6 +548,13 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
                 if dist.main and not quiet:
                     print(f"{stopped_by}: stopped after step {step}, checkpoint in {run / checkpoint.DIR} "
                           "(the same command with log.resume=auto goes on)", file=sys.stderr, flush=True)
+                break
+            if diverged:
+                stopped_by = NONFINITE
+                if dist.main and not quiet:
+                    print(f"step {step}: the gradient was not finite (NaN or inf) in {nonfinite_in_a_row} steps in a row, so the weights "
+                          f"are those after step {step - nonfinite_in_a_row}; stopped, checkpoint in {run / checkpoint.DIR}. A lower "
+                          "optim.lr, optim.max_grad_norm or model.autocast=none may help", file=sys.stderr, flush=True)
                 break
             if over_budget:
                 break
@@ -557,6 +574,7 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
         train_seconds=round(train_seconds, 2),
         wall_seconds=round(time.time() - t_start, 2),
         reward_failures=failures_total,
+        updates_skipped=updates_skipped,
     )
     if saves["written"]:
         summary["checkpoints"] = {"written": saves["written"], "seconds": round(saves["seconds"], 2), "path": str(run / checkpoint.DIR)}
