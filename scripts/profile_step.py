@@ -7,7 +7,10 @@ For the flat (G x 1) and the tree (K x M) shape of a bench workload (text or vlm
   cost of launching kernels, and any wait for the device, shows up there);
 * the packed log-prob forward + backward (the update's core) through the per-segment attention
   and through the dense tree mask, whichever the device uses by default;
-* the step with each torch thread count of ``--threads``.
+* the step with each torch thread count of ``--threads``;
+* what one rollout dispatches: the model's forwards, the aten ops, those that compute (not views:
+  on a GPU about one kernel launch each, so while decoding is launch-bound its time goes with
+  their count, whatever the batch size) and the host syncs (``.item()`` and the like).
 
 ``--model`` is a built-in name, a model directory, or a directory with only a config and a
 tokenizer (SmolLM2's, say), which gets random weights: the same shapes and so the same cost
@@ -109,6 +112,58 @@ class Step:
         return time.perf_counter() - t0
 
 
+class OpCount:
+    """Counts the aten ops dispatched inside ``with OpCount() as c:`` (``c.ops``, ``c.compute``:
+    all but views, ``c.syncs``: reads of a tensor's value by the host, ``c.kinds``: compute ops by
+    name)."""
+
+    VIEWS = ("aten._unsafe_view",)  # (a view that its schema does not mark as one)
+    SYNCS = ("aten._local_scalar_dense",)
+
+    def __enter__(self):
+        from collections import Counter
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = str(func.overloadpacket)
+                counter.ops += 1
+                if name in counter.SYNCS:
+                    counter.syncs += 1
+                elif not func.is_view and name not in counter.VIEWS:
+                    counter.kinds[name] += 1
+                return func(*args, **(kwargs or {}))
+
+        self.ops, self.syncs, self.kinds = 0, 0, Counter()
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+
+    @property
+    def compute(self) -> int:
+        return sum(self.kinds.values())
+
+
+def count_dispatch(step: "Step", cfg) -> dict:
+    """What one rollout of ``cfg``'s shape dispatches (:class:`OpCount`), and its model forwards."""
+    forwards = []
+    hook = step.policy.model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        with OpCount() as c:
+            step.rollout(cfg)
+    finally:
+        hook.remove()
+    n = max(len(forwards), 1)
+    return {"forwards": len(forwards), "ops": c.ops, "compute_ops": c.compute, "syncs": c.syncs,
+            "compute_ops_per_forward": round(c.compute / n, 1), "top_compute_ops": c.kinds.most_common(8)}
+
+
 def _median(xs: list[float]) -> float:
     return round(statistics.median(xs), 4)
 
@@ -140,6 +195,7 @@ def profile_shape(step: Step, K: int, M: int, steps: int, threads: list[int], to
     data, res["profiled_rollout_s"] = step.rollout(cfg)
     prof.disable()
     res["rollout_top_calls"] = top_calls(prof, top)
+    res["dispatch"] = count_dispatch(step, cfg)
 
     batch = data.packed.to(step.device)
     saved = attention.PLAN_DEVICES
@@ -200,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {res['shape']}: rollout {res['rollout_s']} s {res['rollout_runs']}, update {res['update_s']} s {res['update_runs']}")
         print(f"-- cProfile of one rollout ({res['profiled_rollout_s']:.2f} s under the profiler)")
         print("\n".join(res["rollout_top_calls"]))
+        d = res["dispatch"]
+        print(f"dispatch of one rollout: {d['forwards']} model forwards, {d['ops']} aten ops, {d['compute_ops']} of them compute "
+              f"({d['compute_ops_per_forward']} per forward), {d['syncs']} host syncs; most: {d['top_compute_ops'][:5]}")
         print(f"packed log-prob forward+backward: per segment {res['logp_backward_per_segment_s']} s, "
               f"dense mask {res['logp_backward_dense_mask_s']} s")
         for n in threads:

@@ -55,6 +55,10 @@ def test_profile_step_quick(tmp_path, workload, model):
         assert s["rollout_s"] > 0 and s["update_s"] > 0 and len(s["rollout_top_calls"]) == 5
         assert s["logp_backward_per_segment_s"] > 0 and s["logp_backward_dense_mask_s"] > 0
         assert s["threads_1"]["rollout_s"] > 0
+        d = s["dispatch"]
+        assert d["forwards"] >= 2 and 0 < d["compute_ops"] < d["ops"] and d["syncs"] > 0
+        assert d["compute_ops_per_forward"] == round(d["compute_ops"] / d["forwards"], 1)
+        assert sum(n for _, n in d["top_compute_ops"]) <= d["compute_ops"]
 
 
 def test_profile_step_gives_a_config_only_directory_random_weights(tmp_path):
