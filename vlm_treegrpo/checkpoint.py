@@ -15,8 +15,8 @@ last, ``meta.json`` (step, processes, run id, config), whose presence marks a co
 A new checkpoint is written beside the old one (``checkpoint.tmp``) and swapped in by renames, so
 a crash while writing leaves the previous one whole. The reference is frozen for a run, so a
 checkpoint whose predecessor has the same run id (:attr:`TrainerState.run_id`, kept through
-resumes) hard-links its ``reference.pt`` instead of writing the weights again. Under ``torchrun`` the run directory must be
-on a file system every process sees.
+resumes) hard-links its ``reference.pt`` instead of writing the weights again. Under
+``torchrun`` the run directory must be on a file system every process sees.
 
 A checkpoint is also a model (:func:`load_policy`: ``eval --model``, ``model.name``, ``export``),
 as is ``<run>/best``, the weights of the best evaluation so far (``log.save_best``,
