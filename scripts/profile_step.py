@@ -10,7 +10,8 @@ For the flat (G x 1) and the tree (K x M) shape of a bench workload (text or vlm
 * the step with each torch thread count of ``--threads``;
 * what one rollout dispatches: the model's forwards, the aten ops, those that compute (not views:
   on a GPU about one kernel launch each, so while decoding is launch-bound its time goes with
-  their count, whatever the batch size) and the host syncs (``.item()`` and the like).
+  their count, whatever the batch size) and the host syncs (``.item()`` and the like); and
+  what one update dispatches, through each attention path.
 
 ``--model`` is a built-in name, a model directory, or a directory with only a config and a
 tokenizer (SmolLM2's, say), which gets random weights: the same shapes and so the same cost
@@ -150,13 +151,14 @@ class OpCount:
         return sum(self.kinds.values())
 
 
-def count_dispatch(step: "Step", cfg) -> dict:
-    """What one rollout of ``cfg``'s shape dispatches (:class:`OpCount`), and its model forwards."""
+def count_dispatch(step: "Step", cfg, data=None) -> dict:
+    """What one rollout of ``cfg``'s shape dispatches (:class:`OpCount`), and its model forwards;
+    with ``data``, what the update of that rollout batch dispatches."""
     forwards = []
     hook = step.policy.model.register_forward_pre_hook(lambda *_: forwards.append(1))
     try:
         with OpCount() as c:
-            step.rollout(cfg)
+            step.rollout(cfg) if data is None else step.update(cfg, data)
     finally:
         hook.remove()
     n = max(len(forwards), 1)
@@ -204,6 +206,7 @@ def profile_shape(step: Step, K: int, M: int, steps: int, threads: list[int], to
         try:
             step.logp_backward(cfg, batch)  # warm-up of this path
             res[f"logp_backward_{name}_s"] = _median([step.logp_backward(cfg, batch) for _ in range(steps)])
+            res[f"dispatch_update_{name}"] = count_dispatch(step, cfg, data)
         finally:
             attention.PLAN_DEVICES = saved
 
@@ -259,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         d = res["dispatch"]
         print(f"dispatch of one rollout: {d['forwards']} model forwards, {d['ops']} aten ops, {d['compute_ops']} of them compute "
               f"({d['compute_ops_per_forward']} per forward), {d['syncs']} host syncs; most: {d['top_compute_ops'][:5]}")
+        for name in ("per_segment", "dense_mask"):
+            u = res[f"dispatch_update_{name}"]
+            print(f"dispatch of one update ({name.replace('_', ' ')}): {u['forwards']} model forwards, {u['compute_ops']} compute ops, "
+                  f"{u['syncs']} host syncs")
         print(f"packed log-prob forward+backward: per segment {res['logp_backward_per_segment_s']} s, "
               f"dense mask {res['logp_backward_dense_mask_s']} s")
         for n in threads:

@@ -59,6 +59,8 @@ def test_profile_step_quick(tmp_path, workload, model):
         assert d["forwards"] >= 2 and 0 < d["compute_ops"] < d["ops"] and d["syncs"] > 0
         assert d["compute_ops_per_forward"] == round(d["compute_ops"] / d["forwards"], 1)
         assert sum(n for _, n in d["top_compute_ops"]) <= d["compute_ops"]
+        for name in ("per_segment", "dense_mask"):
+            assert s[f"dispatch_update_{name}"]["forwards"] >= 1 and s[f"dispatch_update_{name}"]["compute_ops"] > 0
 
 
 def test_profile_step_gives_a_config_only_directory_random_weights(tmp_path):
