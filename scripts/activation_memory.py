@@ -53,7 +53,7 @@ def worker(config: str | None, overrides: list[str], updates: int) -> dict:
     policy = build_policy(cfg.model, device, cfg.model.training_dtype(device.type), cfg.model.attn_implementation)
     task = task_from_config(cfg.data)
     prompts = [policy.encode(ex, task.instruction) for ex in task.train]
-    rewards = RewardSet.from_config(cfg.algo.rewards)
+    rewards = RewardSet.from_config(cfg.algo.rewards, cfg.algo.reward_timeout_s)
     params = [p for p in policy.model.parameters() if p.requires_grad]
     optimizer = adamw(params, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
     scheduler = warmup_constant(optimizer, cfg.optim.warmup_steps)

@@ -67,7 +67,7 @@ class Step:
         self.policy = make_policy(model, self.device, cfg.model.dtype, cfg.model.attn_implementation)
         self.examples, instruction = bench_task(BenchSpec(K=G, M=1, **self.spec))
         self.prompts = [self.policy.encode(ex, instruction) for ex in self.examples]
-        self.rewards = RewardSet.from_config(cfg.algo.rewards)
+        self.rewards = RewardSet.from_config(cfg.algo.rewards, cfg.algo.reward_timeout_s)
         params = [p for p in self.policy.model.parameters() if p.requires_grad]
         self.optimizer = adamw(params, 1e-12, cfg.optim.betas, 0.0)
         self.scheduler = warmup_constant(self.optimizer, 0)

@@ -77,7 +77,7 @@ def sample_big_trees(cfg, n_prompts: int, K_max: int, M_max: int):
                               SamplingParams.of(r), r.branch_delimiters)
     t_gen = time.time() - t0
     texts = leaf_texts(policy, trees, K_max, M_max)
-    scored = RewardSet.from_config(cfg.algo.rewards)(texts, [ex for ex in examples for _ in range(K_max * M_max)])
+    scored = RewardSet.from_config(cfg.algo.rewards, cfg.algo.reward_timeout_s)(texts, [ex for ex in examples for _ in range(K_max * M_max)])
     rewards = scored.total.view(n_prompts, K_max, M_max)
     info = {"seconds_generate": t_gen, "reward_mean": float(rewards.mean()),
             "thoughts_finished_frac": sum(sum(t.thought_done) for t in trees) / (n_prompts * K_max),

@@ -174,7 +174,7 @@ def advise(cfg: TrainConfig, prompts: int = 0) -> dict:
     with autocast_ctx(device, cfg.model.autocast):
         trees = policy.sample(encoded, r.K, r.M, r.thought_max_tokens, r.answer_max_tokens, sampling, r.branch_delimiters)
     texts = leaf_texts(policy, trees, r.K, r.M)
-    scored = RewardSet.from_config(cfg.algo.rewards)(texts, [ex for ex in examples for _ in range(r.G)])
+    scored = RewardSet.from_config(cfg.algo.rewards, cfg.algo.reward_timeout_s)(texts, [ex for ex in examples for _ in range(r.G)])
     rewards = scored.total.view(N, r.K, r.M)
     with autocast_ctx(device, cfg.model.autocast):
         phi_th, phi_leaf = leaf_features(policy, trees, r.K, r.M, r.temperature)

@@ -51,7 +51,7 @@ def run_ours(spec: BenchSpec) -> dict:
     policy = make_policy(spec.model_dir, device, cfg.model.dtype, cfg.model.attn_implementation)
     examples, instruction = bench_task(spec)
     prompts = [policy.encode(ex, instruction) for ex in examples]
-    reward_set = RewardSet.from_config(cfg.algo.rewards)
+    reward_set = RewardSet.from_config(cfg.algo.rewards, cfg.algo.reward_timeout_s)
     params = [p for p in policy.model.parameters() if p.requires_grad]
     optimizer = adamw(params, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
     scheduler = warmup_constant(optimizer, cfg.optim.warmup_steps)

@@ -229,7 +229,7 @@ def race_trl(cfg, model_dir: str, out_dir: str, budget_s: float, max_steps: int 
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": user_message(ex, task.instruction)}], "answer": ex.answer}
                                  for ex in task.train])
     G = cfg.rollout.K * cfg.rollout.M
-    rewards = RewardSet.from_config(cfg.algo.rewards)
+    rewards = RewardSet.from_config(cfg.algo.rewards, cfg.algo.reward_timeout_s)
     calls: list[dict] = []
     funcs = [reward_for_trl(name, calls if i == 0 else [], G) for i, (name, _, _) in enumerate(rewards.fns)]
 

@@ -42,8 +42,8 @@ from vlm_treegrpo.distributed import Dist
 DIR, TMP, OLD = "checkpoint", "checkpoint.tmp", "checkpoint.old"
 BEST = "best"
 
-MAY_CHANGE = ("optim.steps", "optim.time_budget_s", "optim.max_nonfinite_steps", "model.threads", "model.device",
-              "model.gradient_checkpointing", "eval.", "log.")
+MAY_CHANGE = ("optim.steps", "optim.time_budget_s", "optim.max_nonfinite_steps", "algo.reward_timeout_s", "model.threads",
+              "model.device", "model.gradient_checkpointing", "eval.", "log.")
 """Config fields a resumed run may set differently from the checkpoint's (a prefix ends with a
 dot); any other difference stops the run with a :class:`~vlm_treegrpo.config.ConfigError` that
 names the field."""

@@ -212,6 +212,9 @@ class AlgoConfig:
 
     rewards: list[Any] = field(default_factory=lambda: ["correctness"])
     """Reward functions: 'correctness', 'format', 'pkg.module:fn', or {name, weight} mappings."""
+    reward_timeout_s: float = 60.0
+    """The time one reward call may take; a call past it is stopped and counted as a failure
+    (reward 0.0, ``reward_failures/<fn>``), so a hanging reward cannot stall the run. 0 = none."""
     loss: str = "grpo"
     """grpo (PPO-clipped ratio) or rgra (REINFORCE with group-relative advantages, no ratio/clip)."""
     scale: str = "std"
@@ -253,6 +256,7 @@ class AlgoConfig:
 
     def __post_init__(self) -> None:
         _require(isinstance(self.rewards, list) and len(self.rewards) > 0, "algo.rewards", "must be a non-empty list")
+        _require(self.reward_timeout_s >= 0, "algo.reward_timeout_s", f"must be >= 0, got {self.reward_timeout_s}")
         _choice(self.credit, CREDITS, "algo.credit")
         _choice(self.rredcot_segmenter, SEGMENTERS, "algo.rredcot_segmenter")
         _choice(self.rredcot_values, VALUE_ESTIMATORS, "algo.rredcot_values")

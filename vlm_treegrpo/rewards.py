@@ -3,7 +3,9 @@
 A reward function has the signature ``fn(completion: str, example: Example) -> float``.
 :class:`RewardSet` calls several of them on a batch, weights and sums the results,
 and turns any exception or non-finite / non-number return value into a 0.0 reward
-that is counted in :attr:`RewardOutput.failures` (a buggy user reward never kills a run).
+that is counted in :attr:`RewardOutput.failures` (a buggy user reward never kills a run). A call
+that runs past the set's time limit (``algo.reward_timeout_s``, :mod:`vlm_treegrpo.deadline`) is
+stopped and counted the same way (a hanging reward never stalls one).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch
 
 from vlm_treegrpo.data.loaders import last_boxed
 from vlm_treegrpo.data.types import Example
+from vlm_treegrpo.deadline import CallTimeout, Deadlines
 
 __all__ = [
     "BUILTIN_REWARDS",
@@ -198,8 +201,10 @@ def _as_float(value: Any) -> float | None:
 class RewardSet:
     """A weighted sum of named reward functions, robust to failing functions."""
 
-    def __init__(self, fns: Sequence[tuple[str, RewardFn, float]]) -> None:
-        """``fns``: ``(name, fn, weight)`` triples with unique names and finite weights."""
+    def __init__(self, fns: Sequence[tuple[str, RewardFn, float]], timeout_s: float = 0.0) -> None:
+        """``fns``: ``(name, fn, weight)`` triples with unique names and finite weights;
+        ``timeout_s``: the time limit of one call (0 = none)."""
+        self.timeout_s = timeout_s
         if not fns:
             raise ValueError("RewardSet needs at least one reward function")
         self.fns: list[tuple[str, RewardFn, float]] = []
@@ -221,7 +226,7 @@ class RewardSet:
         return [name for name, _, _ in self.fns]
 
     @classmethod
-    def from_config(cls, specs: Sequence[str | dict]) -> RewardSet:
+    def from_config(cls, specs: Sequence[str | dict], timeout_s: float = 0.0) -> RewardSet:
         """Build from config entries: ``"correctness"`` (weight 1.0) or
         ``{"name": "pkg.mod:fn", "weight": 0.5}``; the name is also the reward's key."""
         if isinstance(specs, (str, dict)):
@@ -240,7 +245,7 @@ class RewardSet:
             else:
                 raise ValueError(f"reward entry must be a string or dict, got {spec!r}")
             fns.append((name, resolve_reward(name), weight))
-        return cls(fns)
+        return cls(fns, timeout_s)
 
     def __call__(self, completions: Sequence[str], examples: Sequence[Example]) -> RewardOutput:
         """Score each ``(completion, example)`` pair with every reward function."""
@@ -253,31 +258,33 @@ class RewardSet:
         per_fn: dict[str, torch.Tensor] = {}
         failures: dict[str, int] = {}
         errors: list[str] = []
-        for name, fn, weight in self.fns:
-            values = [0.0] * batch
-            n_fail = 0
-            for i, (completion, example) in enumerate(zip(completions, examples)):
-                try:
-                    raw = fn(completion, example)
-                except Exception as e:  # a user reward must never kill the run
-                    n_fail += 1
-                    if len(errors) < MAX_ERRORS_KEPT:
-                        errors.append(f"reward {name!r} on sample {i}: {type(e).__name__}: {e}")
-                    continue
-                value = _as_float(raw)
-                if value is None:
-                    n_fail += 1
-                    if len(errors) < MAX_ERRORS_KEPT:
-                        errors.append(
-                            f"reward {name!r} on sample {i}: returned {_short_repr(raw)}, "
-                            "not a finite number"
-                        )
-                    continue
-                values[i] = value
-            tensor = torch.tensor(values, dtype=torch.float32)
-            per_fn[name] = tensor
-            failures[name] = n_fail
-            total += weight * tensor
+        with Deadlines(self.timeout_s) as deadlines:
+            for name, fn, weight in self.fns:
+                values = [0.0] * batch
+                n_fail = 0
+                for i, (completion, example) in enumerate(zip(completions, examples)):
+                    try:
+                        with deadlines.limit():
+                            raw = fn(completion, example)
+                    except (Exception, CallTimeout) as e:  # a user reward must never kill (or stall) the run
+                        n_fail += 1
+                        if len(errors) < MAX_ERRORS_KEPT:
+                            errors.append(f"reward {name!r} on sample {i}: {type(e).__name__}: {e}")
+                        continue
+                    value = _as_float(raw)
+                    if value is None:
+                        n_fail += 1
+                        if len(errors) < MAX_ERRORS_KEPT:
+                            errors.append(
+                                f"reward {name!r} on sample {i}: returned {_short_repr(raw)}, "
+                                "not a finite number"
+                            )
+                        continue
+                    values[i] = value
+                tensor = torch.tensor(values, dtype=torch.float32)
+                per_fn[name] = tensor
+                failures[name] = n_fail
+                total += weight * tensor
         return RewardOutput(total=total, per_fn=per_fn, failures=failures, errors=errors)
 
     def __repr__(self) -> str:

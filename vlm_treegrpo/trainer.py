@@ -428,7 +428,7 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
         credit = rredcot_for(policy, cfg.algo, cfg.rollout.temperature)
 
     task = task_from_config(cfg.data)
-    reward_set = RewardSet.from_config(cfg.algo.rewards)
+    reward_set = RewardSet.from_config(cfg.algo.rewards, cfg.algo.reward_timeout_s)
     train_prompts = [policy.encode(ex, task.instruction) for ex in task.train]
     test_prompts = [policy.encode(ex, task.instruction) for ex in task.test]
 
