@@ -10,7 +10,8 @@ import torch
 
 from vlm_treegrpo.data.arithmetic import make_arithmetic
 from vlm_treegrpo.data.types import Example
-from vlm_treegrpo.evaluate import evaluate, pass_at_k, pass_ks, pass_rates, rates, sample_tally, tally
+from vlm_treegrpo.evaluate import (evaluate, majority_correct, pass_at_k, pass_ks, pass_rates, rates, sample_tally, tally,
+                                   vote_key)
 from vlm_treegrpo.plots import timeless
 from vlm_treegrpo.policy import make_policy
 from vlm_treegrpo.rollout.tree import SamplingParams, Tree
@@ -93,7 +94,20 @@ def test_sample_tally_sums_each_prompts_pass_at_k():
     assert got["pass@1"] == pytest.approx(0.25 + 1 + 0)
     assert got["pass@2"] == pytest.approx(0.5 + 1 + 0)
     assert got["pass@4"] == pytest.approx(1 + 1 + 0)
-    assert pass_rates(got) == pytest.approx({"pass@1": 1.25 / 3, "pass@2": 1.5 / 3, "pass@4": 2 / 3})
+    assert got["maj@4"] == 1  # prompt 0 votes 9 (wrong), prompt 1 votes 1 (right), prompt 2 votes 7 (wrong)
+    assert pass_rates(got) == pytest.approx({"pass@1": 1.25 / 3, "pass@2": 1.5 / 3, "pass@4": 2 / 3, "maj@4": 1 / 3})
+
+
+def test_the_majority_vote_counts_equal_answers_once_and_breaks_ties_by_first_seen():
+    assert vote_key("so the total is Answer: 1,000.") == vote_key("\\boxed{1000}") == "1000"
+    assert majority_correct(["9", "12", "12", "9"], [False, True, True, False]) is False  # (tie: 9 was first)
+    assert majority_correct(["9", "12", "12"], [False, True, True]) is True
+    assert majority_correct(["", "", "12"], [False, False, True]) is True  # (no answer casts no vote)
+    assert majority_correct(["", ""], [False, False]) is False
+    examples = [Example(prompt="q", answer="1000")]
+    script = {0: ["Answer: 1,000", "Answer: 5", "\\boxed{1000}", "Answer: 5."]}  # 1000 and 5 tie at 2: 1000 came first
+    got = sample_tally(ScriptedSampler(script), examples, [[0]], 8, 4, SamplingParams(), batch_size=8)
+    assert got["maj@4"] == 1 and got["pass@1"] == pytest.approx(0.5)
 
 
 def test_sampled_evaluations_leave_the_training_draws_alone(tmp_path):
@@ -107,8 +121,9 @@ def test_sampled_evaluations_leave_the_training_draws_alone(tmp_path):
                                  "rollout.answer_max_tokens=4"])
         summary = train(cfg, quiet=True)
         lines = (tmp_path / f"s{samples}" / "metrics.jsonl").read_text().splitlines()
-        rows[samples] = [{k: v for k, v in timeless(json.loads(x)).items() if not k.startswith("eval_pass")} for x in lines]
+        rows[samples] = [{k: v for k, v in timeless(json.loads(x)).items() if not k.startswith(("eval_pass", "eval_maj"))}
+                         for x in lines]
         if samples:
-            assert "eval_pass@1" in json.loads(lines[0]) and {"pass@1", "pass@2"} <= set(summary["eval_after"])
+            assert {"eval_pass@1", "eval_maj@2"} <= set(json.loads(lines[0])) and {"pass@1", "pass@2", "maj@2"} <= set(summary["eval_after"])
             assert summary["eval_before"]["pass@2"] >= summary["eval_before"]["pass@1"]
     assert rows[0] == rows[2]  # the sampled evaluations drew from their own generator

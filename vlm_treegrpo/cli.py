@@ -118,7 +118,7 @@ def _cmd_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm-treegrpo", description="Tree-style GRPO for VLMs and LLMs")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, fn, help_ in (("train", _cmd_train, "train a policy"), ("eval", _cmd_eval, "held-out accuracy: greedy, and pass@k with eval.samples=n")):
+    for name, fn, help_ in (("train", _cmd_train, "train a policy"), ("eval", _cmd_eval, "held-out accuracy: greedy, and pass@k and maj@n with eval.samples=n")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--config", help="YAML config file")
         if name == "eval":

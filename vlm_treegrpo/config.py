@@ -371,7 +371,8 @@ class EvalConfig:
     samples: int = 0
     """Besides the greedy accuracy, sample this many completions per test prompt (at the
     rollout's temperature, top-p and top-k; seeded, the same draws at every evaluation) and
-    report the unbiased pass@k for k = 1, 2, 4, ... up to it; 0 = greedy only."""
+    report the unbiased pass@k for k = 1, 2, 4, ... up to it and the majority vote maj@n (the
+    most common final answer of the n is correct); 0 = greedy only."""
 
     def __post_init__(self) -> None:
         _require(self.every >= 0, "eval.every", f"must be >= 0, got {self.every}")

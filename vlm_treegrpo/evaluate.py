@@ -1,5 +1,6 @@
 """Held-out evaluation: greedy accuracy by the correctness reward, plus format and length; and,
-on request, pass@k over n sampled completions per prompt (:func:`sample_tally`)."""
+on request, pass@k and the majority vote maj@n over n sampled completions per prompt
+(:func:`sample_tally`)."""
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +11,7 @@ import torch
 
 from vlm_treegrpo.data.types import Example
 from vlm_treegrpo.distributed import Dist
-from vlm_treegrpo.rewards import correctness_reward, format_reward
+from vlm_treegrpo.rewards import correctness_reward, extract_final_answer, format_reward
 from vlm_treegrpo.rollout.tree import SamplingParams
 
 
@@ -78,32 +79,59 @@ def pass_ks(n: int) -> list[int]:
     return [2**i for i in range(n.bit_length()) if 2**i < n] + [n]
 
 
+def vote_key(completion: str) -> str:
+    """The answer a completion votes for in maj@n: its final answer (:func:`extract_final_answer`)
+    without spaces, thousands commas, a trailing full stop or case, so "1,000." and "1000" agree."""
+    return extract_final_answer(completion).replace(" ", "").replace(",", "").rstrip(".").lower()
+
+
+def majority_correct(keys: list[str], correct: list[bool]) -> bool:
+    """Whether the most common non-empty answer among ``keys`` is correct (``correct[i]``: the
+    correctness of sample i; samples with one key share it). A tie goes to the answer seen first;
+    no answer at all is wrong."""
+    counts: dict[str, int] = {}
+    for key in keys:
+        if key:
+            counts[key] = counts.get(key, 0) + 1
+    if not counts:
+        return False
+    best = max(counts, key=counts.__getitem__)  # (the first of the most common: dicts keep insertion order)
+    return correct[keys.index(best)]
+
+
 @torch.no_grad()
 def sample_tally(policy, examples: list[Example], prompts: list, max_new_tokens: int, n: int, sampling,
                  batch_size: int = 50) -> dict:
     """Sample ``n`` completions per prompt (``sampling``, a
     :class:`~vlm_treegrpo.rollout.tree.SamplingParams`; flat, no branching) and sum, over the
-    prompts, the unbiased pass@k of each k of :func:`pass_ks`: ``{"prompts", "pass@<k>": sum}``.
+    prompts, the unbiased pass@k of each k of :func:`pass_ks` and the majority vote
+    (:func:`majority_correct`): ``{"prompts", "pass@<k>": sum, "maj@<n>": count}``.
     ``batch_size`` counts completions, so ``batch_size // n`` prompts go per batch."""
-    out: dict = {"prompts": 0, **{f"pass@{k}": 0.0 for k in pass_ks(n)}}
+    out: dict = {"prompts": 0, **{f"pass@{k}": 0.0 for k in pass_ks(n)}, f"maj@{n}": 0}
     step = max(1, batch_size // n)
     with eval_mode(policy.model):
         for start in range(0, len(prompts), step):
             trees = policy.sample(prompts[start : start + step], n, 1, max_new_tokens, 0, sampling, [])
             texts = policy.decode([t.leaf_ids(k, 0) for t in trees for k in range(n)])
             for i in range(len(trees)):
-                ex = examples[start + i]
-                c = int(sum(correctness_reward(texts[i * n + k], ex) >= 1.0 for k in range(n)))
+                ex, samples = examples[start + i], texts[i * n : (i + 1) * n]
+                correct = [correctness_reward(text, ex) >= 1.0 for text in samples]
+                c = sum(correct)
                 out["prompts"] += 1
                 for k in pass_ks(n):
                     out[f"pass@{k}"] += pass_at_k(n, c, k)
+                out[f"maj@{n}"] += majority_correct([vote_key(text) for text in samples], correct)
     return out
 
 
+SAMPLED = ("pass@", "maj@")
+"""Prefixes of the rates a sampled evaluation reports."""
+
+
 def pass_rates(t: dict) -> dict:
-    """``{"pass@<k>": rate}`` of a :func:`sample_tally` (or of several summed)."""
+    """``{"pass@<k>": rate, "maj@<n>": rate}`` of a :func:`sample_tally` (or of several summed)."""
     p = max(t["prompts"], 1)
-    return {k: v / p for k, v in t.items() if k.startswith("pass@")}
+    return {k: v / p for k, v in t.items() if k.startswith(SAMPLED)}
 
 
 EVAL_SEED = 1_000_003
@@ -114,7 +142,7 @@ what it would without them."""
 
 def evaluate_held_out(policy, task, test_prompts: list, cfg, label: str = "", bar=None, dist: Dist = Dist()) -> dict:
     """The held-out evaluation a config asks for: greedy accuracy (:func:`evaluate`) and, with
-    ``eval.samples``, pass@k (:func:`sample_tally`) of ``task.test``. Under data parallelism
+    ``eval.samples``, pass@k and maj@n (:func:`sample_tally`) of ``task.test``. Under data parallelism
     each process scores a slice of the test set and the counts are summed (``samples``: process
     0's). ``bar``: a progress bar to label with ``label`` meanwhile."""
     budget = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens

@@ -48,7 +48,7 @@ from vlm_treegrpo.core.diagnostics import mean_pairwise_cosine, reward_std_stats
 from vlm_treegrpo.core.losses import kl_penalty, masked_mean, policy_loss, policy_loss_metrics
 from vlm_treegrpo.data.sources import Task, task_from_config
 from vlm_treegrpo.distributed import Dist, from_env, pool_metrics
-from vlm_treegrpo.evaluate import evaluate_held_out
+from vlm_treegrpo.evaluate import SAMPLED, evaluate_held_out
 from vlm_treegrpo.interrupt import StopRequests
 from vlm_treegrpo.optim import adamw, clipped_step, lr_schedule
 from vlm_treegrpo.policy import Policy, TextPolicy, TrainBatch, make_policy
@@ -518,7 +518,7 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
             if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.optim.steps:
                 ev = evaluate_held_out(policy, task, test_prompts, cfg, f"step {step}", bar, dist)
                 row["eval_accuracy"] = ev["accuracy"]
-                row.update({f"eval_{k}": v for k, v in ev.items() if k.startswith("pass@")})
+                row.update({f"eval_{k}": v for k, v in ev.items() if k.startswith(SAMPLED)})
                 keep_if_best(ev, step)
             if dist.main:
                 with metrics_path.open("a") as f:
