@@ -44,7 +44,9 @@ def worker(config: str | None, overrides: list[str], updates: int) -> dict:
     from vlm_treegrpo.data.sources import task_from_config
     from vlm_treegrpo.optim import adamw, warmup_constant
     from vlm_treegrpo.rewards import RewardSet
-    from vlm_treegrpo.trainer import PromptSampler, build_policy, resolve_device, rollout_step, set_threads, update_step
+    from vlm_treegrpo.runtime import build_policy, resolve_device, set_threads
+    from vlm_treegrpo.step import rollout_step, update_step
+    from vlm_treegrpo.trainer import PromptSampler
 
     cfg = load_config(config, overrides)
     device = resolve_device(cfg.model.device)

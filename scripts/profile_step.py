@@ -55,7 +55,7 @@ class Step:
         from vlm_treegrpo.optim import adamw, warmup_constant
         from vlm_treegrpo.policy import make_policy
         from vlm_treegrpo.rewards import RewardSet
-        from vlm_treegrpo.trainer import resolve_device, set_threads
+        from vlm_treegrpo.runtime import resolve_device, set_threads
 
         self.spec = dict(workload=workload, model=model, model_dir=model, G=G, max_new_tokens=max_new_tokens,
                          thought_tokens=max(1, max_new_tokens * 2 // 5), prompts_per_step=prompts_per_step,
@@ -82,7 +82,7 @@ class Step:
         sync(self.device)
 
     def rollout(self, cfg):
-        from vlm_treegrpo.trainer import rollout_step
+        from vlm_treegrpo.step import rollout_step
 
         i = self.n % (len(self.examples) // self.P)
         self.n += 1
@@ -93,7 +93,7 @@ class Step:
         return data, time.perf_counter() - t0
 
     def update(self, cfg, data) -> float:
-        from vlm_treegrpo.trainer import update_step
+        from vlm_treegrpo.step import update_step
 
         t0 = time.perf_counter()
         update_step(self.policy, None, self.optimizer, self.scheduler, data, cfg, self.device)
@@ -102,7 +102,7 @@ class Step:
 
     def logp_backward(self, cfg, batch) -> float:
         """Seconds of the packed log-prob forward + backward of ``batch``."""
-        from vlm_treegrpo.trainer import autocast_ctx
+        from vlm_treegrpo.runtime import autocast_ctx
 
         self.optimizer.zero_grad(set_to_none=True)
         t0 = time.perf_counter()

@@ -58,7 +58,9 @@ def sample_big_trees(cfg, n_prompts: int, K_max: int, M_max: int):
     from vlm_treegrpo.policy import make_policy
     from vlm_treegrpo.rewards import RewardSet
     from vlm_treegrpo.rollout.tree import SamplingParams
-    from vlm_treegrpo.trainer import PromptSampler, autocast_ctx, leaf_texts, resolve_device
+    from vlm_treegrpo.runtime import autocast_ctx, resolve_device
+    from vlm_treegrpo.step import leaf_texts
+    from vlm_treegrpo.trainer import PromptSampler
 
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)

@@ -54,7 +54,7 @@ def _step(agg: str):
     from vlm_treegrpo.optim import adamw, warmup_constant
     from vlm_treegrpo.policy import make_policy
     from vlm_treegrpo.rewards import RewardSet
-    from vlm_treegrpo.trainer import rollout_step
+    from vlm_treegrpo.step import rollout_step
 
     cfg = config_from_dict({"model": {"name": "tiny-llama"}, "rollout": {"K": 2, "M": 2, "thought_max_tokens": 6, "answer_max_tokens": 6,
                                                                           "prompts_per_step": P}},
@@ -86,7 +86,7 @@ def _shard(data, rank: int, world: int, trim: bool):
 def _rank_update(rank: int, world: int, port: int, out: str, agg: str, trim: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from vlm_treegrpo.trainer import update_step
+    from vlm_treegrpo.step import update_step
 
     dist, device = from_env(torch.device("cpu"))
     try:
@@ -104,7 +104,7 @@ def _rank_update(rank: int, world: int, port: int, out: str, agg: str, trim: boo
 
 @pytest.mark.parametrize("agg,trim", [("token_mean", False), ("constant", True)])
 def test_two_processes_make_the_one_process_update(tmp_path, agg, trim):
-    from vlm_treegrpo.trainer import update_step
+    from vlm_treegrpo.step import update_step
 
     policy, cfg, data, optimizer, scheduler = _step(agg)
     assert (data.thought_adv != 0).any()

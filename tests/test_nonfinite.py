@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import vlm_treegrpo.step as step
 import vlm_treegrpo.trainer as trainer
 from vlm_treegrpo import checkpoint
 from vlm_treegrpo.cli import main as cli_main
@@ -29,12 +30,12 @@ def _nan_loss_at(monkeypatch, steps: set[int] | None):
     def update_step(*args, **kwargs):
         calls["step"] += 1
         if steps is None or calls["step"] in steps:
-            monkeypatch.setattr(trainer, "policy_loss", lambda *a, **k: policy_loss(*a, **k) * float("nan"))
+            monkeypatch.setattr(step, "policy_loss", lambda *a, **k: policy_loss(*a, **k) * float("nan"))
         else:
-            monkeypatch.setattr(trainer, "policy_loss", policy_loss)
+            monkeypatch.setattr(step, "policy_loss", policy_loss)
         return real(*args, **kwargs)
 
-    policy_loss = trainer.policy_loss
+    policy_loss = step.policy_loss
     monkeypatch.setattr(trainer, "update_step", update_step)
 
 

@@ -55,7 +55,7 @@ def test_time_budget_stops_the_loop_and_reports_the_steps_that_ran(tmp_path):
 def test_set_threads_all_cores_on_the_cpu_few_on_a_gpu_host_or_as_configured():
     import torch
 
-    from vlm_treegrpo.trainer import GPU_HOST_THREADS, set_threads
+    from vlm_treegrpo.runtime import GPU_HOST_THREADS, set_threads
 
     before = torch.get_num_threads()
     try:

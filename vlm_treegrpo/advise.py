@@ -154,7 +154,9 @@ def format_table(adv: dict) -> str:
 
 def advise(cfg: TrainConfig, prompts: int = 0) -> dict:
     """Sample one batch with ``cfg``'s model and rollout settings and return (and write) the advice."""
-    from vlm_treegrpo.trainer import PromptSampler, autocast_ctx, leaf_texts, resolve_device, set_threads
+    from vlm_treegrpo.runtime import autocast_ctx, resolve_device, set_threads
+    from vlm_treegrpo.step import leaf_texts
+    from vlm_treegrpo.trainer import PromptSampler
 
     t0 = time.time()
     torch.manual_seed(cfg.optim.seed)

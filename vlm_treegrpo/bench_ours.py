@@ -42,7 +42,8 @@ def run_ours(spec: BenchSpec) -> dict:
     from vlm_treegrpo.optim import adamw, warmup_constant
     from vlm_treegrpo.policy import make_policy
     from vlm_treegrpo.rewards import RewardSet
-    from vlm_treegrpo.trainer import resolve_device, rollout_step, set_threads, update_step
+    from vlm_treegrpo.runtime import resolve_device, set_threads
+    from vlm_treegrpo.step import rollout_step, update_step
 
     cfg = ours_config(spec)
     torch.manual_seed(spec.seed)

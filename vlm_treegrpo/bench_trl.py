@@ -87,7 +87,7 @@ def run_trl(spec: BenchSpec) -> dict:
     from transformers import TrainerCallback
     from trl import GRPOTrainer
 
-    from vlm_treegrpo.trainer import resolve_device, set_threads
+    from vlm_treegrpo.runtime import resolve_device, set_threads
 
     set_threads(spec.threads, resolve_device("auto"))  # the rule ours follows, so threads are no difference
     dataset, examples, instruction = trl_dataset(spec)
@@ -181,7 +181,7 @@ def trl_args(cfg, output_dir: str, max_steps: int, micro_prompts: int, shuffle: 
 
     from vlm_treegrpo.config import resolve_autocast
     from vlm_treegrpo.models.loader import pick_attn_implementation, pick_dtype
-    from vlm_treegrpo.trainer import resolve_device
+    from vlm_treegrpo.runtime import resolve_device
 
     r, o = cfg.rollout, cfg.optim
     G = r.K * r.M
@@ -222,7 +222,7 @@ def race_trl(cfg, model_dir: str, out_dir: str, budget_s: float, max_steps: int 
     from vlm_treegrpo.rollout.prompts import user_message
 
     from vlm_treegrpo.models.loader import save_weights
-    from vlm_treegrpo.trainer import lora_config, resolve_device, set_threads
+    from vlm_treegrpo.runtime import lora_config, resolve_device, set_threads
 
     set_threads(cfg.model.threads, resolve_device(cfg.model.device))
     task = task_from_config(cfg.data)

@@ -238,7 +238,7 @@ def load_policy(path, device, dtype: str = "auto", attn_implementation: str = "a
     adapters merged in). What ``model.name=<run>/checkpoint`` and ``vlm-treegrpo eval --model
     <run>/checkpoint`` load; ``vlm-treegrpo export`` saves it as a plain model directory."""
     from vlm_treegrpo.config import config_from_dict
-    from vlm_treegrpo.trainer import build_policy
+    from vlm_treegrpo.runtime import build_policy
 
     path = Path(path)
     m = dataclasses.replace(config_from_dict(read_meta(path)["config"]).model, gradient_checkpointing=False)

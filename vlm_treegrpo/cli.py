@@ -39,7 +39,7 @@ def _cmd_eval(args) -> int:
     from vlm_treegrpo.data.sources import task_from_config
     from vlm_treegrpo.evaluate import evaluate_held_out
     from vlm_treegrpo.policy import make_policy
-    from vlm_treegrpo.trainer import resolve_device, set_threads
+    from vlm_treegrpo.runtime import resolve_device, set_threads
 
     cfg = load_config(args.config, args.overrides)
     device = resolve_device(cfg.model.device)

@@ -11,7 +11,8 @@ from vlm_treegrpo.policy import make_policy
 from vlm_treegrpo.rewards import RewardSet
 from vlm_treegrpo.rollout import sampling as S
 from vlm_treegrpo.rollout.logprobs import TokenLogp
-from vlm_treegrpo.trainer import autocast_ctx, rollout_step, update_step
+from vlm_treegrpo.runtime import autocast_ctx
+from vlm_treegrpo.step import rollout_step, update_step
 
 src, n = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 3
 T0 = time.time()

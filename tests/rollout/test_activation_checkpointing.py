@@ -17,7 +17,8 @@ from vlm_treegrpo.policy import make_policy
 from vlm_treegrpo.rewards import RewardSet
 from vlm_treegrpo.rollout import attention
 from vlm_treegrpo.rollout.attention import enable_activation_checkpointing
-from vlm_treegrpo.trainer import apply_lora, rollout_step
+from vlm_treegrpo.runtime import apply_lora
+from vlm_treegrpo.step import rollout_step
 
 
 def varied_reward(completion: str, example) -> float:

@@ -17,7 +17,7 @@ from vlm_treegrpo.data.visual import VISUAL_INSTRUCTION, visual_splits
 from vlm_treegrpo.policy import make_policy
 from vlm_treegrpo.rollout.packing import pack_trees
 from vlm_treegrpo.rollout.tree import SamplingParams, eos_ids_of
-from vlm_treegrpo.trainer import StepData, update_step
+from vlm_treegrpo.step import StepData, update_step
 from vlm_treegrpo.vlm.adapter import Encoded
 from vlm_treegrpo.vlm.policy import VLMPolicy, tiny_vlm_policy
 from vlm_treegrpo.vlm.registry import FAMILIES, TINY_PARAMS
