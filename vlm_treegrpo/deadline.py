@@ -8,6 +8,10 @@ a failure. One watchdog thread serves every call of the ``with``; at a call's de
 cut short as well as Python code. Code that stays inside one C call without returning to the
 interpreter is stopped only when that call returns.
 
+The exception unwinds the call like any other, so a reward that starts a process or opens a
+connection should close it in a ``finally`` (or a ``with``): the limit stops the call, not what
+it started.
+
 Limits hold in the main thread only (Python takes signals there); elsewhere, or on a platform
 without ``signal.pthread_kill``, or with ``seconds = 0``, calls run without one. The signal is
 ``SIGUSR2``, not ``SIGALRM``, so math-verify's own alarm-based timeouts work unchanged inside a
