@@ -27,6 +27,7 @@ VARIANTS = {
     "full weights, KL to a warm-started reference": ("tiny-llama", ["algo.beta=0.05", "sft.steps=1", "sft.batch_size=2"]),
     "LoRA": ("tiny-llama", ["model.lora_r=4"]),
     "VLM": ("tiny-qwen2-vl", ["data.n_train=16"]),
+    "prompts without signal refilled": ("tiny-llama", ["rollout.refill_rounds=2", "algo.rewards=[test_checkpoint:flat_on_even]"]),
 }
 
 
@@ -35,6 +36,11 @@ def varied_reward(completion: str, example) -> float:
     if SIGTERM_AT["calls"] == SIGTERM_AT["call"]:
         os.kill(os.getpid(), signal.SIGTERM)
     return (len(completion) % 7) / 6.0
+
+
+def flat_on_even(completion: str, example) -> float:
+    """No signal on a prompt with an even answer, :func:`varied_reward` on the others."""
+    return 0.5 if int(example.answer) % 2 == 0 else varied_reward(completion, example)
 
 
 def _args(tmp_path: Path, name: str, variant: str, *extra: str) -> list[str]:
@@ -92,6 +98,8 @@ def test_a_run_stopped_after_its_steps_and_resumed_makes_the_same_steps(tmp_path
     assert second["resumed_from_step"] == 2 and second["steps"] == 4
     assert _rows(run) == _rows(whole)  # steps 1-2 kept from the first session, 3-4 made again exactly
     assert [r["step"] for r in _rows(run)] == [1, 2, 3, 4]
+    if "rollout.refill_rounds=2" in VARIANTS[variant][1]:
+        assert sum(r["refilled_prompts"] for r in _rows(run)[2:]) > 0  # (the resumed steps drew prompts too)
     for key in ("eval_before", "eval_warm"):  # measured once, before the first step, and carried over
         assert _timeless(second.get(key)) == _timeless(whole_summary.get(key))
     assert _timeless(second["eval_after"]) == _timeless(whole_summary["eval_after"])

@@ -178,8 +178,16 @@ class RolloutConfig:
     ``compile_decode``). On the CPU it cut SmolLM2's sampling by 6-20%; on a GPU, where decoding is
     launch-bound, fewer rows save less and each drop costs one more ``generate`` call (not yet
     measured there)."""
+    refill_rounds: int = 0
+    """Dynamic sampling (DAPO, arXiv 2503.14476): a prompt whose K*M rewards all agree gives no
+    gradient, so it is replaced by the next prompt of the training order, sampled and scored,
+    for up to this many rounds per step. The step then updates on up to ``prompts_per_step``
+    prompts with signal. Departure: DAPO over-samples and filters until the batch is full; here
+    the rounds are bounded, and a prompt still without signal after them stays (it adds no
+    gradient). One process only for now. 0 = off."""
 
     def __post_init__(self) -> None:
+        _require(self.refill_rounds >= 0, "rollout.refill_rounds", f"must be >= 0, got {self.refill_rounds}")
         _require(self.K >= 1, "rollout.K", f"must be >= 1, got {self.K}")
         _require(self.M >= 1, "rollout.M", f"must be >= 1, got {self.M}")
         _require(self.K * self.M >= 2, "rollout.K", f"K*M must be >= 2 for a group baseline, got {self.K}x{self.M}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,6 +37,8 @@ class StepData:
     answer_adv: torch.Tensor  # [N, K, M]
     packed: TrainBatch
     metrics: dict
+    examples: list = field(default_factory=list)
+    """The example of each tree (after any refill, :func:`rollout_step`)."""
 
 
 def leaf_texts(policy: Policy, trees: list[Tree], K: int, M: int) -> list[str]:
@@ -54,28 +56,63 @@ def compute_advantages(rewards: torch.Tensor, cfg: TrainConfig, scale: str | Non
     return tree_advantages(rewards, scale=scale, answer_scope=a.answer_scope, eps=a.eps)
 
 
-def rollout_step(policy: Policy, examples, prompts, reward_set: RewardSet, cfg: TrainConfig, credit=None) -> StepData:
+def sample_and_score(policy: Policy, examples, prompts, reward_set: RewardSet, cfg: TrainConfig):
+    """K x M trees of ``prompts`` and the rewards of their leaves: ``(trees, scored, texts,
+    seconds sampling, seconds scoring)``."""
+    r = cfg.rollout
+    t0 = time.time()
+    policy.model.eval()
+    with autocast_ctx(next(policy.model.parameters()).device, cfg.model.autocast):
+        trees = policy.sample(prompts, r.K, r.M, r.thought_max_tokens, r.answer_max_tokens, SamplingParams.of(r), r.branch_delimiters)
+    t1 = time.time()
+    texts = leaf_texts(policy, trees, r.K, r.M)
+    scored = reward_set(texts, [ex for ex in examples for _ in range(r.K * r.M)])
+    return trees, scored, texts, t1 - t0, time.time() - t1
+
+
+def no_signal(rewards: torch.Tensor) -> torch.Tensor:
+    """``rewards [N, G]`` -> ``[N]`` bool: the prompts whose G rewards all agree (all their
+    group-relative advantages are 0, so they add no policy gradient)."""
+    return (rewards == rewards[:, :1]).all(-1)
+
+
+def rollout_step(policy: Policy, examples, prompts, reward_set: RewardSet, cfg: TrainConfig, credit=None, draw=None) -> StepData:
     """Sample trees, score leaves, compute advantages and pack the batch.
 
     ``credit`` (a :class:`vlm_treegrpo.credit.RRedCoT`, or None for outcome credit) replaces the
-    packed per-token advantages after packing.
+    packed per-token advantages after packing. ``draw(k)`` gives ``k`` more ``(examples,
+    prompts)``: with ``rollout.refill_rounds``, each prompt without signal (:func:`no_signal`) is
+    replaced by a drawn one, sampled and scored, for up to that many rounds (DAPO's dynamic
+    sampling, bounded).
     """
     r = cfg.rollout
     N, K, M = len(examples), r.K, r.M
-    t0 = time.time()
-    policy.model.eval()
-    sampling = SamplingParams.of(r)
-    with autocast_ctx(next(policy.model.parameters()).device, cfg.model.autocast):
-        trees = policy.sample(prompts, K, M, r.thought_max_tokens, r.answer_max_tokens, sampling, r.branch_delimiters)
-    t_gen = time.time() - t0
-
+    examples, prompts = list(examples), list(prompts)
+    trees, scored, texts, t_gen, t_reward = sample_and_score(policy, examples, prompts, reward_set, cfg)
+    G = K * M
+    per_fn = {name: v.clone().view(N, G) for name, v in scored.per_fn.items()}  # [N, G] each
+    total = scored.total.clone().view(N, G)  # [N, G]
+    failures, errors = dict(scored.failures), list(scored.errors)
+    refilled = 0
+    for _ in range(r.refill_rounds if draw is not None else 0):
+        idx = no_signal(total).nonzero().flatten().tolist()
+        if not idx:
+            break
+        new_examples, new_prompts = draw(len(idx))
+        new_trees, new_scored, new_texts, tg, tr = sample_and_score(policy, new_examples, new_prompts, reward_set, cfg)
+        t_gen, t_reward, refilled = t_gen + tg, t_reward + tr, refilled + len(idx)
+        for j, i in enumerate(idx):
+            examples[i], prompts[i], trees[i] = new_examples[j], new_prompts[j], new_trees[j]
+            texts[i * G : (i + 1) * G] = new_texts[j * G : (j + 1) * G]
+        total[idx] = new_scored.total.view(len(idx), G)
+        for name, v in new_scored.per_fn.items():
+            per_fn[name][idx] = v.view(len(idx), G)
+        failures = {name: failures.get(name, 0) + n for name, n in new_scored.failures.items()}
+        errors += new_scored.errors
+    rewards = total.view(N, K, M)  # [N, K, M]
     t1 = time.time()
-    texts = leaf_texts(policy, trees, K, M)
-    leaf_examples = [ex for ex in examples for _ in range(K * M)]
-    scored = reward_set(texts, leaf_examples)
-    rewards = scored.total.view(N, K, M)  # [N, K, M]
     thought_adv, answer_adv = compute_advantages(rewards, cfg)
-    t_reward = time.time() - t1
+    t_reward += time.time() - t1
 
     packed = policy.pack(trees, thought_adv, answer_adv)
     credit_metrics = {}
@@ -100,13 +137,15 @@ def rollout_step(policy: Policy, examples, prompts, reward_set: RewardSet, cfg: 
         "time_reward": t_reward,
         **credit_metrics,
     }
-    for name, values in scored.per_fn.items():
+    if r.refill_rounds:
+        metrics["refilled_prompts"] = refilled
+    for name, values in per_fn.items():
         metrics[f"reward/{name}"] = values.mean().item()
-    for name, count in scored.failures.items():
+    for name, count in failures.items():
         metrics[f"reward_failures/{name}"] = count
-    if scored.errors:
-        metrics["reward_errors"] = scored.errors[:3]
-    return StepData(trees, rewards, thought_adv, answer_adv, packed, metrics)
+    if errors:
+        metrics["reward_errors"] = errors[:3]
+    return StepData(trees, rewards, thought_adv, answer_adv, packed, metrics, examples)
 
 
 def _finite_or_none(x: float) -> float | None:

@@ -129,6 +129,8 @@ def _check_shares(cfg: TrainConfig, world: int) -> None:
         raise ConfigError(f"rollout.prompts_per_step: {cfg.rollout.prompts_per_step} prompts do not split over {world} processes")
     if cfg.sft.steps > 0 and cfg.sft.batch_size % world:
         raise ConfigError(f"sft.batch_size: {cfg.sft.batch_size} examples do not split over {world} processes")
+    if cfg.rollout.refill_rounds and world > 1:
+        raise ConfigError(f"rollout.refill_rounds: replacing prompts without signal needs one process, this run has {world}")
 
 
 def _resume_point(cfg: TrainConfig) -> Path | None:
@@ -236,10 +238,15 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
     last = cfg.optim.steps
     if cfg.optim.time_budget_s and seconds_before >= cfg.optim.time_budget_s:
         last = state.step  # (resumed with its time budget already spent: no more steps)
+    def draw(k: int) -> tuple[list, list]:
+        """``k`` more prompts of the training order (``rollout.refill_rounds``)."""
+        more = sampler.take(k)
+        return [task.train[i] for i in more], [train_prompts[i] for i in more]
+
     with StopRequests() as stop:
         for step in range(state.step + 1, last + 1):
             idx = dist.shard(sampler.take(cfg.rollout.prompts_per_step))  # (every process draws the same, keeps its share)
-            data = rollout_step(policy, [task.train[i] for i in idx], [train_prompts[i] for i in idx], reward_set, cfg, credit)
+            data = rollout_step(policy, [task.train[i] for i in idx], [train_prompts[i] for i in idx], reward_set, cfg, credit, draw)
             diag = {}
             if cfg.algo.diag_every and (step - 1) % cfg.algo.diag_every == 0 and dist.main:  # (on process 0's share)
                 diag = gradient_diagnostics(policy, data, cfg, device)
@@ -264,7 +271,7 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
             if cfg.log.samples_every and step % cfg.log.samples_every == 0 and dist.main:
                 texts = leaf_texts(policy, data.trees[:1], cfg.rollout.K, cfg.rollout.M)
                 with samples_path.open("a") as f:
-                    f.write(json.dumps({"step": step, "prompt": task.train[idx[0]].prompt, "answer": task.train[idx[0]].answer,
+                    f.write(json.dumps({"step": step, "prompt": data.examples[0].prompt, "answer": data.examples[0].answer,
                                         "rewards": data.rewards[0].flatten().tolist(), "completions": texts}) + "\n")
             if bar is not None:
                 bar.update(1)
