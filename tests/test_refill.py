@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,3 +100,12 @@ def test_a_run_with_refill_logs_the_prompt_each_sample_came_from(tmp_path):
     assert len(samples) == 2
     for s in samples:  # the logged answer is the sampled tree's: an even one's leaves all scored 0.5
         assert (set(s["rewards"]) == {0.5}) == (int(s["answer"]) % 2 == 0)
+
+
+def test_a_vlm_run_refills_too(tmp_path):
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/tiny-qwen2-vl.yaml", [f"log.run_dir={tmp_path}", "log.progress=false", "optim.steps=1",
+                                                            "eval.before=false", "eval.after=false", "rollout.refill_rounds=2",
+                                                            "algo.rewards=[test_refill:even_is_flat]", "data.n_train=16"])
+    train(cfg, quiet=True)
+    (row,) = [json.loads(x) for x in (tmp_path / cfg.log.name / "metrics.jsonl").read_text().splitlines()]
+    assert row["refilled_prompts"] > 0 and "reward/test_refill:even_is_flat" in row
