@@ -157,6 +157,25 @@ def test_torchrun_trains_two_processes_through_the_cli_and_resumes_exactly(tmp_p
     assert _steps(run) == _steps(tmp_path / "straight")  # the resumed step 3 is the never-stopped run's
 
 
+def flat_on_even(completion: str, example) -> float:
+    """No signal on a prompt with an even answer, :func:`varied_reward` on the others."""
+    return 0.5 if int(example.answer) % 2 == 0 else varied_reward(completion, example)
+
+
+def test_two_processes_refill_their_own_prompts_from_one_training_order_and_resume_exactly(tmp_path):
+    args = ("sft.steps=0", "eval.before=false", "rollout.refill_rounds=2", "algo.rewards=[test_distributed:flat_on_even]")
+    _torchrun_train(tmp_path, *args, "log.checkpoint_every=1")
+    run = tmp_path / "tiny-llama"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["replicas_in_sync"] is True and summary["steps"] == 2
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["refilled_prompts"] for r in rows) > 0
+    resumed = json.loads(_torchrun_train(tmp_path, *args, "log.resume=must", "optim.steps=3").stdout)
+    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 3
+    _torchrun_train(tmp_path, *args, "optim.steps=3", "log.name=straight")
+    assert _steps(run) == _steps(tmp_path / "straight")  # the samplers stayed the same on both processes
+
+
 def test_a_signal_to_one_process_stops_every_process_after_the_step_with_a_checkpoint(tmp_path):
     proc = _torchrun_train(tmp_path, "optim.steps=50", "eval.before=false", "sft.steps=0", "log.checkpoint_every=0",
                            "algo.rewards=[test_distributed:sigterm_on_rank1_reward]", ok=False)

@@ -14,7 +14,7 @@ from vlm_treegrpo.data.types import Example
 from vlm_treegrpo.policy import make_policy
 from vlm_treegrpo.rewards import RewardSet
 from vlm_treegrpo.step import no_signal, rollout_step
-from vlm_treegrpo.trainer import _check_shares, train
+from vlm_treegrpo.trainer import train
 
 
 def even_is_flat(completion: str, example: Example) -> float:
@@ -35,13 +35,16 @@ def _setup(refill_rounds: int):
 
 
 class Draws:
-    """``draw(k)``: the next ``k`` examples of ``answers`` (cycled), encoded, with the calls kept."""
+    """``draw(k)``: the next ``k`` examples of ``answers`` (cycled), encoded, with the calls kept;
+    None for ``k = 0``, as the trainer's draw of one process."""
 
     def __init__(self, policy, answers):
         self.policy, self.answers, self.calls, self.n = policy, answers, [], 0
 
     def __call__(self, k: int):
         self.calls.append(k)
+        if k == 0:
+            return None  # (one process: nobody asks for prompts)
         exs = [Example(prompt=f"what is {a} + 0?", answer=str(a)) for a in (self.answers[(self.n + i) % len(self.answers)] for i in range(k))]
         self.n += k
         return exs, [self.policy.encode(ex, "Answer:") for ex in exs]
@@ -51,7 +54,7 @@ def test_prompts_without_signal_are_replaced_in_place_by_drawn_ones():
     cfg, policy, examples, prompts = _setup(refill_rounds=2)
     draw = Draws(policy, [7, 9, 11])
     data = rollout_step(policy, examples, prompts, RewardSet([("r", even_is_flat, 1.0)]), cfg, draw=draw)
-    assert draw.calls == [2]  # one round sufficed: both replacements have signal
+    assert draw.calls == [2, 0]  # one round sufficed: both replacements have signal
     assert [ex.answer for ex in data.examples] == ["7", "3", "9", "5"]
     assert [ex.answer for ex in examples] == ["2", "3", "4", "5"]  # (the caller's list is left alone)
     assert data.trees[0].prompt_ids == list(policy.encode(data.examples[0], "Answer:"))  # (the tree of the drawn prompt)
@@ -82,11 +85,9 @@ def test_off_nothing_is_drawn_and_the_step_is_the_plain_one():
     assert [ex.answer for ex in data.examples] == ["2", "3", "4", "5"]
 
 
-def test_refill_is_a_checked_field_and_one_process_only():
+def test_refill_is_a_checked_field():
     with pytest.raises(ConfigError, match=r"^rollout\.refill_rounds: must be >= 0"):
         load_config(None, ["rollout.refill_rounds=-1"])
-    with pytest.raises(ConfigError, match=r"^rollout\.refill_rounds: .*needs one process, this run has 2"):
-        _check_shares(load_config(None, ["rollout.refill_rounds=1", "rollout.prompts_per_step=4"]), 2)
 
 
 def test_a_run_with_refill_logs_the_prompt_each_sample_came_from(tmp_path):

@@ -184,7 +184,8 @@ class RolloutConfig:
     for up to this many rounds per step. The step then updates on up to ``prompts_per_step``
     prompts with signal. Departure: DAPO over-samples and filters until the batch is full; here
     the rounds are bounded, and a prompt still without signal after them stays (it adds no
-    gradient). One process only for now. 0 = off."""
+    gradient). Under data parallelism each process replaces its own, from the shared training
+    order. 0 = off."""
 
     def __post_init__(self) -> None:
         _require(self.refill_rounds >= 0, "rollout.refill_rounds", f"must be >= 0, got {self.refill_rounds}")

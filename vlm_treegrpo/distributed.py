@@ -132,7 +132,7 @@ class Dist:
             dist.destroy_process_group()
 
 
-SUMMED_METRICS = ("packed_tokens", "unpacked_tokens")
+SUMMED_METRICS = ("packed_tokens", "unpacked_tokens", "refilled_prompts")
 """Step metrics that are counts: summed over the processes (as are ``reward_failures/*``);
 ``time_*`` take the slowest process; the rest are means over processes (their shares of a step
 are the same size)."""

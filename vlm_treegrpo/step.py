@@ -81,9 +81,9 @@ def rollout_step(policy: Policy, examples, prompts, reward_set: RewardSet, cfg: 
 
     ``credit`` (a :class:`vlm_treegrpo.credit.RRedCoT`, or None for outcome credit) replaces the
     packed per-token advantages after packing. ``draw(k)`` gives ``k`` more ``(examples,
-    prompts)``: with ``rollout.refill_rounds``, each prompt without signal (:func:`no_signal`) is
-    replaced by a drawn one, sampled and scored, for up to that many rounds (DAPO's dynamic
-    sampling, bounded).
+    prompts)``, or None when no process has a prompt to replace: with ``rollout.refill_rounds``,
+    each prompt without signal (:func:`no_signal`) is replaced by a drawn one, sampled and scored,
+    for up to that many rounds (DAPO's dynamic sampling, bounded).
     """
     r = cfg.rollout
     N, K, M = len(examples), r.K, r.M
@@ -96,9 +96,12 @@ def rollout_step(policy: Policy, examples, prompts, reward_set: RewardSet, cfg: 
     refilled = 0
     for _ in range(r.refill_rounds if draw is not None else 0):
         idx = no_signal(total).nonzero().flatten().tolist()
-        if not idx:
+        drawn = draw(len(idx))  # (under data parallelism every process calls it each round: it is collective)
+        if drawn is None:  # no prompt without signal, on any process
             break
-        new_examples, new_prompts = draw(len(idx))
+        if not idx:
+            continue
+        new_examples, new_prompts = drawn
         new_trees, new_scored, new_texts, tg, tr = sample_and_score(policy, new_examples, new_prompts, reward_set, cfg)
         t_gen, t_reward, refilled = t_gen + tg, t_reward + tr, refilled + len(idx)
         for j, i in enumerate(idx):

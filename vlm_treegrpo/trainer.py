@@ -129,8 +129,6 @@ def _check_shares(cfg: TrainConfig, world: int) -> None:
         raise ConfigError(f"rollout.prompts_per_step: {cfg.rollout.prompts_per_step} prompts do not split over {world} processes")
     if cfg.sft.steps > 0 and cfg.sft.batch_size % world:
         raise ConfigError(f"sft.batch_size: {cfg.sft.batch_size} examples do not split over {world} processes")
-    if cfg.rollout.refill_rounds and world > 1:
-        raise ConfigError(f"rollout.refill_rounds: replacing prompts without signal needs one process, this run has {world}")
 
 
 def _resume_point(cfg: TrainConfig) -> Path | None:
@@ -238,10 +236,16 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
     last = cfg.optim.steps
     if cfg.optim.time_budget_s and seconds_before >= cfg.optim.time_budget_s:
         last = state.step  # (resumed with its time budget already spent: no more steps)
-    def draw(k: int) -> tuple[list, list]:
-        """``k`` more prompts of the training order (``rollout.refill_rounds``)."""
-        more = sampler.take(k)
-        return [task.train[i] for i in more], [train_prompts[i] for i in more]
+    def draw(k: int) -> tuple[list, list] | None:
+        """``k`` more prompts of the training order for this process (``rollout.refill_rounds``),
+        or None when no process asks for any. Every process calls it in each round: all take the
+        prompts every process asked for, in rank order, so their samplers stay the same."""
+        wanted = [int(n) for n in dist.gather(k)]
+        if not sum(wanted):
+            return None
+        more = sampler.take(sum(wanted))
+        mine = more[sum(wanted[: dist.rank]) : sum(wanted[: dist.rank + 1])]
+        return [task.train[i] for i in mine], [train_prompts[i] for i in mine]
 
     with StopRequests() as stop:
         for step in range(state.step + 1, last + 1):
