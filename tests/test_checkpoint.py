@@ -27,7 +27,7 @@ VARIANTS = {
     "full weights, KL to a warm-started reference": ("tiny-llama", ["algo.beta=0.05", "sft.steps=1", "sft.batch_size=2"]),
     "LoRA": ("tiny-llama", ["model.lora_r=4"]),
     "VLM": ("tiny-qwen2-vl", ["data.n_train=16"]),
-    "prompts without signal refilled": ("tiny-llama", ["rollout.refill_rounds=2", "algo.rewards=[test_checkpoint:flat_on_even]"]),
+    "prompts without signal refilled": ("tiny-llama", ["rollout.refill_rounds=2", "algo.rewards=[test_refill:even_is_flat]"]),
 }
 
 
@@ -36,11 +36,6 @@ def varied_reward(completion: str, example) -> float:
     if SIGTERM_AT["calls"] == SIGTERM_AT["call"]:
         os.kill(os.getpid(), signal.SIGTERM)
     return (len(completion) % 7) / 6.0
-
-
-def flat_on_even(completion: str, example) -> float:
-    """No signal on a prompt with an even answer, :func:`varied_reward` on the others."""
-    return 0.5 if int(example.answer) % 2 == 0 else varied_reward(completion, example)
 
 
 def _args(tmp_path: Path, name: str, variant: str, *extra: str) -> list[str]:

@@ -157,13 +157,8 @@ def test_torchrun_trains_two_processes_through_the_cli_and_resumes_exactly(tmp_p
     assert _steps(run) == _steps(tmp_path / "straight")  # the resumed step 3 is the never-stopped run's
 
 
-def flat_on_even(completion: str, example) -> float:
-    """No signal on a prompt with an even answer, :func:`varied_reward` on the others."""
-    return 0.5 if int(example.answer) % 2 == 0 else varied_reward(completion, example)
-
-
 def test_two_processes_refill_their_own_prompts_from_one_training_order_and_resume_exactly(tmp_path):
-    args = ("sft.steps=0", "eval.before=false", "rollout.refill_rounds=2", "algo.rewards=[test_distributed:flat_on_even]")
+    args = ("sft.steps=0", "eval.before=false", "rollout.refill_rounds=2", "algo.rewards=[test_refill:even_is_flat]")
     _torchrun_train(tmp_path, *args, "log.checkpoint_every=1")
     run = tmp_path / "tiny-llama"
     summary = json.loads((run / "summary.json").read_text())

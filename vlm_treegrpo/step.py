@@ -90,8 +90,8 @@ def rollout_step(policy: Policy, examples, prompts, reward_set: RewardSet, cfg: 
     examples, prompts = list(examples), list(prompts)
     trees, scored, texts, t_gen, t_reward = sample_and_score(policy, examples, prompts, reward_set, cfg)
     G = K * M
-    per_fn = {name: v.clone().view(N, G) for name, v in scored.per_fn.items()}  # [N, G] each
-    total = scored.total.clone().view(N, G)  # [N, G]
+    per_fn = {name: v.view(N, G) for name, v in scored.per_fn.items()}  # [N, G] each
+    total = scored.total.view(N, G)  # [N, G]
     failures, errors = dict(scored.failures), list(scored.errors)
     refilled = 0
     for _ in range(r.refill_rounds if draw is not None else 0):

@@ -236,6 +236,7 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
     last = cfg.optim.steps
     if cfg.optim.time_budget_s and seconds_before >= cfg.optim.time_budget_s:
         last = state.step  # (resumed with its time budget already spent: no more steps)
+
     def draw(k: int) -> tuple[list, list] | None:
         """``k`` more prompts of the training order for this process (``rollout.refill_rounds``),
         or None when no process asks for any. Every process calls it in each round: all take the
