@@ -9,9 +9,11 @@ budget as its thought, a tree splits the budget into ``thought_tokens`` + the re
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 from vlm_treegrpo.bench import WORKLOADS, BenchSpec, bench_task, measure, sync
+from vlm_treegrpo.compile_watch import CompileWatch
 
 
 def ours_config(spec: BenchSpec):
@@ -43,7 +45,6 @@ def run_ours(spec: BenchSpec) -> dict:
     from vlm_treegrpo.policy import make_policy
     from vlm_treegrpo.rewards import RewardSet
     from vlm_treegrpo.runtime import resolve_device, set_threads
-    from vlm_treegrpo.step import rollout_step, update_step
 
     cfg = ours_config(spec)
     torch.manual_seed(spec.seed)
@@ -56,8 +57,30 @@ def run_ours(spec: BenchSpec) -> dict:
     params = [p for p in policy.model.parameters() if p.requires_grad]
     optimizer = adamw(params, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
     scheduler = warmup_constant(optimizer, cfg.optim.warmup_steps)
-    P, K, M = spec.prompts_per_step, spec.K, spec.M
+    K, M = spec.K, spec.M
     rows = []
+    watch = CompileWatch() if spec.compile_decode else contextlib.nullcontext()
+    with watch:
+        _steps(spec, policy, examples, prompts, reward_set, optimizer, scheduler, cfg, device, rows)
+    settings = {
+        "trainer": "vlm_treegrpo", "K": K, "M": M, "thought_max_tokens": cfg.rollout.thought_max_tokens,
+        "answer_max_tokens": cfg.rollout.answer_max_tokens, "branch_delimiters": cfg.rollout.branch_delimiters,
+        "compile_decode": cfg.rollout.compile_decode, "drop_finished": cfg.rollout.drop_finished, "loss": cfg.algo.loss, "agg": cfg.algo.agg, "scale": cfg.algo.scale, "autocast": cfg.model.autocast,
+        "dtype": str(next(policy.model.parameters()).dtype), "attn_implementation": policy.model.config._attn_implementation, "micro_batch_rows": cfg.optim.micro_batch,
+        "micro_batch_unit": "packed trees" if spec.workload == "text" else "rows (packed trees; leaves for Gemma3)", "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+    }
+    out = {"settings": settings, **measure(rows, spec.warmup), "trees_updated": [r["trees_updated"] for r in rows]}
+    if spec.compile_decode:
+        out["compile"] = watch.report()  # (graphs, recompiles, CUDA-graph skips and why)
+    return out
+
+
+def _steps(spec, policy, examples, prompts, reward_set, optimizer, scheduler, cfg, device, rows: list) -> None:
+    """The warm-up and measured steps, a row each in ``rows``."""
+    from vlm_treegrpo.step import rollout_step, update_step
+
+    P, K, M = spec.prompts_per_step, spec.K, spec.M
     for step in range(spec.warmup + spec.steps):
         sl = slice(step * P, (step + 1) * P)
         t0 = time.perf_counter()
@@ -78,13 +101,4 @@ def run_ours(spec: BenchSpec) -> dict:
             "zero_std_frac": data.metrics["zero_std_frac"],
             "trees_updated": stats["trees_updated"],
         })
-    settings = {
-        "trainer": "vlm_treegrpo", "K": K, "M": M, "thought_max_tokens": cfg.rollout.thought_max_tokens,
-        "answer_max_tokens": cfg.rollout.answer_max_tokens, "branch_delimiters": cfg.rollout.branch_delimiters,
-        "compile_decode": cfg.rollout.compile_decode, "drop_finished": cfg.rollout.drop_finished, "loss": cfg.algo.loss, "agg": cfg.algo.agg, "scale": cfg.algo.scale, "autocast": cfg.model.autocast,
-        "dtype": str(next(policy.model.parameters()).dtype), "attn_implementation": policy.model.config._attn_implementation, "micro_batch_rows": cfg.optim.micro_batch,
-        "micro_batch_unit": "packed trees" if spec.workload == "text" else "rows (packed trees; leaves for Gemma3)", "device": str(device),
-        "torch_threads": torch.get_num_threads(),
-    }
-    return {"settings": settings, **measure(rows, spec.warmup),
-            "trees_updated": [r["trees_updated"] for r in rows]}
+
