@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The GPU checks, on a machine with CUDA: the GPU tests, the benchmark against TRL on both
-# workloads (10 measured steps: GPU hosts are noisy), the step profile of both, ours with
-# compiled decoding (CUDA graphs), and ours with finished rows kept in the decode batch.
+# workloads (10 measured steps: GPU hosts are noisy), ours with decode steps replayed from CUDA
+# graphs against TRL (text), the step profile of both, ours with compiled decoding
+# (torch.compile), and ours with finished rows kept in the decode batch.
 #
 #   scripts/gpu_check.sh [OUT_DIR] [PARTS]
 #
-# OUT_DIR defaults to runs/gpu-check. PARTS is a comma list of tests, bench-vlm, bench-text,
-# profile, compiled, keep, memory (default: the first five, about 14 minutes on an H200 host; e.g. run
-# tests,bench-vlm,bench-text and then profile,compiled where one call is limited to 10 minutes;
+# OUT_DIR defaults to runs/gpu-check. PARTS is a comma list of tests, bench-vlm, bench-text, graphs,
+# profile, compiled, keep, memory (default: the first six, about 16 minutes on an H200 host; e.g. run
+# tests,bench-text,graphs and then bench-vlm,profile,compiled where one call is limited to 10 minutes;
+# graphs is `bench --decode-graphs` on the text workload, ours against TRL; its JSON says how many
+# steps replayed a graph and why a capture failed, as compiled's says what torch.compile did;
 # keep, ours alone on both workloads with rollout.drop_finished=false, is the A/B of dropping
 # finished rows against bench-vlm and bench-text, a few minutes more; memory runs
 # scripts/activation_memory.py on the demo's batches, with and without activation checkpointing).
@@ -17,7 +20,7 @@
 # a package index). Each part runs even if an earlier one failed; the exit status counts failures.
 set -u
 OUT=${1:-runs/gpu-check}
-PARTS=,${2:-tests,bench-vlm,bench-text,profile,compiled},
+PARTS=,${2:-tests,bench-vlm,bench-text,graphs,profile,compiled},
 PY=${PYTHON:-python3}
 LEN=(--reward vlm_treegrpo.bench:length_signal_reward --lr 1e-12)
 want() { [[ "$PARTS" == *",$1,"* ]]; }
@@ -34,6 +37,10 @@ for w in vlm text; do
         "$PY" -m vlm_treegrpo.cli bench --workload "$w" "${LEN[@]}" --steps 10 --rounds "${ROUNDS:-1}" --out "$OUT/bench-$w.json" || failed=$((failed + 1))
     fi
 done
+if want graphs; then  # the text model's decode steps replayed from CUDA graphs (rollout.decode_graphs)
+    "$PY" -m vlm_treegrpo.cli bench --workload text --decode-graphs "${LEN[@]}" --steps 10 --rounds "${ROUNDS:-1}" \
+        --out "$OUT/bench-text-graphs.json" || failed=$((failed + 1))
+fi
 if want profile; then
     for w in text vlm; do
         "$PY" scripts/profile_step.py --workload "$w" --threads 4,16 --out "$OUT/profile-$w.json" 2>&1 | tee "$OUT/profile-$w.txt"

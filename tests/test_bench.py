@@ -124,6 +124,16 @@ def test_quick_bench_ours_writes_the_report(tmp_path):
     assert min(ours["trees_updated"]) > 0 and ours["update_seconds"] > 0  # varied rewards: the update runs
 
 
+def test_bench_reports_what_graph_decoding_and_compiled_decoding_did(tmp_path):
+    """--decode-graphs: ours' JSON counts the steps of the graph loop (eager here: no CUDA);
+    --compile-decode: what torch.compile did (graphs captured, frames)."""
+    (row,) = _bench(tmp_path, "--trainers", "ours", "--modes", "flat", "--decode-graphs")["runs"]
+    graphs = row["ours"]["decode_graphs"]
+    assert row["ours"]["settings"]["decode_graphs"] is True and graphs["eager_steps"] > 0 and graphs["failures"] == []
+    (row,) = _bench(tmp_path, "--trainers", "ours", "--modes", "flat", "--compile-decode")["runs"]
+    assert row["ours"]["compile"]["counters"]["stats"]["unique_graphs"] >= 1 and "decode_graphs" not in row["ours"]
+
+
 def test_both_trainers_hold_the_same_weights_and_attention(tmp_path):
     """fp32 weights (under bf16 autocast) on every device for both sides, and TRL gets the
     attention kernel ours picks (``auto`` would give bf16 weights on a GPU)."""

@@ -12,6 +12,7 @@ from vlm_treegrpo.rollout.tree import SamplingParams, sample_trees
 
 
 def test_a_compiled_tree_reports_its_graphs_and_the_recompile_for_the_wider_batch():
+    torch._dynamo.reset()  # (no graph compiled by an earlier test is reused)
     model, tok = build_tiny_llama(seed=0)
     prompts = [tok.encode(p) for p in ["1 + 2 =", "7"]]
     sampling = SamplingParams(temperature=1.0, compile=True)

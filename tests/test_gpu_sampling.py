@@ -79,3 +79,37 @@ def test_dropping_finished_rows_samples_what_one_call_samples_on_cuda():
         n_calls[drop] = len(calls)
     assert out[True] == out[False]
     assert n_calls[False] == 2 and n_calls[True] > 2  # rows were dropped along the way
+
+
+def test_graph_decode_replays_a_captured_step_and_samples_what_eager_samples_on_cuda():
+    """``rollout.decode_graphs``: the step is captured once per batch shape and replayed; in fp32
+    the tree is the one eager decoding samples. Under bf16 autocast two seeded runs through the
+    graphs agree (the replay reads the weights as they are now)."""
+    import dataclasses
+
+    from vlm_treegrpo.rollout import graphs
+    from vlm_treegrpo.rollout.tree import sample_trees
+
+    model, tok, prompts = _text()
+    sampling = SamplingParams(temperature=1.0)
+    captured, replays = graphs.STATS.captured, graphs.STATS.replays
+    out = {}
+    for on in (False, True):
+        torch.manual_seed(0)
+        out[on] = _shapes(sample_trees(model, tok, prompts, 3, 2, 8, 5, dataclasses.replace(sampling, graphs=on), ["e", "\n"]))
+    assert out[True] == out[False]
+    assert not graphs.STATS.failures, graphs.STATS.failures
+    assert graphs.STATS.captured > captured and graphs.STATS.replays > replays
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            runs.append(_shapes(sample_trees(model, tok, prompts, 3, 2, 8, 5, dataclasses.replace(sampling, graphs=True), ["e", "\n"])))
+    assert runs[0] == runs[1] and not graphs.STATS.failures
+    with torch.no_grad():  # the weights change in place (as an optimizer step does): the graph reads the new ones
+        model.lm_head.weight.mul_(0.0)  # (tied to the embedding: every logit is 0 now)
+    torch.manual_seed(2)
+    flat = sample_trees(model, tok, prompts, 4, 1, 6, 0, dataclasses.replace(sampling, graphs=True), [])
+    torch.manual_seed(2)
+    eager = sample_trees(model, tok, prompts, 4, 1, 6, 0, sampling, [])
+    assert _shapes(flat) == _shapes(eager)

@@ -14,6 +14,7 @@ import time
 
 from vlm_treegrpo.bench import WORKLOADS, BenchSpec, bench_task, measure, sync
 from vlm_treegrpo.compile_watch import CompileWatch
+from vlm_treegrpo.rollout.graphs import STATS
 
 
 def ours_config(spec: BenchSpec):
@@ -27,7 +28,8 @@ def ours_config(spec: BenchSpec):
         "rollout": {"K": spec.K, "M": spec.M, "thought_max_tokens": spec.max_new_tokens if flat else spec.thought_tokens,
                     "answer_max_tokens": 0 if flat else spec.max_new_tokens - spec.thought_tokens,
                     "temperature": 1.0, "top_p": 1.0, "top_k": 0, "prompts_per_step": spec.prompts_per_step,
-                    "compile_decode": spec.compile_decode, "drop_finished": spec.drop_finished},
+                    "compile_decode": spec.compile_decode, "drop_finished": spec.drop_finished,
+                    "decode_graphs": spec.decode_graphs},
         "algo": {"rewards": [spec.reward], "loss": "grpo", "beta": 0.0, "updates_per_batch": 1, "diag_every": 0},
         "optim": {"steps": spec.warmup + spec.steps, "lr": spec.lr, "betas": [0.9, 0.99], "warmup_steps": 0,
                   "max_grad_norm": 1.0, "micro_batch": spec.micro_batch if spec.workload == "text" else spec.micro_batch * spec.G,
@@ -65,7 +67,7 @@ def run_ours(spec: BenchSpec) -> dict:
     settings = {
         "trainer": "vlm_treegrpo", "K": K, "M": M, "thought_max_tokens": cfg.rollout.thought_max_tokens,
         "answer_max_tokens": cfg.rollout.answer_max_tokens, "branch_delimiters": cfg.rollout.branch_delimiters,
-        "compile_decode": cfg.rollout.compile_decode, "drop_finished": cfg.rollout.drop_finished, "loss": cfg.algo.loss, "agg": cfg.algo.agg, "scale": cfg.algo.scale, "autocast": cfg.model.autocast,
+        "compile_decode": cfg.rollout.compile_decode, "decode_graphs": cfg.rollout.decode_graphs, "drop_finished": cfg.rollout.drop_finished, "loss": cfg.algo.loss, "agg": cfg.algo.agg, "scale": cfg.algo.scale, "autocast": cfg.model.autocast,
         "dtype": str(next(policy.model.parameters()).dtype), "attn_implementation": policy.model.config._attn_implementation, "micro_batch_rows": cfg.optim.micro_batch,
         "micro_batch_unit": "packed trees" if spec.workload == "text" else "rows (packed trees; leaves for Gemma3)", "device": str(device),
         "torch_threads": torch.get_num_threads(),
@@ -73,6 +75,8 @@ def run_ours(spec: BenchSpec) -> dict:
     out = {"settings": settings, **measure(rows, spec.warmup), "trees_updated": [r["trees_updated"] for r in rows]}
     if spec.compile_decode:
         out["compile"] = watch.report()  # (graphs, recompiles, CUDA-graph skips and why)
+    if spec.decode_graphs:
+        out["decode_graphs"] = STATS.as_dict()  # (captures, replays, eager steps, failed captures and why)
     return out
 
 

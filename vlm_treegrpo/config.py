@@ -170,9 +170,17 @@ class RolloutConfig:
     compile_decode: bool = False
     """Decode through a static KV cache with the model's forward compiled (torch.compile; CUDA
     graphs on a GPU, where each decode step is otherwise bound by kernel launches). The first
-    step pays the compilation (a new batch size once more). Not yet measured on a GPU. On the
-    CPU it sped up the tiny VLM's tree sampling by about a fifth and slowed SmolLM2's (which is
-    compute-bound there, and which loses ``drop_finished`` under it)."""
+    step pays the compilation (a new batch size once more). On an H200 it was no faster than
+    eager decoding (SmolLM2 3.08 against 2.59 s a flat step; the bench now records what torch
+    did). On the CPU it sped up the tiny VLM's tree sampling by about a fifth and slowed SmolLM2's
+    (which is compute-bound there, and which loses ``drop_finished`` under it)."""
+    decode_graphs: bool = False
+    """A text model's decode steps replay a captured CUDA graph (one launch a token instead of
+    about 1,240 for SmolLM2's 30 layers; :mod:`vlm_treegrpo.rollout.graphs`): one graph per
+    batch shape, captured on first use and kept. For a GPU, where a small model's decoding is
+    bound by kernel launches. Not yet measured on a GPU. Without CUDA, or if capture fails (the
+    reason is warned and reported), the same loop runs eagerly; a VLM, or a model with a
+    sliding window, decodes as without. Finished rows stay in the batch."""
     drop_finished: bool = True
     """Finished rows leave the decode batch (the same draws as without; off under
     ``compile_decode``). On the CPU it cut SmolLM2's sampling by 6-20%; on a GPU, where decoding is
@@ -188,6 +196,8 @@ class RolloutConfig:
     order. 0 = off."""
 
     def __post_init__(self) -> None:
+        _require(not (self.decode_graphs and self.compile_decode), "rollout.decode_graphs",
+                 "cannot be combined with rollout.compile_decode (choose one way to decode)")
         _require(self.refill_rounds >= 0, "rollout.refill_rounds", f"must be >= 0, got {self.refill_rounds}")
         _require(self.K >= 1, "rollout.K", f"must be >= 1, got {self.K}")
         _require(self.M >= 1, "rollout.M", f"must be >= 1, got {self.M}")

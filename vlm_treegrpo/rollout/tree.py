@@ -28,6 +28,8 @@ from transformers import CompileConfig, DynamicCache, GenerationConfig, LogitsPr
 
 from vlm_treegrpo.rollout.attention import decode_attention
 from vlm_treegrpo.rollout.decode import StopRule, decode, has_delimiter
+from vlm_treegrpo.rollout.graphs import graph_decode, supports
+from vlm_treegrpo.rollout.graphs import ready as graph_ready
 from vlm_treegrpo.rollout.kv_cache import TOKEN_KEYS, RowState, ThoughtPass, continuation_cache, prefill_shared, static_cache
 from vlm_treegrpo.rollout.sampling import sampling_processors
 
@@ -63,6 +65,9 @@ class SamplingParams:
     greedy: bool = False
     compile: bool = False
     """Decode through a static KV cache with the model's forward compiled (:func:`static_cache`)."""
+    graphs: bool = False
+    """Decode a text model's steps by replaying a captured CUDA graph
+    (:mod:`vlm_treegrpo.rollout.graphs`; eagerly through the same loop without CUDA)."""
     drop_finished: bool = True
     """Finished rows leave the decode batch (:mod:`vlm_treegrpo.rollout.decode`; the same draws
     as without). Not with ``compile``: a static cache keeps its batch."""
@@ -71,7 +76,7 @@ class SamplingParams:
     def of(cls, rollout) -> "SamplingParams":
         """The sampling settings of a :class:`~vlm_treegrpo.config.RolloutConfig`."""
         return cls(temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k, compile=rollout.compile_decode,
-                   drop_finished=rollout.drop_finished)
+                   graphs=rollout.decode_graphs, drop_finished=rollout.drop_finished)
 
     def generation_config(self, max_new_tokens: int, pad_id: int, eos_ids: list[int]) -> GenerationConfig:
         """A greedy config: sampling, when asked for, is done by :meth:`logits_processors`. With
@@ -223,23 +228,30 @@ def generate_batch(
     gen_cfg = sampling.generation_config(max_new_tokens, tokenizer.pad_token_id, eos)
     if suppress_ids and sampling.greedy:  # (a sampled call suppresses in its Sampler)
         gen_cfg.suppress_tokens = list(suppress_ids)
+    # (a text model's steps replayed from a CUDA graph; greedy suppression stays with generate)
+    graphed = sampling.graphs and state is None and prompt_len > 1 and not (suppress_ids and sampling.greedy) and supports(model)
     with decode_attention(model):
-        if prefilled is None and n > 1 and prompt_len > 1:
+        if prefilled is None and prompt_len > 1 and (n > 1 or graphed):
             prefilled = prefill_shared(model, inputs, n, state)
         if prefilled is not None:
             inputs = on_device(decode_inputs) if decode_inputs is not None else {
                 k: v.repeat_interleave(n, dim=0) for k, v in inputs.items() if k in TOKEN_KEYS}
         elif n > 1:  # a one-token prompt: nothing to share; greedy generate takes one sequence per row
             inputs = {k: v.repeat_interleave(n, dim=0) for k, v in inputs.items()}
-        if sampling.compile:
-            cache = static_cache(model, prompt_len + max_new_tokens, prefilled)
+        rule = StopRule(eos, tokenizer, stop_strings or ())
+        if graphed and graph_ready(prefilled):
+            out, pieces = graph_decode(model, inputs, prefilled, max_new_tokens, tokenizer.pad_token_id,
+                                       sampling.logits_processors(suppress_ids or ()), rule)
+            pass_state = None
         else:
-            cache = prefilled if prefilled is not None else DynamicCache(config=model.config)  # (ours: it outlives generate)
-        with neutral_generation_config(model):
-            out, pieces, pass_state = decode(model, inputs, cache, gen_cfg, sampling.logits_processors(suppress_ids or ()),
-                                             StopRule(eos, tokenizer, stop_strings or ()),
-                                             drop=sampling.drop_finished and not sampling.compile, state=state,
-                                             stash=keep is not None)  # [B*n, prompt_len + new]
+            if sampling.compile:
+                cache = static_cache(model, prompt_len + max_new_tokens, prefilled)
+            else:
+                cache = prefilled if prefilled is not None else DynamicCache(config=model.config)  # (ours: it outlives generate)
+            with neutral_generation_config(model):
+                out, pieces, pass_state = decode(model, inputs, cache, gen_cfg, sampling.logits_processors(suppress_ids or ()), rule,
+                                                 drop=sampling.drop_finished and not sampling.compile, state=state,
+                                                 stash=keep is not None)  # [B*n, prompt_len + new]
     if keep is not None:
         keep.append(ThoughtPass(pieces, prompt_len, pass_state))
     return cut_completions(out, prompt_len, tokenizer, eos, stop_strings)

@@ -1,0 +1,121 @@
+"""Graph decoding (``rollout.decode_graphs``): the fixed-buffer decode loop samples what
+``generate`` samples (same draws, padding, stops), with the shared prefill and without, in
+trees whose continuations resume the thought cache, greedy too; each batch shape gets one step
+buffer, reused by later passes; a VLM decodes as before. On this CPU the step runs eagerly
+(``tests/test_gpu_sampling.py`` checks the captured graph on CUDA)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from vlm_treegrpo.models.tiny import build_tiny_llama
+from vlm_treegrpo.rollout import graphs
+from vlm_treegrpo.rollout.tree import SamplingParams, generate, sample_trees
+
+PROMPTS = ["1 + 2 =", "12 * 34 - 5 =", "7", "3 * 3 = 9; 4 * 4 ="]
+
+
+@pytest.fixture(scope="module", params=["float64", "float32"])
+def tiny(request):
+    model, tok = build_tiny_llama(seed=5)
+    model = model.to(getattr(torch, request.param)).eval()
+    model.generation_config.eos_token_id = [tok.eos_token_id, *range(300, 330)]  # (some rows end early)
+    return model, tok
+
+
+def _ids(tok, prompts):
+    return [tok.encode(p) for p in prompts]
+
+
+@pytest.mark.parametrize("n", [4, 1], ids=["shared-prefill", "one-sample"])
+def test_graph_decode_samples_what_generate_samples(tiny, n):
+    model, tok = tiny
+    eager = SamplingParams(temperature=1.0)
+    torch.manual_seed(0)
+    want = generate(model, tok, _ids(tok, PROMPTS), n, 12, eager, ["\n\n", " 1"])
+    before = graphs.STATS.eager_steps
+    torch.manual_seed(0)
+    got = generate(model, tok, _ids(tok, PROMPTS), n, 12, dataclasses.replace(eager, graphs=True), ["\n\n", " 1"])
+    assert graphs.STATS.eager_steps > before  # (the loop ran: no CUDA here, so eagerly)
+    assert got == want
+    assert any(got[1]) and not all(got[1])  # some rows ended at EOS, some did not
+    assert sum(map(len, want[0])) > 2 * len(PROMPTS) * n
+
+
+def test_greedy_and_top_p_through_the_loop(tiny):
+    model, tok = tiny
+    for sampling in (SamplingParams(greedy=True), SamplingParams(temperature=0.7, top_p=0.9)):
+        torch.manual_seed(1)
+        want = generate(model, tok, _ids(tok, PROMPTS), 2, 10, sampling)
+        torch.manual_seed(1)
+        assert generate(model, tok, _ids(tok, PROMPTS), 2, 10, dataclasses.replace(sampling, graphs=True)) == want
+
+
+def test_a_tree_resumes_its_thoughts_from_the_step_buffers_cache(tiny):
+    model, tok = tiny
+    sampling = SamplingParams(temperature=1.0)
+    out = {}
+    for on in (False, True):
+        torch.manual_seed(3)
+        trees = sample_trees(model, tok, _ids(tok, PROMPTS), 3, 2, 8, 6, dataclasses.replace(sampling, graphs=on), ["e", "\n"])
+        out[on] = [(t.thoughts, t.thought_done, t.answers) for t in trees]
+    assert out[True] == out[False]
+    assert any(not done for t in out[True] for done in t[1])  # some thoughts were continued
+
+
+def test_one_step_buffer_per_batch_shape_reused_across_passes():
+    model, tok = build_tiny_llama(seed=5)
+    sampling = SamplingParams(temperature=1.0, graphs=True)
+    generate(model, tok, _ids(tok, PROMPTS[:2]), 3, 6, sampling)
+    pool = graphs._pool(model)
+    held = {k: id(v) for k, v in pool.items()}
+    generate(model, tok, _ids(tok, ["5 + 5 =", "9"]), 3, 6, sampling)  # same rows, same cache bucket
+    assert {k: id(v) for k, v in graphs._pool(model).items()} == held
+    assert len(held) == 1
+    generate(model, tok, _ids(tok, PROMPTS[:2]), 2, 6, sampling)  # 4 rows: a new buffer
+    assert len(graphs._pool(model)) == 2
+
+
+def test_new_weights_drop_the_step_buffers():
+    model, tok = build_tiny_llama(seed=5)
+    sampling = SamplingParams(temperature=1.0, graphs=True)
+    generate(model, tok, _ids(tok, PROMPTS[:2]), 2, 4, sampling)
+    assert len(graphs._pool(model)) == 1
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # (tied weights untied: new storage)
+    assert len(graphs._pool(model)) == 0
+
+
+def test_a_vlm_decodes_through_generate():
+    from vlm_treegrpo.data.visual import make_visual
+    from vlm_treegrpo.vlm.policy import tiny_vlm_policy
+
+    policy = tiny_vlm_policy("qwen2-vl", "cpu")
+    prompts = [policy.encode(ex, "") for ex in make_visual(2, seed=0)]
+    out = {}
+    for on in (False, True):
+        before = graphs.STATS.eager_steps + graphs.STATS.replays
+        torch.manual_seed(0)
+        with torch.no_grad():
+            trees = policy.sample(prompts, 2, 2, 6, 4, SamplingParams(temperature=1.0, graphs=on), ["e"])
+        assert graphs.STATS.eager_steps + graphs.STATS.replays == before
+        out[on] = [(t.thoughts, t.answers) for t in trees]
+    assert out[True] == out[False]
+
+
+def test_the_config_refuses_graphs_with_compile():
+    from vlm_treegrpo.config import ConfigError, RolloutConfig
+
+    with pytest.raises(ConfigError, match="rollout.decode_graphs"):
+        RolloutConfig(decode_graphs=True, compile_decode=True)
+
+
+def test_a_model_on_a_maskless_kernel_or_a_sliding_window_decodes_through_generate():
+    model, _ = build_tiny_llama(seed=5)
+    assert graphs.supports(model)
+    model.config._attn_implementation = "flash_attention_2"  # (the switch only: flash takes no 4-D mask)
+    assert not graphs.supports(model)
+    model.config._attn_implementation = "sdpa"
+    model.config.sliding_window = 16
+    assert not graphs.supports(model)

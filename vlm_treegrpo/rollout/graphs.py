@@ -1,0 +1,226 @@
+"""Decoding whose steps replay a captured CUDA graph (``rollout.decode_graphs``).
+
+On a GPU a small model's decode step is bound by kernel launches: SmolLM2-135M dispatches about
+1,240 ops a token (30 layers), each launched by the host, and the H200 runs them faster than
+the host issues them. TRL's ``generate`` and ours both pay this; on the H200 both took 40-60 ms
+a token. A CUDA graph of the step is replayed with one launch.
+
+:func:`graph_decode` does what one ``generate`` call over a prefilled cache does (the same
+logits processors called in the same order, so the same draws; padding after a row finished;
+the same stopping) with its own loop over fixed buffers: a :class:`StepGraph` holds a static KV
+cache of ``L`` positions for ``B`` rows, the step's input token, positions and 4-D attention
+mask, and the graph of one forward over them. Each pass loads its prefill into the cache and
+each step writes its token, bumps the position, opens one mask column and replays. The graphs
+are kept per ``(B, L)`` on the model (:data:`POOL_SIZE`), so a training run captures each batch
+shape once; the optimizer updates the weights in place, which the graphs read.
+
+Without CUDA (or when capture fails: the reason is counted in :data:`STATS` and warned once) the
+same loop runs the forward eagerly, which is how the CPU tests check it against ``generate``.
+Text models only: a model with per-row generation state (Qwen's mRoPE offsets) or a cache that
+is not plain per-token keys and values (a sliding window) decodes through ``generate``
+(:func:`supports`).
+"""
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from transformers import LogitsProcessorList, StaticCache
+
+from vlm_treegrpo.rollout.attention import causal_configs
+from vlm_treegrpo.rollout.decode import RowStop, StopRule
+from vlm_treegrpo.rollout.kv_cache import CACHE_KWARG, STATIC_CACHE_BUCKET, CachePiece, is_plain
+
+POOL_SIZE = 8
+"""Step graphs kept per model (least recently used dropped first): a K x M tree run uses two
+batch shapes (thoughts, continuations), a few more where prompt lengths cross a bucket."""
+
+WARMUP_RUNS = 2
+"""Eager forwards on a side stream before capture (CUDA's libraries set up their workspaces)."""
+
+
+@dataclass
+class GraphStats:
+    """What graph decoding did in this process (the bench reports it)."""
+
+    captured: int = 0
+    """Step graphs captured."""
+    replays: int = 0
+    """Decode steps run by replaying a graph."""
+    eager_steps: int = 0
+    """Decode steps run eagerly through the same loop (no CUDA, or a failed capture)."""
+    failures: list[str] = field(default_factory=list)
+    """Why a capture failed (each distinct reason once)."""
+
+    def as_dict(self) -> dict:
+        return {"captured": self.captured, "replays": self.replays, "eager_steps": self.eager_steps,
+                "failures": list(self.failures)}
+
+
+STATS = GraphStats()
+
+
+MASKED_KERNELS = ("sdpa", "eager")
+"""Attention kernels that take the step's 4-D mask (flash-attention takes none)."""
+
+
+def supports(model) -> bool:
+    """Whether :func:`graph_decode` can decode for ``model``'s decoder: no sliding window (the
+    static cache must be plain keys and values for every column) and an attention kernel that
+    takes a 4-D mask (:data:`MASKED_KERNELS`). The caller also requires a text model (no
+    per-row generation state)."""
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    if getattr(cfg, "sliding_window", None) or any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or ())):
+        return False
+    return all(c._attn_implementation in MASKED_KERNELS for c in causal_configs(model))
+
+
+def _fingerprint(model) -> tuple:
+    return tuple(p.data_ptr() for p in model.parameters())
+
+
+class StepGraph:
+    """One decode step of ``B`` rows over a static cache of ``L`` positions, on fixed buffers,
+    captured as a CUDA graph where possible."""
+
+    def __init__(self, model, B: int, L: int, device: torch.device):
+        self.model, self.B, self.L, self.device = model, B, L, device
+        self.cache = StaticCache(config=model.config, max_cache_len=L)
+        self.ids = torch.zeros((B, 1), dtype=torch.long, device=device)
+        self.pos = torch.zeros((B, 1), dtype=torch.long, device=device)
+        self.mask = torch.zeros((B, 1, 1, L), dtype=torch.bool, device=device)
+        self.graph = None
+        self.logits: Tensor | None = None
+        self.tried = False
+
+    def forward(self) -> Tensor:
+        """One eager forward over the buffers: logits ``[B, V]`` of the fed tokens."""
+        out = self.model(input_ids=self.ids, position_ids=self.pos, attention_mask=self.mask, use_cache=True,
+                         logits_to_keep=1, **{CACHE_KWARG: self.cache})
+        return out.logits[:, -1]
+
+    def load(self, prefilled, attention_mask: Tensor, positions: Tensor) -> None:
+        """Start a pass: the cache holds ``prefilled`` (every column but the last, ``T - 1``)
+        at its first positions, the mask opens the prompt's real columns, the positions are
+        the last prompt token's (``positions [B]``)."""
+        T1 = attention_mask.shape[1] - 1
+        if len(prefilled.layers) != len(self.cache.layers):
+            raise ValueError(f"graph_decode: the prefilled cache has {len(prefilled.layers)} layers, the model {len(self.cache.layers)}")
+        self.cache.reset()  # (in place: the graph's addresses stay)
+        for static, layer in zip(self.cache.layers, prefilled.layers):
+            static.update(layer.keys, layer.values)  # (allocates on first use) writes columns 0 .. T-2
+        self.mask.zero_()
+        self.mask[:, 0, 0, :T1] = attention_mask[:, :T1].bool()
+        self.pos.copy_(positions[:, None])
+        self.step_col = T1
+
+    def capture(self, stats: GraphStats) -> None:
+        """Capture the step as a CUDA graph (once per buffers). Warm-up forwards write into the
+        cache and advance it: the caller reloads it (:meth:`load`) after this."""
+        self.tried = True
+        if self.device.type != "cuda":
+            return
+        autocast = torch.is_autocast_enabled("cuda")
+        dtype = torch.get_autocast_dtype("cuda") if autocast else None
+        try:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_RUNS):
+                    self.forward()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # (autocast's weight-cast cache off: a cached cast made during capture would be freed
+            # when the outer autocast region ends, while the graph still reads it)
+            with torch.autocast("cuda", dtype=dtype, enabled=autocast, cache_enabled=False), torch.cuda.graph(graph):
+                self.logits = self.forward()
+            self.graph = graph
+            stats.captured += 1
+        except Exception as exc:  # the loop runs eagerly instead; the reason is reported
+            self.graph, self.logits = None, None
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            if reason not in stats.failures:
+                stats.failures.append(reason)
+                warnings.warn(f"rollout.decode_graphs: CUDA graph capture failed, decoding eagerly ({reason})", stacklevel=2)
+
+    def step(self, token: Tensor, stats: GraphStats) -> Tensor:
+        """Feed ``token [B]`` at the next position; the logits ``[B, V]`` (float32, a copy)."""
+        self.ids.copy_(token[:, None])
+        self.mask[:, 0, 0, self.step_col] = True
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self.logits
+            stats.replays += 1
+        else:
+            logits = self.forward()
+            stats.eager_steps += 1
+        self.pos.add_(1)
+        self.step_col += 1
+        return logits.to(copy=True, dtype=torch.float32)
+
+
+def _pool(model) -> OrderedDict:
+    pool = getattr(model, "_vt_step_graphs", None)
+    fingerprint = _fingerprint(model)
+    if pool is None or pool[0] != fingerprint:  # new weights (a merge, a move): the graphs read the old ones
+        pool = (fingerprint, OrderedDict())
+        model._vt_step_graphs = pool
+    return pool[1]
+
+
+def step_graph(model, B: int, L: int, prefilled, attention_mask: Tensor, positions: Tensor, stats: GraphStats) -> StepGraph:
+    """The model's :class:`StepGraph` for ``(B, L)`` (made and captured on first use), loaded
+    for this pass."""
+    pool = _pool(model)
+    device = attention_mask.device
+    graph = pool.get((B, L, device))
+    if graph is None:
+        graph = StepGraph(model, B, L, device)
+        pool[(B, L, device)] = graph
+        while len(pool) > POOL_SIZE:
+            pool.popitem(last=False)
+    pool.move_to_end((B, L, device))
+    graph.load(prefilled, attention_mask, positions)
+    if not graph.tried:
+        graph.capture(stats)
+        graph.load(prefilled, attention_mask, positions)
+    return graph
+
+
+@torch.no_grad()
+def graph_decode(model, inputs: dict, prefilled, max_new_tokens: int, pad_id: int, processors: LogitsProcessorList,
+                 rule: StopRule, stats: GraphStats = STATS) -> tuple[Tensor, list[CachePiece]]:
+    """What ``generate`` returns for the rows of ``inputs`` (left-padded ``input_ids`` and
+    ``attention_mask [B, T]``) continued from ``prefilled`` (the cache of their first ``T - 1``
+    columns), up to ``max_new_tokens``: ``out [B, T + new]`` padded after each row finished, and
+    the cache as one :class:`CachePiece` (valid until the next pass of the same shape)."""
+    ids = inputs["input_ids"]
+    B, T = ids.shape
+    mask = inputs.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    positions = model._prepare_position_ids_for_generation(ids, {"attention_mask": mask})[:, -1]  # [B]: the last prompt token's
+    L = -(-(T + max_new_tokens) // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
+    graph = step_graph(model, B, L, prefilled, mask, positions, stats)
+    out = torch.full((B, T + max_new_tokens), pad_id, dtype=torch.long, device=ids.device)
+    out[:, :T] = ids
+    unfinished = torch.ones(B, dtype=torch.bool, device=ids.device)
+    stop = RowStop(rule, T, T + max_new_tokens)
+    token, width = ids[:, -1], T
+    for t in range(max_new_tokens):
+        logits = graph.step(token, stats)
+        scores = processors(out[:, :width], logits)
+        token = torch.where(unfinished, scores.argmax(-1), torch.full_like(unfinished, pad_id, dtype=torch.long))
+        out[:, width] = token
+        width += 1
+        unfinished &= ~stop(out[:, :width], scores)
+        if not bool(unfinished.any()):
+            break
+    return out[:, :width], [CachePiece(torch.arange(B, device=ids.device), graph.cache)]
+
+
+def ready(cache) -> bool:
+    """Whether a made cache can be loaded into a step graph (plain per-token layers)."""
+    return cache is not None and is_plain(cache)
