@@ -4,7 +4,9 @@ On a GPU a small model's decode step is bound by the host issuing kernels, not b
 running them. This script reproduces that regime anywhere: SmolLM2's depth (30 layers) and head
 layout at a tiny width, on one CPU thread, where each op costs about its dispatch. It times one
 sampling pass of 4 prompts x 16 samples x 40 new tokens and counts the ops dispatched (on a GPU
-each compute op is about one kernel launch) and the host syncs, for:
+each compute op is about one kernel launch), the share of them inside model forwards (a decode
+step's forward is one graph replay under ``rollout.decode_graphs`` on a GPU) and the host syncs,
+for:
 
 - ``hf-generate``: ``model.generate(do_sample=True)``, the loop TRL's ``GRPOTrainer`` runs;
 - ``ours 16x1`` / ``ours 4x4``: our sampler (:func:`~vlm_treegrpo.rollout.tree.sample_trees`),
@@ -42,7 +44,7 @@ def build(device: str):
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     tok = build_local_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=30, num_attention_heads=3,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=30, num_attention_heads=3,
                       num_key_value_heads=1, head_dim=16, max_position_embeddings=512, tie_word_embeddings=True,
                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     cfg._attn_implementation = "sdpa"
@@ -70,7 +72,34 @@ def cases(model, tok) -> dict:
             "ours 16x1 graphs": ours(16, 1, graphs=True), "ours 4x4 graphs": ours(4, 4, graphs=True)}
 
 
-def measure(fn, device: torch.device, repeats: int) -> dict:
+class ForwardShare:
+    """Inside ``with OpCount()``: how many model forwards ran and how many of the compute ops ran
+    inside them (the rest is the decode loop's own work: sampling, stopping, bookkeeping; with
+    graphs on a GPU the decode steps' forwards are replays and only that rest is launched)."""
+
+    def __init__(self, model, count: OpCount):
+        self.model, self.count, self.forwards, self.inside, self._at = model, count, 0, 0, None
+
+    def __enter__(self):
+        def pre(*_):
+            self.forwards += 1
+            self._at = self.count.compute
+
+        def post(*_):
+            self.inside += self.count.compute - self._at
+
+        self._hooks = [self.model.register_forward_pre_hook(pre), self.model.register_forward_hook(post)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+
+
+def measure(fn, model, device: torch.device, repeats: int) -> dict:
+    """Median time of ``repeats`` runs after a warm-up, then one counted run: its ops
+    (:class:`OpCount`, :class:`ForwardShare`) and its decode steps replayed from graphs or run
+    eagerly (all graph capture failures so far)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.no_grad():
         fn()  # warm-up (and, with graphs, the capture)
@@ -81,10 +110,14 @@ def measure(fn, device: torch.device, repeats: int) -> dict:
             fn()
             sync()
             times.append(time.perf_counter() - t)
-        with OpCount() as count:
+        before = dataclasses.replace(graphs.STATS, failures=list(graphs.STATS.failures))
+        with OpCount() as count, ForwardShare(model, count) as share:
             fn()
-    return {"median_ms": round(statistics.median(times) * 1000, 1), "ms": [round(t * 1000, 1) for t in times],
-            "ops": count.ops, "compute_ops": count.compute, "host_syncs": count.syncs}
+    passes = {"graph_replays": graphs.STATS.replays - before.replays, "graph_eager_steps": graphs.STATS.eager_steps - before.eager_steps,
+              "graph_failures": graphs.STATS.failures}
+    return {**passes, "median_ms": round(statistics.median(times) * 1000, 1), "ms": [round(t * 1000, 1) for t in times],
+            "ops": count.ops, "compute_ops": count.compute, "host_syncs": count.syncs, "forwards": share.forwards,
+            "compute_ops_in_forwards": share.inside, "compute_ops_outside_forwards": count.compute - share.inside}
 
 
 def main(argv=None) -> int:
@@ -101,16 +134,11 @@ def main(argv=None) -> int:
     todo = cases(model, tok)
     names = [n for n in args.only.split(",") if n] or list(todo)
     rows = {}
-    print(f"{'case':20s} {'median ms':>10s} {'compute ops':>12s} {'syncs':>6s}")
+    print(f"{'case':20s} {'median ms':>10s} {'compute ops':>12s} {'syncs':>6s} {'forwards':>9s} {'in forwards':>12s} {'outside':>8s}")
     for name in names:
-        before = dataclasses.replace(graphs.STATS, failures=list(graphs.STATS.failures))
-        rows[name] = measure(todo[name], device, args.repeats)
-        if "graphs" in name:
-            rows[name]["graph_replays"] = graphs.STATS.replays - before.replays
-            rows[name]["graph_eager_steps"] = graphs.STATS.eager_steps - before.eager_steps
-            rows[name]["graph_failures"] = graphs.STATS.failures[len(before.failures):]
-        r = rows[name]
-        print(f"{name:20s} {r['median_ms']:10.1f} {r['compute_ops']:12d} {r['host_syncs']:6d}", flush=True)
+        rows[name] = r = measure(todo[name], model, device, args.repeats)
+        print(f"{name:20s} {r['median_ms']:10.1f} {r['compute_ops']:12d} {r['host_syncs']:6d} {r['forwards']:9d} "
+              f"{r['compute_ops_in_forwards']:12d} {r['compute_ops_outside_forwards']:8d}", flush=True)
     report = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "threads": torch.get_num_threads(), "torch": torch.__version__, "layers": model.config.num_hidden_layers,
               "prompts": len(PROMPTS), "samples": SAMPLES, "new_tokens": NEW_TOKENS, "cases": rows}

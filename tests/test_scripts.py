@@ -121,3 +121,21 @@ def test_stop_and_resume_sigterms_the_cli_and_the_resumed_run_matches_a_run_neve
     assert "steps matching the reference: 30 of 30 (resumed run logged 30)" in proc.stdout
     summary = json.loads((tmp_path / "runs/stopped/summary.json").read_text())
     assert summary["resumed_from_step"] >= 2 and summary["steps"] == 30
+
+
+def test_launch_proxy_counts_ops_inside_and_outside_the_forwards(tmp_path):
+    import torch
+
+    out = tmp_path / "lp.json"
+    threads = torch.get_num_threads()
+    try:
+        assert _script("launch_proxy").main(["--only", "hf-generate,ours 16x1 graphs", "--repeats", "1", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    cases = json.loads(out.read_text())["cases"]
+    hf, graphs = cases["hf-generate"], cases["ours 16x1 graphs"]
+    assert hf["forwards"] == 40 and graphs["forwards"] == 41  # (ours: one shared prefill, then 40 decode steps)
+    for r in (hf, graphs):
+        assert r["compute_ops_in_forwards"] + r["compute_ops_outside_forwards"] == r["compute_ops"] > 0
+        assert r["compute_ops_in_forwards"] > 10 * r["compute_ops_outside_forwards"]  # the model's forwards dominate
+    assert graphs["graph_eager_steps"] == 40 and graphs["graph_replays"] == 0 and graphs["graph_failures"] == []  # (no CUDA here)
