@@ -119,3 +119,17 @@ def test_a_model_on_a_maskless_kernel_or_a_sliding_window_decodes_through_genera
     model.config._attn_implementation = "sdpa"
     model.config.sliding_window = 16
     assert not graphs.supports(model)
+
+
+def test_the_step_buffers_live_beside_the_model_and_go_with_it():
+    import copy
+    import gc
+
+    model, tok = build_tiny_llama(seed=5)
+    generate(model, tok, _ids(tok, PROMPTS[:2]), 2, 4, SamplingParams(temperature=1.0, graphs=True))
+    assert len(graphs._pool(model)) == 1
+    copy.deepcopy(model)  # (a reference model is a deep copy: nothing of the pool is on the model)
+    n = len(graphs._POOLS)
+    del model
+    gc.collect()
+    assert len(graphs._POOLS) == n - 1

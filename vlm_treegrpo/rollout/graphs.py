@@ -11,7 +11,7 @@ the same stopping) with its own loop over fixed buffers: a :class:`StepGraph` ho
 cache of ``L`` positions for ``B`` rows, the step's input token, positions and 4-D attention
 mask, and the graph of one forward over them. Each pass loads its prefill into the cache and
 each step writes its token, bumps the position, opens one mask column and replays. The graphs
-are kept per ``(B, L)`` on the model (:data:`POOL_SIZE`), so a training run captures each batch
+are kept per ``(B, L)`` for each model (:data:`POOL_SIZE`), so a training run captures each batch
 shape once; the optimizer updates the weights in place, which the graphs read.
 
 Without CUDA (or when capture fails: the reason is counted in :data:`STATS` and warned once) the
@@ -23,6 +23,7 @@ is not plain per-token keys and values (a sliding window) decodes through ``gene
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -87,7 +88,7 @@ class StepGraph:
     captured as a CUDA graph where possible."""
 
     def __init__(self, model, B: int, L: int, device: torch.device):
-        self.model, self.B, self.L, self.device = model, B, L, device
+        self.B, self.L, self.device = B, L, device  # (not the model: the pool's values must not keep its key alive)
         self.cache = StaticCache(config=model.config, max_cache_len=L)
         self.ids = torch.zeros((B, 1), dtype=torch.long, device=device)
         self.pos = torch.zeros((B, 1), dtype=torch.long, device=device)
@@ -96,9 +97,9 @@ class StepGraph:
         self.logits: Tensor | None = None
         self.tried = False
 
-    def forward(self) -> Tensor:
+    def forward(self, model) -> Tensor:
         """One eager forward over the buffers: logits ``[B, V]`` of the fed tokens."""
-        out = self.model(input_ids=self.ids, position_ids=self.pos, attention_mask=self.mask, use_cache=True,
+        out = model(input_ids=self.ids, position_ids=self.pos, attention_mask=self.mask, use_cache=True,
                          logits_to_keep=1, **{CACHE_KWARG: self.cache})
         return out.logits[:, -1]
 
@@ -117,7 +118,7 @@ class StepGraph:
         self.pos.copy_(positions[:, None])
         self.step_col = T1
 
-    def capture(self, stats: GraphStats) -> None:
+    def capture(self, model, stats: GraphStats) -> None:
         """Capture the step as a CUDA graph (once per buffers). Warm-up forwards write into the
         cache and advance it: the caller reloads it (:meth:`load`) after this."""
         self.tried = True
@@ -130,13 +131,13 @@ class StepGraph:
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 for _ in range(WARMUP_RUNS):
-                    self.forward()
+                    self.forward(model)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             # (autocast's weight-cast cache off: a cached cast made during capture would be freed
             # when the outer autocast region ends, while the graph still reads it)
             with torch.autocast("cuda", dtype=dtype, enabled=autocast, cache_enabled=False), torch.cuda.graph(graph):
-                self.logits = self.forward()
+                self.logits = self.forward(model)
             self.graph = graph
             stats.captured += 1
         except Exception as exc:  # the loop runs eagerly instead; the reason is reported
@@ -146,7 +147,7 @@ class StepGraph:
                 stats.failures.append(reason)
                 warnings.warn(f"rollout.decode_graphs: CUDA graph capture failed, decoding eagerly ({reason})", stacklevel=2)
 
-    def step(self, token: Tensor, stats: GraphStats) -> Tensor:
+    def step(self, model, token: Tensor, stats: GraphStats) -> Tensor:
         """Feed ``token [B]`` at the next position; the logits ``[B, V]`` (float32, a copy)."""
         self.ids.copy_(token[:, None])
         self.mask[:, 0, 0, self.step_col] = True
@@ -155,19 +156,24 @@ class StepGraph:
             logits = self.logits
             stats.replays += 1
         else:
-            logits = self.forward()
+            logits = self.forward(model)
             stats.eager_steps += 1
         self.pos.add_(1)
         self.step_col += 1
         return logits.to(copy=True, dtype=torch.float32)
 
 
+_POOLS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+"""Each model's step graphs, ``(weights' fingerprint, {(B, L, device): StepGraph})``: beside the
+model, not on it, so copying or saving a model never meets a CUDA graph."""
+
+
 def _pool(model) -> OrderedDict:
-    pool = getattr(model, "_vt_step_graphs", None)
+    pool = _POOLS.get(model)
     fingerprint = _fingerprint(model)
     if pool is None or pool[0] != fingerprint:  # new weights (a merge, a move): the graphs read the old ones
         pool = (fingerprint, OrderedDict())
-        model._vt_step_graphs = pool
+        _POOLS[model] = pool
     return pool[1]
 
 
@@ -185,7 +191,7 @@ def step_graph(model, B: int, L: int, prefilled, attention_mask: Tensor, positio
     pool.move_to_end((B, L, device))
     graph.load(prefilled, attention_mask, positions)
     if not graph.tried:
-        graph.capture(stats)
+        graph.capture(model, stats)
         graph.load(prefilled, attention_mask, positions)
     return graph
 
@@ -210,7 +216,7 @@ def graph_decode(model, inputs: dict, prefilled, max_new_tokens: int, pad_id: in
     stop = RowStop(rule, T, T + max_new_tokens)
     token, width = ids[:, -1], T
     for t in range(max_new_tokens):
-        logits = graph.step(token, stats)
+        logits = graph.step(model, token, stats)
         scores = processors(out[:, :width], logits)
         token = torch.where(unfinished, scores.argmax(-1), torch.full_like(unfinished, pad_id, dtype=torch.long))
         out[:, width] = token
