@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The GPU checks, on a machine with CUDA: the GPU tests, the benchmark against TRL on both
-# workloads (10 measured steps: GPU hosts are noisy), ours with decode steps replayed from CUDA
+# workloads (2 warm-up and 10 measured steps: GPU hosts are noisy, and on the H200 a tree's first
+# step after one warm-up was still slow), ours with decode steps replayed from CUDA
 # graphs against TRL (text), the step profile of both, ours with compiled decoding
 # (torch.compile), and ours with finished rows kept in the decode batch.
 #
 #   scripts/gpu_check.sh [OUT_DIR] [PARTS]
 #
-# OUT_DIR defaults to runs/gpu-check. PARTS is a comma list of tests, bench-vlm, bench-text, graphs,
-# profile, compiled, keep, memory (default: the first six, about 16 minutes on an H200 host; e.g. run
-# tests,bench-text,graphs and then bench-vlm,profile,compiled where one call is limited to 10 minutes;
+# OUT_DIR defaults to runs/gpu-check. PARTS is a comma list of proxy, tests, bench-vlm, bench-text, graphs,
+# profile, compiled, keep, memory (default: the first seven, about 17 minutes on an H200 host; e.g. run
+# proxy,tests,bench-text,graphs and then bench-vlm,profile,compiled where one call is limited to 10 minutes;
+# proxy is scripts/launch_proxy.py on the GPU: TRL's generate loop against ours, with and without
+# decode graphs, on a 30-layer narrow model, about 30 s and no prepared model needed;
 # graphs is `bench --decode-graphs` on the text workload, ours against TRL; its JSON says how many
 # steps replayed a graph and why a capture failed, as compiled's says what torch.compile did;
 # keep, ours alone on both workloads with rollout.drop_finished=false, is the A/B of dropping
@@ -20,7 +23,7 @@
 # a package index). Each part runs even if an earlier one failed; the exit status counts failures.
 set -u
 OUT=${1:-runs/gpu-check}
-PARTS=,${2:-tests,bench-vlm,bench-text,graphs,profile,compiled},
+PARTS=,${2:-proxy,tests,bench-vlm,bench-text,graphs,profile,compiled},
 PY=${PYTHON:-python3}
 LEN=(--reward vlm_treegrpo.bench:length_signal_reward --lr 1e-12)
 want() { [[ "$PARTS" == *",$1,"* ]]; }
@@ -28,17 +31,21 @@ mkdir -p "$OUT"
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check: no CUDA device')" || exit 2
 "$PY" -c "import torch; print(torch.cuda.get_device_name(0), torch.__version__)" | tee "$OUT/device.txt"
 failed=0
+if want proxy; then
+    "$PY" scripts/launch_proxy.py --device cuda --threads 4 --out "$OUT/launch-proxy.json" 2>&1 | tee "$OUT/launch-proxy.txt"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || failed=$((failed + 1))
+fi
 if want tests; then
     "$PY" -m pytest -q -s -p no:cacheprovider tests/test_gpu_attention.py tests/test_gpu_sampling.py 2>&1 | tee "$OUT/gpu-tests.txt"
     [ "${PIPESTATUS[0]}" -eq 0 ] || failed=$((failed + 1))
 fi
 for w in vlm text; do
     if want "bench-$w"; then
-        "$PY" -m vlm_treegrpo.cli bench --workload "$w" "${LEN[@]}" --steps 10 --rounds "${ROUNDS:-1}" --out "$OUT/bench-$w.json" || failed=$((failed + 1))
+        "$PY" -m vlm_treegrpo.cli bench --workload "$w" "${LEN[@]}" --warmup 2 --steps 10 --rounds "${ROUNDS:-1}" --out "$OUT/bench-$w.json" || failed=$((failed + 1))
     fi
 done
 if want graphs; then  # the text model's decode steps replayed from CUDA graphs (rollout.decode_graphs)
-    "$PY" -m vlm_treegrpo.cli bench --workload text --decode-graphs "${LEN[@]}" --steps 10 --rounds "${ROUNDS:-1}" \
+    "$PY" -m vlm_treegrpo.cli bench --workload text --decode-graphs "${LEN[@]}" --warmup 2 --steps 10 --rounds "${ROUNDS:-1}" \
         --out "$OUT/bench-text-graphs.json" || failed=$((failed + 1))
 fi
 if want profile; then
