@@ -133,3 +133,12 @@ def test_the_step_buffers_live_beside_the_model_and_go_with_it():
     del model
     gc.collect()
     assert len(graphs._POOLS) == n - 1
+
+
+def test_autocast_gets_its_own_step_buffers():
+    model, tok = build_tiny_llama(seed=5)
+    sampling = SamplingParams(temperature=1.0, graphs=True)
+    generate(model, tok, _ids(tok, PROMPTS[:2]), 2, 4, sampling)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        generate(model, tok, _ids(tok, PROMPTS[:2]), 2, 4, sampling)
+    assert sorted(k[-1] is None for k in graphs._pool(model)) == [False, True]

@@ -11,8 +11,9 @@ the same stopping) with its own loop over fixed buffers: a :class:`StepGraph` ho
 cache of ``L`` positions for ``B`` rows, the step's input token, positions and 4-D attention
 mask, and the graph of one forward over them. Each pass loads its prefill into the cache and
 each step writes its token, bumps the position, opens one mask column and replays. The graphs
-are kept per ``(B, L)`` for each model (:data:`POOL_SIZE`), so a training run captures each batch
-shape once; the optimizer updates the weights in place, which the graphs read.
+are kept per batch shape ``(B, L)``, cache dtype and autocast state for each model
+(:data:`POOL_SIZE`), so a training run captures each batch shape once; the optimizer updates the
+weights in place, which the graphs read.
 
 Without CUDA (or when capture fails: the reason is counted in :data:`STATS` and warned once) the
 same loop runs the forward eagerly, which is how the CPU tests check it against ``generate``.
@@ -96,11 +97,12 @@ class StepGraph:
         self.graph = None
         self.logits: Tensor | None = None
         self.tried = False
+        self.step_col = 0  # the cache column the next fed token goes to
 
     def forward(self, model) -> Tensor:
         """One eager forward over the buffers: logits ``[B, V]`` of the fed tokens."""
-        out = model(input_ids=self.ids, position_ids=self.pos, attention_mask=self.mask, use_cache=True,
-                         logits_to_keep=1, **{CACHE_KWARG: self.cache})
+        out = model(input_ids=self.ids, position_ids=self.pos, attention_mask=self.mask, use_cache=True, logits_to_keep=1,
+                    **{CACHE_KWARG: self.cache})
         return out.logits[:, -1]
 
     def load(self, prefilled, attention_mask: Tensor, positions: Tensor) -> None:
@@ -178,17 +180,19 @@ def _pool(model) -> OrderedDict:
 
 
 def step_graph(model, B: int, L: int, prefilled, attention_mask: Tensor, positions: Tensor, stats: GraphStats) -> StepGraph:
-    """The model's :class:`StepGraph` for ``(B, L)`` (made and captured on first use), loaded
-    for this pass."""
+    """The model's :class:`StepGraph` for ``(B, L)``, the cache's dtype and the autocast state
+    (a graph computes as it was captured), made and captured on first use, loaded for this pass."""
     pool = _pool(model)
     device = attention_mask.device
-    graph = pool.get((B, L, device))
+    autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    key = (B, L, device, prefilled.layers[0].keys.dtype, autocast)
+    graph = pool.get(key)
     if graph is None:
         graph = StepGraph(model, B, L, device)
-        pool[(B, L, device)] = graph
+        pool[key] = graph
         while len(pool) > POOL_SIZE:
             pool.popitem(last=False)
-    pool.move_to_end((B, L, device))
+    pool.move_to_end(key)
     graph.load(prefilled, attention_mask, positions)
     if not graph.tried:
         graph.capture(model, stats)
