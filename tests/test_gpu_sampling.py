@@ -1,7 +1,7 @@
 """GPU only (skipped without CUDA): tree sampling on the device. Continuations that resume the
 thought pass's KV cache sample what a new prefill samples (text and Qwen2-VL, fp32), and
-compiled decoding (CUDA graphs) samples what eager decoding samples, and so does decoding that drops
-finished rows."""
+compiled decoding (CUDA graphs) samples what eager decoding samples, and so do decoding that drops
+finished rows and decode steps replayed from captured CUDA graphs (text and Qwen2-VL)."""
 from __future__ import annotations
 
 import pytest
@@ -113,3 +113,22 @@ def test_graph_decode_replays_a_captured_step_and_samples_what_eager_samples_on_
     torch.manual_seed(2)
     eager = sample_trees(model, tok, prompts, 4, 1, 6, 0, sampling, [])
     assert _shapes(flat) == _shapes(eager)
+
+
+def test_graph_decode_of_a_vlm_tree_samples_what_eager_samples_on_cuda():
+    """``rollout.decode_graphs`` on Qwen2-VL (fp32): mRoPE positions from the row state, the
+    steps captured without image inputs."""
+    from vlm_treegrpo.data.visual import make_visual
+    from vlm_treegrpo.rollout import graphs
+    from vlm_treegrpo.vlm.policy import tiny_vlm_policy
+
+    policy = tiny_vlm_policy("qwen2-vl", "cuda", dtype="float32")
+    prompts = [policy.encode(ex, "") for ex in make_visual(3, seed=1)]
+    replays = graphs.STATS.replays
+    out = {}
+    for on in (False, True):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            out[on] = _shapes(policy.sample(prompts, 3, 2, 6, 4, SamplingParams(temperature=1.0, graphs=on), ["e", "\n"]))
+    assert out[True] == out[False]
+    assert graphs.STATS.replays > replays and not graphs.STATS.failures, graphs.STATS.failures

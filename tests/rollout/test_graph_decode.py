@@ -1,8 +1,9 @@
 """Graph decoding (``rollout.decode_graphs``): the fixed-buffer decode loop samples what
 ``generate`` samples (same draws, padding, stops), with the shared prefill and without, in
 trees whose continuations resume the thought cache, greedy too; each batch shape gets one step
-buffer, reused by later passes; a VLM decodes as before. On this CPU the step runs eagerly
-(``tests/test_gpu_sampling.py`` checks the captured graph on CUDA)."""
+buffer, reused by later passes; every VLM family's trees too (Gemma3, with its sliding window,
+through ``generate``). On this CPU the step runs eagerly (``tests/test_gpu_sampling.py`` checks
+the captured graph on CUDA)."""
 from __future__ import annotations
 
 import dataclasses
@@ -87,21 +88,29 @@ def test_new_weights_drop_the_step_buffers():
     assert len(graphs._pool(model)) == 0
 
 
-def test_a_vlm_decodes_through_generate():
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "smolvlm", "llava-onevision", "gemma3"])
+def test_a_vlm_tree_through_the_loop_equals_generate(family):
+    """Every family: the steps need no image input once the cache holds the prompt, and Qwen's
+    mRoPE offsets place them (RopeDeltas.decode_positions). Gemma3 (sliding window) decodes
+    through generate."""
     from vlm_treegrpo.data.visual import make_visual
     from vlm_treegrpo.vlm.policy import tiny_vlm_policy
 
-    policy = tiny_vlm_policy("qwen2-vl", "cpu")
-    prompts = [policy.encode(ex, "") for ex in make_visual(2, seed=0)]
-    out = {}
+    policy = tiny_vlm_policy(family, "cpu")
+    prompts = [policy.encode(ex, "") for ex in make_visual(3, seed=1)]
+    eos = policy.model.generation_config.eos_token_id
+    policy.model.generation_config.eos_token_id = [*(eos if isinstance(eos, list) else [eos]), *range(200, 215)]
+    out, steps = {}, {}
     for on in (False, True):
-        before = graphs.STATS.eager_steps + graphs.STATS.replays
-        torch.manual_seed(0)
+        before = graphs.STATS.eager_steps
+        torch.manual_seed(5)
         with torch.no_grad():
-            trees = policy.sample(prompts, 2, 2, 6, 4, SamplingParams(temperature=1.0, graphs=on), ["e"])
-        assert graphs.STATS.eager_steps + graphs.STATS.replays == before
-        out[on] = [(t.thoughts, t.answers) for t in trees]
+            trees = policy.sample(prompts, 3, 2, 10, 8, SamplingParams(temperature=1.0, graphs=on), ["e", "\n"])
+        out[on], steps[on] = [(t.thoughts, t.thought_done, t.answers) for t in trees], graphs.STATS.eager_steps - before
     assert out[True] == out[False]
+    assert steps[False] == 0 and (steps[True] == 0) == (family == "gemma3")
+    done = [d for _, dones, _ in out[True] for d in dones]
+    assert any(done) and not all(done)  # some thoughts were continued
 
 
 def test_the_config_refuses_graphs_with_compile():
@@ -118,6 +127,7 @@ def test_a_model_on_a_maskless_kernel_or_a_sliding_window_decodes_through_genera
     assert not graphs.supports(model)
     model.config._attn_implementation = "sdpa"
     model.config.sliding_window = 16
+    model.config.layer_types = ["sliding_attention"] * model.config.num_hidden_layers  # (a static cache of window layers)
     assert not graphs.supports(model)
 
 
@@ -141,4 +151,4 @@ def test_autocast_gets_its_own_step_buffers():
     generate(model, tok, _ids(tok, PROMPTS[:2]), 2, 4, sampling)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         generate(model, tok, _ids(tok, PROMPTS[:2]), 2, 4, sampling)
-    assert sorted(k[-1] is None for k in graphs._pool(model)) == [False, True]
+    assert sorted(k[4] is None for k in graphs._pool(model)) == [False, True]  # (key: B, L, device, dtype, autocast, axes)

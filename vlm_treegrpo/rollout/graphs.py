@@ -17,8 +17,10 @@ weights in place, which the graphs read.
 
 Without CUDA (or when capture fails: the reason is counted in :data:`STATS` and warned once) the
 same loop runs the forward eagerly, which is how the CPU tests check it against ``generate``.
-Text models only: a model with per-row generation state (Qwen's mRoPE offsets) or a cache that
-is not plain per-token keys and values (a sliding window) decodes through ``generate``
+Text models and VLMs alike (a VLM's steps need no image input once the cache holds the prompt;
+the adapter's row state places them, :meth:`~vlm_treegrpo.rollout.kv_cache.RowState.decode_positions`:
+Qwen's mRoPE offsets). A model whose cache is not plain per-token keys and values (a sliding
+window, Gemma3) or whose attention takes no 4-D mask (flash) decodes through ``generate``
 (:func:`supports`).
 """
 from __future__ import annotations
@@ -34,7 +36,7 @@ from transformers import LogitsProcessorList, StaticCache
 
 from vlm_treegrpo.rollout.attention import causal_configs
 from vlm_treegrpo.rollout.decode import RowStop, StopRule
-from vlm_treegrpo.rollout.kv_cache import CACHE_KWARG, STATIC_CACHE_BUCKET, CachePiece, is_plain
+from vlm_treegrpo.rollout.kv_cache import CACHE_KWARG, STATIC_CACHE_BUCKET, CachePiece, RowState, is_plain
 
 POOL_SIZE = 8
 """Step graphs kept per model (least recently used dropped first): a K x M tree run uses two
@@ -70,12 +72,10 @@ MASKED_KERNELS = ("sdpa", "eager")
 
 
 def supports(model) -> bool:
-    """Whether :func:`graph_decode` can decode for ``model``'s decoder: no sliding window (the
-    static cache must be plain keys and values for every column) and an attention kernel that
-    takes a 4-D mask (:data:`MASKED_KERNELS`). The caller also requires a text model (no
-    per-row generation state)."""
-    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    if getattr(cfg, "sliding_window", None) or any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or ())):
+    """Whether :func:`graph_decode` can decode for ``model``'s decoder: a static cache of plain
+    keys and values for every column (no sliding-window layer) and an attention kernel that
+    takes a 4-D mask (:data:`MASKED_KERNELS`)."""
+    if not is_plain(StaticCache(config=model.config, max_cache_len=STATIC_CACHE_BUCKET)):  # (layers allocate lazily)
         return False
     return all(c._attn_implementation in MASKED_KERNELS for c in causal_configs(model))
 
@@ -88,11 +88,11 @@ class StepGraph:
     """One decode step of ``B`` rows over a static cache of ``L`` positions, on fixed buffers,
     captured as a CUDA graph where possible."""
 
-    def __init__(self, model, B: int, L: int, device: torch.device):
+    def __init__(self, model, B: int, L: int, device: torch.device, axes: int = 0):
         self.B, self.L, self.device = B, L, device  # (not the model: the pool's values must not keep its key alive)
         self.cache = StaticCache(config=model.config, max_cache_len=L)
         self.ids = torch.zeros((B, 1), dtype=torch.long, device=device)
-        self.pos = torch.zeros((B, 1), dtype=torch.long, device=device)
+        self.pos = torch.zeros((axes, B, 1) if axes else (B, 1), dtype=torch.long, device=device)  # (axes: mRoPE's 3)
         self.mask = torch.zeros((B, 1, 1, L), dtype=torch.bool, device=device)
         self.graph = None
         self.logits: Tensor | None = None
@@ -108,7 +108,7 @@ class StepGraph:
     def load(self, prefilled, attention_mask: Tensor, positions: Tensor) -> None:
         """Start a pass: the cache holds ``prefilled`` (every column but the last, ``T - 1``)
         at its first positions, the mask opens the prompt's real columns, the positions are
-        the last prompt token's (``positions [B]``)."""
+        the last prompt token's (``positions [B]``, or ``[3, B]`` for mRoPE)."""
         T1 = attention_mask.shape[1] - 1
         if len(prefilled.layers) != len(self.cache.layers):
             raise ValueError(f"graph_decode: the prefilled cache has {len(prefilled.layers)} layers, the model {len(self.cache.layers)}")
@@ -117,7 +117,7 @@ class StepGraph:
             static.update(layer.keys, layer.values)  # (allocates on first use) writes columns 0 .. T-2
         self.mask.zero_()
         self.mask[:, 0, 0, :T1] = attention_mask[:, :T1].bool()
-        self.pos.copy_(positions[:, None])
+        self.pos.copy_(positions[..., None])
         self.step_col = T1
 
     def capture(self, model, stats: GraphStats) -> None:
@@ -185,10 +185,11 @@ def step_graph(model, B: int, L: int, prefilled, attention_mask: Tensor, positio
     pool = _pool(model)
     device = attention_mask.device
     autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-    key = (B, L, device, prefilled.layers[0].keys.dtype, autocast)
+    axes = positions.shape[0] if positions.dim() == 2 else 0
+    key = (B, L, device, prefilled.layers[0].keys.dtype, autocast, axes)
     graph = pool.get(key)
     if graph is None:
-        graph = StepGraph(model, B, L, device)
+        graph = StepGraph(model, B, L, device, axes)
         pool[key] = graph
         while len(pool) > POOL_SIZE:
             pool.popitem(last=False)
@@ -202,16 +203,19 @@ def step_graph(model, B: int, L: int, prefilled, attention_mask: Tensor, positio
 
 @torch.no_grad()
 def graph_decode(model, inputs: dict, prefilled, max_new_tokens: int, pad_id: int, processors: LogitsProcessorList,
-                 rule: StopRule, stats: GraphStats = STATS) -> tuple[Tensor, list[CachePiece]]:
+                 rule: StopRule, state: RowState | None = None, stats: GraphStats = STATS) -> tuple[Tensor, list[CachePiece]]:
     """What ``generate`` returns for the rows of ``inputs`` (left-padded ``input_ids`` and
-    ``attention_mask [B, T]``) continued from ``prefilled`` (the cache of their first ``T - 1``
-    columns), up to ``max_new_tokens``: ``out [B, T + new]`` padded after each row finished, and
-    the cache as one :class:`CachePiece` (valid until the next pass of the same shape)."""
+    ``attention_mask [B, T]``; other per-token inputs are not needed once the cache holds the
+    prompt) continued from ``prefilled`` (the cache of their first ``T - 1`` columns), up to
+    ``max_new_tokens``: ``out [B, T + new]`` padded after each row finished, and the cache as one
+    :class:`CachePiece` (valid until the next pass of the same shape). ``state``: the model's
+    per-row generation state, which places the decode steps (:meth:`RowState.decode_positions`;
+    a text model's: :class:`RowState`)."""
     ids = inputs["input_ids"]
     B, T = ids.shape
     mask = inputs.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask
-    positions = model._prepare_position_ids_for_generation(ids, {"attention_mask": mask})[:, -1]  # [B]: the last prompt token's
+    positions = (state or RowState()).decode_positions(mask)  # [B] (or [3, B]): the last prompt token's
     L = -(-(T + max_new_tokens) // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
     graph = step_graph(model, B, L, prefilled, mask, positions, stats)
     out = torch.full((B, T + max_new_tokens), pad_id, dtype=torch.long, device=ids.device)

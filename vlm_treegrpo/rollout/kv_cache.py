@@ -51,6 +51,12 @@ class RowState:
         """Only ``rows``, each repeated ``n`` times, row-major (finished rows dropped, or the
         thoughts a continuation pass resumes)."""
 
+    def decode_positions(self, attention_mask: Tensor) -> Tensor:
+        """The position ``generate`` gives each row's last column of ``attention_mask [B, T]``
+        (left padding) when it feeds it as a decode step; each later step adds 1. Here the
+        count of the row's real tokens before it: ``[B]``. (A model with mRoPE returns ``[3, B]``.)"""
+        return attention_mask.long().sum(-1) - 1
+
 
 @torch.no_grad()
 def prefill_shared(model, inputs: dict, n: int, state: RowState | None = None):

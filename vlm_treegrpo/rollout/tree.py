@@ -228,8 +228,8 @@ def generate_batch(
     gen_cfg = sampling.generation_config(max_new_tokens, tokenizer.pad_token_id, eos)
     if suppress_ids and sampling.greedy:  # (a sampled call suppresses in its Sampler)
         gen_cfg.suppress_tokens = list(suppress_ids)
-    # (a text model's steps replayed from a CUDA graph; greedy suppression stays with generate)
-    graphed = sampling.graphs and state is None and prompt_len > 1 and not (suppress_ids and sampling.greedy) and supports(model)
+    # (decode steps replayed from a CUDA graph; greedy suppression stays with generate)
+    graphed = sampling.graphs and prompt_len > 1 and not (suppress_ids and sampling.greedy) and supports(model)
     with decode_attention(model):
         if prefilled is None and prompt_len > 1 and (n > 1 or graphed):
             prefilled = prefill_shared(model, inputs, n, state)
@@ -241,8 +241,8 @@ def generate_batch(
         rule = StopRule(eos, tokenizer, stop_strings or ())
         if graphed and graph_ready(prefilled):
             out, pieces = graph_decode(model, inputs, prefilled, max_new_tokens, tokenizer.pad_token_id,
-                                       sampling.logits_processors(suppress_ids or ()), rule)
-            pass_state = None
+                                       sampling.logits_processors(suppress_ids or ()), rule, state)
+            pass_state = state.get() if state is not None else None
         else:
             if sampling.compile:
                 cache = static_cache(model, prompt_len + max_new_tokens, prefilled)

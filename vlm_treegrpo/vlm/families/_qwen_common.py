@@ -131,6 +131,16 @@ class RopeDeltas(RowState):
             keep = torch.tensor(rows, dtype=torch.long, device=self.core.rope_deltas.device)
             self.core.rope_deltas = self.core.rope_deltas.index_select(0, keep).repeat_interleave(n, dim=0)
 
+    def decode_positions(self, attention_mask: Tensor) -> Tensor:
+        """``[3, B]``: a generated token's mRoPE position is its text position plus the row's
+        offset, the same on all three axes (``compute_3d_position_ids`` once the cache holds the
+        prompt)."""
+        text = super().decode_positions(attention_mask)  # [B]
+        deltas = self.get()
+        if deltas is not None:
+            text = text + deltas.to(text.device).reshape(-1).repeat_interleave(text.shape[0] // deltas.shape[0])
+        return text[None, :].expand(3, -1)
+
 
 def _content_groups(chunks: list[Tensor]) -> list[int]:
     """A group id per image so that equal pixel tensors share one (fallback when no keys are given)."""
