@@ -2,7 +2,7 @@
 # The GPU checks, on a machine with CUDA: the GPU tests, the benchmark against TRL on both
 # workloads (2 warm-up and 10 measured steps: GPU hosts are noisy, and on the H200 a tree's first
 # step after one warm-up was still slow), ours with decode steps replayed from CUDA
-# graphs against TRL (text), the step profile of both, ours with compiled decoding
+# graphs against TRL (both workloads), the step profile of both, ours with compiled decoding
 # (torch.compile), and ours with finished rows kept in the decode batch.
 #
 #   scripts/gpu_check.sh [OUT_DIR] [PARTS]
@@ -12,7 +12,7 @@
 # proxy,tests,bench-text,graphs and then bench-vlm,profile,compiled where one call is limited to 10 minutes;
 # proxy is scripts/launch_proxy.py on the GPU: TRL's generate loop against ours, with and without
 # decode graphs, on a 30-layer narrow model, about 30 s and no prepared model needed;
-# graphs is `bench --decode-graphs` on the text workload, ours against TRL; its JSON says how many
+# graphs is `bench --decode-graphs` on both workloads, ours against TRL; its JSON says how many
 # steps replayed a graph and why a capture failed, as compiled's says what torch.compile did;
 # keep, ours alone on both workloads with rollout.drop_finished=false, is the A/B of dropping
 # finished rows against bench-vlm and bench-text, a few minutes more; memory runs
@@ -44,9 +44,11 @@ for w in vlm text; do
         "$PY" -m vlm_treegrpo.cli bench --workload "$w" "${LEN[@]}" --warmup 2 --steps 10 --rounds "${ROUNDS:-1}" --out "$OUT/bench-$w.json" || failed=$((failed + 1))
     fi
 done
-if want graphs; then  # the text model's decode steps replayed from CUDA graphs (rollout.decode_graphs)
-    "$PY" -m vlm_treegrpo.cli bench --workload text --decode-graphs "${LEN[@]}" --warmup 2 --steps 10 --rounds "${ROUNDS:-1}" \
-        --out "$OUT/bench-text-graphs.json" || failed=$((failed + 1))
+if want graphs; then  # decode steps replayed from CUDA graphs (rollout.decode_graphs), both workloads
+    for w in text vlm; do
+        "$PY" -m vlm_treegrpo.cli bench --workload "$w" --decode-graphs "${LEN[@]}" --warmup 2 --steps 10 --rounds "${ROUNDS:-1}" \
+            --out "$OUT/bench-$w-graphs.json" || failed=$((failed + 1))
+    done
 fi
 if want profile; then
     for w in text vlm; do

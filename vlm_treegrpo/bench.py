@@ -88,7 +88,7 @@ class BenchSpec:
     drop_finished: bool = True
     """Ours: finished rows leave the decode batch (``rollout.drop_finished``)."""
     decode_graphs: bool = False
-    """Ours: a text model's decode steps replay a CUDA graph (``rollout.decode_graphs``)."""
+    """Ours: decode steps replay a CUDA graph (``rollout.decode_graphs``)."""
 
     def __post_init__(self) -> None:
         if self.K * self.M != self.G:
@@ -416,7 +416,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reward", default="correctness", help="reward for both trainers: built-in name or pkg.module:fn")
     p.add_argument("--compile-decode", action="store_true", help="ours: compiled decoding (rollout.compile_decode; TRL unchanged)")
     p.add_argument("--decode-graphs", action="store_true",
-                   help="ours: decode steps replayed from CUDA graphs (rollout.decode_graphs; text models; TRL unchanged)")
+                   help="ours: decode steps replayed from CUDA graphs (rollout.decode_graphs; TRL unchanged)")
     p.add_argument("--keep-finished", action="store_true", help="ours: finished rows stay in the decode batch (rollout.drop_finished=false)")
     p.add_argument("--quick", action="store_true", help="tiny-llama (or tiny VLM), 2 steps, small batches: a smoke run")
     p.add_argument("--scaling", action="store_true", help="time our step against K, M, tokens (and images): ours only")

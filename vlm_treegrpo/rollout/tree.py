@@ -66,8 +66,8 @@ class SamplingParams:
     compile: bool = False
     """Decode through a static KV cache with the model's forward compiled (:func:`static_cache`)."""
     graphs: bool = False
-    """Decode a text model's steps by replaying a captured CUDA graph
-    (:mod:`vlm_treegrpo.rollout.graphs`; eagerly through the same loop without CUDA)."""
+    """Decode steps by replaying a captured CUDA graph (:mod:`vlm_treegrpo.rollout.graphs`;
+    eagerly through the same loop without CUDA)."""
     drop_finished: bool = True
     """Finished rows leave the decode batch (:mod:`vlm_treegrpo.rollout.decode`; the same draws
     as without). Not with ``compile``: a static cache keeps its batch."""
