@@ -166,8 +166,10 @@ class StepGraph:
 
 
 _POOLS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-"""Each model's step graphs, ``(weights' fingerprint, {(B, L, device): StepGraph})``: beside the
-model, not on it, so copying or saving a model never meets a CUDA graph."""
+"""Each model's step graphs, ``(weights' fingerprint, {key: StepGraph})`` keyed by rows, cache
+length, device, cache dtype, autocast dtype and position axes (:func:`step_graph`): beside the
+model, not on it, so copying or saving a model never meets a CUDA graph. An evicted graph's cache
+lives on while a kept thought pass still holds it."""
 
 
 def _pool(model) -> OrderedDict:
