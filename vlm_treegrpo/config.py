@@ -180,8 +180,9 @@ class RolloutConfig:
     graph per batch shape, captured on first use and kept. For a GPU, where a small model's
     decoding is bound by kernel launches. Not yet measured on a GPU. Without CUDA, or if capture
     fails (the reason is warned and reported), the same loop runs eagerly: on the CPU that made
-    the tiny VLM's tree step about 10% faster and left SmolLM2's sampling about as it was. A model with a
-    sliding window (Gemma3) or flash-attention decodes as without. Finished rows stay in the batch."""
+    the tiny VLM's tree step about 10% faster and left SmolLM2's sampling about as it was. A
+    model with a sliding window (Gemma3) or on flash-attention decodes as without. Finished rows
+    stay in the batch."""
     drop_finished: bool = True
     """Finished rows leave the decode batch (the same draws as without; off under
     ``compile_decode``). On the CPU it cut SmolLM2's sampling by 6-20%; on a GPU, where decoding is
