@@ -101,18 +101,23 @@ def measure(fn, model, device: torch.device, repeats: int) -> dict:
     (:class:`OpCount`, :class:`ForwardShare`) and its decode steps replayed from graphs or run
     eagerly (all graph capture failures so far)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def run():  # (the same draws each run: the same batch shapes, so any graph is captured in the warm-up)
+        torch.manual_seed(0)
+        fn()
+
     with torch.no_grad():
-        fn()  # warm-up (and, with graphs, the capture)
+        run()  # warm-up (and, with graphs, the capture)
         sync()
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
-            fn()
+            run()
             sync()
             times.append(time.perf_counter() - t)
         before = dataclasses.replace(graphs.STATS, failures=list(graphs.STATS.failures))
         with OpCount() as count, ForwardShare(model, count) as share:
-            fn()
+            run()
     passes = {"graph_replays": graphs.STATS.replays - before.replays, "graph_eager_steps": graphs.STATS.eager_steps - before.eager_steps,
               "graph_failures": graphs.STATS.failures}
     return {**passes, "median_ms": round(statistics.median(times) * 1000, 1), "ms": [round(t * 1000, 1) for t in times],

@@ -22,7 +22,7 @@ def test_a_compiled_tree_reports_its_graphs_and_the_recompile_for_the_wider_batc
     assert report["counters"]["stats"]["unique_graphs"] == 2
     assert report["counters"]["frames"]["ok"] == 2
     recompiles = [line for line in report["log_first"] + report["log_last"] if "Recompiling" in line]
-    assert len(recompiles) == 1 and "expected 4, actual 8" in recompiles[0]
+    assert len(recompiles) == 1 and "input_ids" in recompiles[0] and "size mismatch" in recompiles[0]  # (4 rows, then 8)
     assert report["log_lines"] >= 1
     assert not [h for lg in _torch_loggers() for h in lg.handlers if isinstance(h, _Keep)]  # (ours are gone)
 

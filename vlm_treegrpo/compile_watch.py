@@ -66,7 +66,7 @@ class CompileWatch:
     block (groups of :data:`COUNTER_GROUPS`, zero entries left out), the number of lines torch
     logged there about recompiles, graph breaks and CUDA graphs, and the first and last of them
     (:data:`FIRST_LINES`, :data:`LAST_LINES`). Torch's log settings go back to its defaults on
-    exit."""
+    exit (settings made before, ``TORCH_LOGS`` included, are not restored)."""
 
     def __init__(self):
         self._keep = _Keep()

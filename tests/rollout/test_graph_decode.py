@@ -50,8 +50,10 @@ def test_greedy_and_top_p_through_the_loop(tiny):
     for sampling in (SamplingParams(greedy=True), SamplingParams(temperature=0.7, top_p=0.9)):
         torch.manual_seed(1)
         want = generate(model, tok, _ids(tok, PROMPTS), 2, 10, sampling)
+        before = graphs.STATS.eager_steps
         torch.manual_seed(1)
         assert generate(model, tok, _ids(tok, PROMPTS), 2, 10, dataclasses.replace(sampling, graphs=True)) == want
+        assert graphs.STATS.eager_steps > before
 
 
 def test_a_tree_resumes_its_thoughts_from_the_step_buffers_cache(tiny):
@@ -59,11 +61,31 @@ def test_a_tree_resumes_its_thoughts_from_the_step_buffers_cache(tiny):
     sampling = SamplingParams(temperature=1.0)
     out = {}
     for on in (False, True):
+        before = graphs.STATS.eager_steps
+        torch.manual_seed(3)
+        trees = sample_trees(model, tok, _ids(tok, PROMPTS), 3, 2, 8, 6, dataclasses.replace(sampling, graphs=on), ["e", "\n"])
+        out[on] = [(t.thoughts, t.thought_done, t.answers) for t in trees]
+        assert (graphs.STATS.eager_steps > before) == on
+    assert out[True] == out[False]
+    assert any(not done for t in out[True] for done in t[1])  # some thoughts were continued
+
+
+def test_rows_rounded_up_to_a_bucket_sample_what_generate_samples(monkeypatch):
+    """As on a GPU: the step buffers have row_bucket(B) rows, the extra ones repeat the last row
+    and never reach the sampler (12 thoughts -> 16 rows; the continuations' count varies)."""
+    monkeypatch.setattr(graphs, "BUCKET_DEVICES", ("cuda", "cpu"))
+    assert [graphs.row_bucket(b) for b in (1, 3, 5, 12, 16, 17, 40, 64)] == [1, 4, 8, 16, 16, 32, 48, 64]
+    model, tok = build_tiny_llama(seed=5)
+    model.generation_config.eos_token_id = [tok.eos_token_id, *range(300, 330)]
+    sampling = SamplingParams(temperature=1.0)
+    out = {}
+    for on in (False, True):
         torch.manual_seed(3)
         trees = sample_trees(model, tok, _ids(tok, PROMPTS), 3, 2, 8, 6, dataclasses.replace(sampling, graphs=on), ["e", "\n"])
         out[on] = [(t.thoughts, t.thought_done, t.answers) for t in trees]
     assert out[True] == out[False]
-    assert any(not done for t in out[True] for done in t[1])  # some thoughts were continued
+    rows = sorted(k[0] for k in graphs._pool(model))
+    assert 16 in rows and all(r == graphs.row_bucket(r) for r in rows)  # (12 thought rows in a 16-row buffer)
 
 
 def test_one_step_buffer_per_batch_shape_reused_across_passes():
@@ -120,10 +142,12 @@ def test_the_config_refuses_graphs_with_compile():
         RolloutConfig(decode_graphs=True, compile_decode=True)
 
 
-def test_a_model_on_a_maskless_kernel_or_a_sliding_window_decodes_through_generate():
+def test_a_model_on_flash_or_eager_attention_or_a_sliding_window_decodes_through_generate():
     model, _ = build_tiny_llama(seed=5)
     assert graphs.supports(model)
     model.config._attn_implementation = "flash_attention_2"  # (the switch only: flash takes no 4-D mask)
+    assert not graphs.supports(model)
+    model.config._attn_implementation = "eager"  # (transformers' eager kernel adds the mask to the scores: no bool mask)
     assert not graphs.supports(model)
     model.config._attn_implementation = "sdpa"
     model.config.sliding_window = 16

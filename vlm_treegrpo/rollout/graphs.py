@@ -11,9 +11,9 @@ the same stopping) with its own loop over fixed buffers: a :class:`StepGraph` ho
 cache of ``L`` positions for ``B`` rows, the step's input token, positions and 4-D attention
 mask, and the graph of one forward over them. Each pass loads its prefill into the cache and
 each step writes its token, bumps the position, opens one mask column and replays. The graphs
-are kept per batch shape ``(B, L)``, cache dtype and autocast state for each model
-(:data:`POOL_SIZE`), so a training run captures each batch shape once; the optimizer updates the
-weights in place, which the graphs read.
+are kept per batch shape (rows rounded up, :func:`row_bucket`; cache length), cache dtype and
+autocast state for each model (:data:`POOL_SIZE`), so a training run captures each shape once;
+the optimizer updates the weights in place, which the graphs read.
 
 Without CUDA (or when capture fails: the reason is counted in :data:`STATS` and warned once) the
 same loop runs the forward eagerly, which is how the CPU tests check it against ``generate``.
@@ -36,11 +36,13 @@ from transformers import LogitsProcessorList, StaticCache
 
 from vlm_treegrpo.rollout.attention import causal_configs
 from vlm_treegrpo.rollout.decode import RowStop, StopRule
-from vlm_treegrpo.rollout.kv_cache import CACHE_KWARG, STATIC_CACHE_BUCKET, CachePiece, RowState, is_plain
+from vlm_treegrpo.rollout.kv_cache import CACHE_KWARG, STATIC_CACHE_BUCKET, CachePiece, RowState, is_plain, select_rows
 
 POOL_SIZE = 8
-"""Step graphs kept per model (least recently used dropped first): a K x M tree run uses two
-batch shapes (thoughts, continuations), a few more where prompt lengths cross a bucket."""
+"""Step graphs kept per model (least recently used dropped first). A K x M tree run needs one
+for its thoughts and a few for its continuations (:func:`row_bucket`; more where prompt lengths
+cross a :data:`STATIC_CACHE_BUCKET`). Each holds a static cache of its rows x length: for a
+large model or long completions, that is the memory to watch."""
 
 WARMUP_RUNS = 2
 """Eager forwards on a side stream before capture (CUDA's libraries set up their workspaces)."""
@@ -67,8 +69,10 @@ class GraphStats:
 STATS = GraphStats()
 
 
-MASKED_KERNELS = ("sdpa", "eager")
-"""Attention kernels that take the step's 4-D mask (flash-attention takes none)."""
+MASKED_KERNELS = ("sdpa",)
+"""Attention kernels that take the step's 4-D bool mask: sdpa (decoding reroutes it through
+:func:`~vlm_treegrpo.rollout.attention.attention_forward`). transformers' eager kernel adds a
+mask to the scores (a bool one would add 1 and 0) and flash-attention takes none."""
 
 
 def supports(model) -> bool:
@@ -81,7 +85,20 @@ def supports(model) -> bool:
 
 
 def _fingerprint(model) -> tuple:
-    return tuple(p.data_ptr() for p in model.parameters())
+    """Where the weights and buffers (rotary frequencies too) are: a graph reads them there."""
+    return tuple((t.data_ptr(), t.dtype, t.device) for t in (*model.parameters(), *model.buffers()))
+
+
+BUCKET_DEVICES = ("cuda",)
+"""Devices whose step buffers are made for :func:`row_bucket` rows (where graphs are captured)."""
+
+
+def row_bucket(B: int) -> int:
+    """The rows a step graph is made for: ``B`` rounded up to a power of two up to 16, then to a
+    multiple of 16, so a continuation pass (its rows are the unfinished thoughts times M, a number
+    that changes from step to step) reuses a few graphs instead of capturing one per count. The
+    extra rows repeat the last row and are dropped from the logits before sampling."""
+    return 1 << (B - 1).bit_length() if B <= 16 else -(-B // 16) * 16
 
 
 class StepGraph:
@@ -108,16 +125,18 @@ class StepGraph:
     def load(self, prefilled, attention_mask: Tensor, positions: Tensor) -> None:
         """Start a pass: the cache holds ``prefilled`` (every column but the last, ``T - 1``)
         at its first positions, the mask opens the prompt's real columns, the positions are
-        the last prompt token's (``positions [B]``, or ``[3, B]`` for mRoPE)."""
+        the last prompt token's (``positions [B']``, or ``[3, B']`` for mRoPE). With fewer rows
+        than the buffers' ``B``, the last row fills the rest."""
         T1 = attention_mask.shape[1] - 1
         if len(prefilled.layers) != len(self.cache.layers):
             raise ValueError(f"graph_decode: the prefilled cache has {len(prefilled.layers)} layers, the model {len(self.cache.layers)}")
+        fill = self.B - attention_mask.shape[0]
         self.cache.reset()  # (in place: the graph's addresses stay)
         for static, layer in zip(self.cache.layers, prefilled.layers):
-            static.update(layer.keys, layer.values)  # (allocates on first use) writes columns 0 .. T-2
+            static.update(_fill(layer.keys, fill), _fill(layer.values, fill))  # (allocates on first use) columns 0 .. T-2
         self.mask.zero_()
-        self.mask[:, 0, 0, :T1] = attention_mask[:, :T1].bool()
-        self.pos.copy_(positions[..., None])
+        self.mask[:, 0, 0, :T1] = _fill(attention_mask[:, :T1], fill).bool()
+        self.pos.copy_(_fill(positions, fill, dim=positions.dim() - 1)[..., None])
         self.step_col = T1
 
     def capture(self, model, stats: GraphStats) -> None:
@@ -150,8 +169,10 @@ class StepGraph:
                 warnings.warn(f"rollout.decode_graphs: CUDA graph capture failed, decoding eagerly ({reason})", stacklevel=2)
 
     def step(self, model, token: Tensor, stats: GraphStats) -> Tensor:
-        """Feed ``token [B]`` at the next position; the logits ``[B, V]`` (float32, a copy)."""
-        self.ids.copy_(token[:, None])
+        """Feed ``token [B']`` at the next position (the extra rows get the last row's); the
+        logits ``[B', V]`` (float32, a copy)."""
+        rows = token.shape[0]
+        self.ids.copy_(_fill(token, self.B - rows)[:, None])
         self.mask[:, 0, 0, self.step_col] = True
         if self.graph is not None:
             self.graph.replay()
@@ -162,14 +183,21 @@ class StepGraph:
             stats.eager_steps += 1
         self.pos.add_(1)
         self.step_col += 1
-        return logits.to(copy=True, dtype=torch.float32)
+        return logits[:rows].to(copy=True, dtype=torch.float32)
+
+
+def _fill(t: Tensor, extra: int, dim: int = 0) -> Tensor:
+    """``t`` with its last entry along ``dim`` repeated ``extra`` more times."""
+    if extra <= 0:
+        return t
+    last = t.narrow(dim, t.shape[dim] - 1, 1)
+    return torch.cat([t, last.expand(*[extra if d == dim else -1 for d in range(t.dim())])], dim=dim)
 
 
 _POOLS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 """Each model's step graphs, ``(weights' fingerprint, {key: StepGraph})`` keyed by rows, cache
 length, device, cache dtype, autocast dtype and position axes (:func:`step_graph`): beside the
-model, not on it, so copying or saving a model never meets a CUDA graph. An evicted graph's cache
-lives on while a kept thought pass still holds it."""
+model, not on it, so copying or saving a model never meets a CUDA graph."""
 
 
 def _pool(model) -> OrderedDict:
@@ -182,16 +210,18 @@ def _pool(model) -> OrderedDict:
 
 
 def step_graph(model, B: int, L: int, prefilled, attention_mask: Tensor, positions: Tensor, stats: GraphStats) -> StepGraph:
-    """The model's :class:`StepGraph` for ``(B, L)``, the cache's dtype and the autocast state
-    (a graph computes as it was captured), made and captured on first use, loaded for this pass."""
+    """The model's :class:`StepGraph` for ``B`` rows (:func:`row_bucket`) and ``L`` positions,
+    the cache's dtype and the autocast state (a graph computes as it was captured), made and
+    captured on first use, loaded for this pass."""
     pool = _pool(model)
     device = attention_mask.device
     autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
     axes = positions.shape[0] if positions.dim() == 2 else 0
-    key = (B, L, device, prefilled.layers[0].keys.dtype, autocast, axes)
+    rows = row_bucket(B) if device.type in BUCKET_DEVICES else B  # (padding rows costs compute where nothing is captured)
+    key = (rows, L, device, prefilled.layers[0].keys.dtype, autocast, axes)
     graph = pool.get(key)
     if graph is None:
-        graph = StepGraph(model, B, L, device, axes)
+        graph = StepGraph(model, rows, L, device, axes)
         pool[key] = graph
         while len(pool) > POOL_SIZE:
             pool.popitem(last=False)
@@ -205,16 +235,19 @@ def step_graph(model, B: int, L: int, prefilled, attention_mask: Tensor, positio
 
 @torch.no_grad()
 def graph_decode(model, inputs: dict, prefilled, max_new_tokens: int, pad_id: int, processors: LogitsProcessorList,
-                 rule: StopRule, state: RowState | None = None, stats: GraphStats = STATS) -> tuple[Tensor, list[CachePiece]]:
+                 rule: StopRule, state: RowState | None = None, keep_cache: bool = False,
+                 stats: GraphStats = STATS) -> tuple[Tensor, list[CachePiece]]:
     """What ``generate`` returns for the rows of ``inputs`` (left-padded ``input_ids`` and
     ``attention_mask [B, T]``; other per-token inputs are not needed once the cache holds the
     prompt) continued from ``prefilled`` (the cache of their first ``T - 1`` columns), up to
-    ``max_new_tokens``: ``out [B, T + new]`` padded after each row finished, and the cache as one
-    :class:`CachePiece` (valid until the next pass of the same shape). ``state``: the model's
-    per-row generation state, which places the decode steps (:meth:`RowState.decode_positions`;
-    a text model's: :class:`RowState`)."""
+    ``max_new_tokens``: ``out [B, T + new]`` padded after each row finished, and with
+    ``keep_cache`` the rows' cache as one :class:`CachePiece` (a copy: the step graph's own cache
+    is the next pass's). ``state``: the model's per-row generation state, which places the decode
+    steps (:meth:`RowState.decode_positions`; a text model's: :class:`RowState`)."""
     ids = inputs["input_ids"]
     B, T = ids.shape
+    if max_new_tokens < 1:
+        return ids, []
     mask = inputs.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask
     positions = (state or RowState()).decode_positions(mask)  # [B] (or [3, B]): the last prompt token's
@@ -234,7 +267,8 @@ def graph_decode(model, inputs: dict, prefilled, max_new_tokens: int, pad_id: in
         unfinished &= ~stop(out[:, :width], scores)
         if not bool(unfinished.any()):
             break
-    return out[:, :width], [CachePiece(torch.arange(B, device=ids.device), graph.cache)]
+    pieces = [CachePiece(torch.arange(B, device=ids.device), select_rows(graph.cache, torch.arange(B)))] if keep_cache else []
+    return out[:, :width], pieces
 
 
 def ready(cache) -> bool:

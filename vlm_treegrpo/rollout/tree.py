@@ -207,7 +207,9 @@ def generate_batch(
     With ``n > 1`` the rows' prompts are prefilled once (:func:`prefill_shared`) and ``generate``
     continues the ``B * n`` copies from that cache: ``decode_inputs`` are the copies' kwargs
     (default: every per-token input repeated; a VLM passes its re-collated copies without pixel
-    tensors, which the cache already holds). Rows that contain a stop string stop early;
+    tensors, which the cache already holds). With ``sampling.graphs`` the decode is
+    :func:`~vlm_treegrpo.rollout.graphs.graph_decode` (steps replayed from a CUDA graph), the same
+    samples. Rows that contain a stop string stop early;
     ``suppress_ids`` are never generated (e.g. image placeholder tokens). ``state``: the
     model's per-row generation state (:class:`RowState`: repeated with the rows' copies, kept
     for the rows left when finished rows are dropped; none for a text model). With ``sampling.compile`` the cache is a static
@@ -241,7 +243,7 @@ def generate_batch(
         rule = StopRule(eos, tokenizer, stop_strings or ())
         if graphed and graph_ready(prefilled):
             out, pieces = graph_decode(model, inputs, prefilled, max_new_tokens, tokenizer.pad_token_id,
-                                       sampling.logits_processors(suppress_ids or ()), rule, state)
+                                       sampling.logits_processors(suppress_ids or ()), rule, state, keep_cache=keep is not None)
             pass_state = state.get() if state is not None else None
         else:
             if sampling.compile:
