@@ -47,6 +47,7 @@ def run_ours(spec: BenchSpec) -> dict:
     from vlm_treegrpo.policy import make_policy
     from vlm_treegrpo.rewards import RewardSet
     from vlm_treegrpo.runtime import resolve_device, set_threads
+    from vlm_treegrpo.step import rollout_step, update_step
 
     cfg = ours_config(spec)
     torch.manual_seed(spec.seed)
@@ -59,11 +60,30 @@ def run_ours(spec: BenchSpec) -> dict:
     params = [p for p in policy.model.parameters() if p.requires_grad]
     optimizer = adamw(params, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
     scheduler = warmup_constant(optimizer, cfg.optim.warmup_steps)
-    K, M = spec.K, spec.M
+    P, K, M = spec.prompts_per_step, spec.K, spec.M
     rows = []
     watch = CompileWatch() if spec.compile_decode else contextlib.nullcontext()
     with watch:
-        _steps(spec, policy, examples, prompts, reward_set, optimizer, scheduler, cfg, device, rows)
+        for step in range(spec.warmup + spec.steps):
+            sl = slice(step * P, (step + 1) * P)
+            t0 = time.perf_counter()
+            data = rollout_step(policy, examples[sl], prompts[sl], reward_set, cfg)
+            sync(device)
+            t1 = time.perf_counter()
+            stats = update_step(policy, None, optimizer, scheduler, data, cfg, device)
+            sync(device)
+            t2 = time.perf_counter()
+            rows.append({
+                "seconds": t2 - t0,
+                "rollout_seconds": t1 - t0,
+                "completions": P * K * M,
+                "completion_tokens": sum(len(t.leaf_ids(k, m)) for t in data.trees for k in range(K) for m in range(M)),
+                "generated_tokens": sum(len(th) for t in data.trees for th in t.thoughts)
+                + sum(len(a) for t in data.trees for conts in t.answers for a in conts),
+                "reward": data.rewards.mean().item(),
+                "zero_std_frac": data.metrics["zero_std_frac"],
+                "trees_updated": stats["trees_updated"],
+            })
     settings = {
         "trainer": "vlm_treegrpo", "K": K, "M": M, "thought_max_tokens": cfg.rollout.thought_max_tokens,
         "answer_max_tokens": cfg.rollout.answer_max_tokens, "branch_delimiters": cfg.rollout.branch_delimiters,
@@ -78,31 +98,3 @@ def run_ours(spec: BenchSpec) -> dict:
     if spec.decode_graphs:
         out["decode_graphs"] = STATS.as_dict()  # (captures, replays, eager steps, failed captures and why)
     return out
-
-
-def _steps(spec, policy, examples, prompts, reward_set, optimizer, scheduler, cfg, device, rows: list) -> None:
-    """The warm-up and measured steps, a row each in ``rows``."""
-    from vlm_treegrpo.step import rollout_step, update_step
-
-    P, K, M = spec.prompts_per_step, spec.K, spec.M
-    for step in range(spec.warmup + spec.steps):
-        sl = slice(step * P, (step + 1) * P)
-        t0 = time.perf_counter()
-        data = rollout_step(policy, examples[sl], prompts[sl], reward_set, cfg)
-        sync(device)
-        t1 = time.perf_counter()
-        stats = update_step(policy, None, optimizer, scheduler, data, cfg, device)
-        sync(device)
-        t2 = time.perf_counter()
-        rows.append({
-            "seconds": t2 - t0,
-            "rollout_seconds": t1 - t0,
-            "completions": P * K * M,
-            "completion_tokens": sum(len(t.leaf_ids(k, m)) for t in data.trees for k in range(K) for m in range(M)),
-            "generated_tokens": sum(len(th) for t in data.trees for th in t.thoughts)
-            + sum(len(a) for t in data.trees for conts in t.answers for a in conts),
-            "reward": data.rewards.mean().item(),
-            "zero_std_frac": data.metrics["zero_std_frac"],
-            "trees_updated": stats["trees_updated"],
-        })
-

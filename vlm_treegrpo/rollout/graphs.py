@@ -106,7 +106,7 @@ class StepGraph:
     captured as a CUDA graph where possible."""
 
     def __init__(self, model, B: int, L: int, device: torch.device, axes: int = 0):
-        self.B, self.L, self.device = B, L, device  # (not the model: the pool's values must not keep its key alive)
+        self.B, self.device = B, device  # (not the model: the pool's values must not keep its key alive)
         self.cache = StaticCache(config=model.config, max_cache_len=L)
         self.ids = torch.zeros((B, 1), dtype=torch.long, device=device)
         self.pos = torch.zeros((axes, B, 1) if axes else (B, 1), dtype=torch.long, device=device)  # (axes: mRoPE's 3)
@@ -256,12 +256,13 @@ def graph_decode(model, inputs: dict, prefilled, max_new_tokens: int, pad_id: in
     out = torch.full((B, T + max_new_tokens), pad_id, dtype=torch.long, device=ids.device)
     out[:, :T] = ids
     unfinished = torch.ones(B, dtype=torch.bool, device=ids.device)
+    pads = torch.full((B,), pad_id, dtype=torch.long, device=ids.device)
     stop = RowStop(rule, T, T + max_new_tokens)
     token, width = ids[:, -1], T
     for t in range(max_new_tokens):
         logits = graph.step(model, token, stats)
         scores = processors(out[:, :width], logits)
-        token = torch.where(unfinished, scores.argmax(-1), torch.full_like(unfinished, pad_id, dtype=torch.long))
+        token = torch.where(unfinished, scores.argmax(-1), pads)
         out[:, width] = token
         width += 1
         unfinished &= ~stop(out[:, :width], scores)
@@ -269,8 +270,3 @@ def graph_decode(model, inputs: dict, prefilled, max_new_tokens: int, pad_id: in
             break
     pieces = [CachePiece(torch.arange(B, device=ids.device), select_rows(graph.cache, torch.arange(B)))] if keep_cache else []
     return out[:, :width], pieces
-
-
-def ready(cache) -> bool:
-    """Whether a made cache can be loaded into a step graph (plain per-token layers)."""
-    return cache is not None and is_plain(cache)

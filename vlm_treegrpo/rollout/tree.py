@@ -29,7 +29,6 @@ from transformers import CompileConfig, DynamicCache, GenerationConfig, LogitsPr
 from vlm_treegrpo.rollout.attention import decode_attention
 from vlm_treegrpo.rollout.decode import StopRule, decode, has_delimiter
 from vlm_treegrpo.rollout.graphs import graph_decode, supports
-from vlm_treegrpo.rollout.graphs import ready as graph_ready
 from vlm_treegrpo.rollout.kv_cache import TOKEN_KEYS, RowState, ThoughtPass, continuation_cache, prefill_shared, static_cache
 from vlm_treegrpo.rollout.sampling import sampling_processors
 
@@ -241,7 +240,7 @@ def generate_batch(
         elif n > 1:  # a one-token prompt: nothing to share; greedy generate takes one sequence per row
             inputs = {k: v.repeat_interleave(n, dim=0) for k, v in inputs.items()}
         rule = StopRule(eos, tokenizer, stop_strings or ())
-        if graphed and graph_ready(prefilled):
+        if graphed:  # (prefilled: supports() asked for plain layers, and prompt_len > 1 made a prefill)
             out, pieces = graph_decode(model, inputs, prefilled, max_new_tokens, tokenizer.pad_token_id,
                                        sampling.logits_processors(suppress_ids or ()), rule, state, keep_cache=keep is not None)
             pass_state = state.get() if state is not None else None
