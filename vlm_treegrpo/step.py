@@ -231,34 +231,41 @@ def update_step(policy: Policy, ref_policy: Policy | None, optimizer, scheduler,
     for u in range(a.updates_per_batch):
         optimizer.zero_grad(set_to_none=True)
         sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0}
+        losses: list[torch.Tensor] = []
         for ci, c in enumerate(chunks):
-            mb = batch.rows(c).to(device)
-            if mb.target_mask.sum() == 0:
+            host = batch.rows(c)
+            n_target = float(host.target_mask.sum())  # (read on the host: no device sync)
+            if n_target == 0:
                 continue
+            mb = host.to(device)
             with autocast_ctx(device, cfg.model.autocast), collect_entropy() if u == 0 else contextlib.nullcontext() as ent:
                 logp = policy.logp(mb, cfg.rollout.temperature)  # [n, L]
             entropy += ent or []
             old_logp = old[ci] if old is not None else logp.detach()
             loss = policy_loss(logp, old_logp, mb.advantages, mb.target_mask, kind=a.loss, clip_eps=a.clip_eps, agg=a.agg, max_len=max_len)
             if a.agg == "token_mean":
-                weight = mb.target_mask.sum() / total_tokens
+                weight = n_target / total_tokens
             else:
-                weight = (mb.target_mask.sum(-1) > 0).sum() / rows_with_tokens
+                weight = float((host.target_mask.sum(-1) > 0).sum()) / rows_with_tokens
             loss = loss * weight
             if a.beta > 0:
                 kl = masked_mean(kl_penalty(logp, refs[ci], a.kl_kind), mb.target_mask)
                 loss = loss + a.beta * kl * weight
                 sums["kl"] += (kl * weight).item()
             loss.backward()
-            sums["loss"] += loss.item()
-            m = policy_loss_metrics(logp.detach(), old_logp, mb.advantages, mb.target_mask, a.clip_eps)
-            share = float(mb.target_mask.sum() / live_tokens)  # metrics average over updated tokens
-            sums["clip_frac"] += m["clip_frac"] * share
-            sums["ratio_mean"] += m["ratio_mean"] * share
+            losses.append(loss.detach())  # (read after the step: no device sync between micro-batches)
+            share = n_target / float(live_tokens)  # metrics average over updated tokens
+            if old is None:  # on-policy: the ratio is exactly 1, nothing is clipped
+                sums["ratio_mean"] += share
+            else:
+                m = policy_loss_metrics(logp.detach(), old_logp, mb.advantages, mb.target_mask, a.clip_eps)
+                sums["clip_frac"] += m["clip_frac"] * share
+                sums["ratio_mean"] += m["ratio_mean"] * share
         params = [p for p in model.parameters() if p.requires_grad]
         dist.sum_grads(params)
         gn, stepped = clipped_step(optimizer, params, o.max_grad_norm)  # (the same on every process: summed gradients)
         skipped += not stepped
+        sums["loss"] = sum(float(x) for x in losses)
         *pooled, trees, ent_sum, ent_weight = dist.sum([*sums.values(), N, sum(e for e, _ in entropy), sum(w for _, w in entropy)])
         stats = dict(zip(sums, pooled), grad_norm=gn, trees_updated=int(trees), skipped_updates=skipped)
         # the policy's entropy at the updated tokens, before this step's update (None: nothing updated)

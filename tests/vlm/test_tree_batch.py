@@ -127,3 +127,31 @@ def test_dense_mask_default_of_a_gpu_builds_no_plan_and_agrees(setup, monkeypatc
         got = packed.logp(policy.model)
     assert planned == []
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_model_inputs_come_from_the_host_copy(setup):
+    """Off the CPU the inputs are built from the tree's host copy (``host``): a batch whose moved
+    tree has wrong positions and predictors but a right host copy scores exactly as the original."""
+    import dataclasses
+
+    policy, _, _, _, _, packed = setup
+    broken = dataclasses.replace(packed.tree, position_ids=torch.zeros_like(packed.tree.position_ids),
+                                 pred_pos=torch.zeros_like(packed.tree.pred_pos))
+    hosted = dataclasses.replace(packed, tree=broken, host=packed.tree)
+    with torch.no_grad():
+        want = policy.logp(packed)
+        assert torch.equal(policy.logp(hosted), want)
+        assert not torch.equal(policy.logp(dataclasses.replace(hosted, host=None)), want)  # (the check can fail)
+        assert torch.equal(policy.logp(hosted.rows(slice(1, None))), policy.logp(packed.rows(slice(1, None))))
+
+
+def test_to_keeps_the_host_copy_off_the_cpu(setup):
+    packed = setup[-1]
+    moved = packed.to("meta")
+    assert moved.host is packed.tree and moved.tree.input_ids.device.type == "meta"
+    assert moved.to("meta").host is packed.tree
+    assert packed.to("cpu").host is None and moved.to("cpu").host is None
+    assert moved.to("cpu").tree is packed.tree  # back on the CPU: the host copy itself, no copy
+    sub, want = moved.rows(slice(1, None)), packed.rows(slice(1, None))  # selected on the host, then moved
+    assert sub.tree.input_ids.device.type == "meta" and torch.equal(sub.host.input_ids, want.tree.input_ids)
+    assert sub.tree.input_ids.shape == want.tree.input_ids.shape

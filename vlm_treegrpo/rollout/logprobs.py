@@ -119,8 +119,8 @@ def gather_logp(logits: Tensor, col: Tensor, input_ids: Tensor, target_mask: Ten
 
 
 class TokenLogp(torch.autograd.Function):
-    """``log softmax(x[r] / t)[i]`` for pairs ``(r, i)``, in row chunks, never materialising
-    the fp32 log-softmax of the whole ``[R, V]`` logits.
+    """``log softmax(x[r] / t)[i]`` for pairs ``(r, i)``, in row chunks (:meth:`chunk_rows`),
+    never materialising the fp32 log-softmax of the whole ``[R, V]`` logits.
 
     Forward: each referenced row's logsumexp, a chunk at a time in fp32. Backward, the same
     chunks: ``dx[r] = (onehot(i) - softmax(x[r] / t)) * g / t`` summed over the pairs of row
@@ -129,14 +129,31 @@ class TokenLogp(torch.autograd.Function):
     49,152-token vocabulary that was a quarter of the update's time on the CPU.
     """
 
-    CHUNK = 64  # rows per step: 64 x 49,152 fp32 is 12.6 MB
+    CHUNK: int | None = None
+    """Rows per step; None: :meth:`chunk_rows` (an element budget per device)."""
+    CHUNK_ELEMENTS = {"cpu": 64 * 49_152}
+    """fp32 elements per step: on the CPU 64 rows of SmolLM2's 49,152-token vocabulary (12.6 MB,
+    cache-friendly); elsewhere :data:`CHUNK_ELEMENTS_DEFAULT`."""
+    CHUNK_ELEMENTS_DEFAULT = 1 << 26
+    """On a GPU, 2^26 fp32 elements (256 MiB a temporary; SmolLM2: 1,365 rows, a 152k vocabulary:
+    441): a step is a handful of kernel launches whatever its size, and while the update is bound by
+    the host launching kernels, 64-row steps (some 25 launches each, forward and backward) cost
+    more than the arithmetic (a tiny VLM's update: 2,369 ops in all with 64-row steps, 1,304 with one)."""
+
+    @staticmethod
+    def chunk_rows(vocab: int, device: torch.device) -> int:
+        """Rows per step for a ``vocab``-wide logits tensor on ``device``."""
+        if TokenLogp.CHUNK is not None:
+            return TokenLogp.CHUNK
+        budget = TokenLogp.CHUNK_ELEMENTS.get(device.type, TokenLogp.CHUNK_ELEMENTS_DEFAULT)
+        return max(1, budget // max(1, vocab))
 
     @staticmethod
     def forward(ctx, x: Tensor, rows: Tensor, ids: Tensor, temperature: float) -> Tensor:  # x [R, V], rows/ids [T]
         used = torch.unique(rows)  # [R'] rows anybody reads
         lse = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)  # [R]
         ent = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device) if entropy_wanted() else None  # [R]
-        for c in used.split(TokenLogp.CHUNK):
+        for c in used.split(TokenLogp.chunk_rows(x.shape[1], x.device)):
             z = x.index_select(0, c).float() / temperature  # [C, V]
             if ent is None:
                 lse[c] = torch.logsumexp(z, dim=-1)
@@ -158,7 +175,7 @@ class TokenLogp(torch.autograd.Function):
         gsum = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device).index_add_(0, rows, g)  # [R]
         order = torch.argsort(rows)  # the pairs grouped by row, so a chunk's pairs are one slice
         srows, sids, sg = rows[order], ids[order], g[order]
-        C = TokenLogp.CHUNK
+        C = TokenLogp.chunk_rows(x.shape[1], x.device)
         bounds = torch.searchsorted(srows, used[::C].contiguous()).tolist() + [rows.numel()]  # each chunk's first pair
         dx = torch.zeros_like(x)  # [R, V]
         for j, c in enumerate(used.split(C)):  # c sorted

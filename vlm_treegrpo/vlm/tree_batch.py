@@ -49,6 +49,11 @@ class VLMTreeBatch:
     """The completion part packed under one-token roots (the prompts' last tokens), ``[N, 1 + C]``."""
     adapter: VLMAdapter
     pad_id: int
+    host: PackedBatch | None = None
+    """The tree part on the CPU when :meth:`to` moved ``tree`` to an accelerator: the model inputs
+    (collated prompts, positions, the tree mask, the predictor columns) are built from it with
+    host ops and moved in a few copies, instead of some 230 small kernels and 30 device reads
+    per micro-batch (a tiny VLM's update: the model's own forward is about 270 ops)."""
 
     @property
     def _T(self) -> int:
@@ -82,6 +87,9 @@ class VLMTreeBatch:
 
     def rows(self, sel: slice | Tensor) -> "VLMTreeBatch":
         """The rows ``sel`` (slice, index or bool tensor); the tree part trimmed to their longest."""
+        if self.host is not None:  # select on the host, then move
+            sel = sel.cpu() if isinstance(sel, Tensor) else sel
+            return self._on_host().rows(sel).to(self.tree.input_ids.device)
         idx = torch.arange(len(self.prompts), device=self.tree.input_ids.device)[sel]
         sub = dataclasses.replace(self, prompts=[self.prompts[i] for i in idx.tolist()], tree=self.tree.rows(idx))
         width = int(sub._real().any(0).nonzero().max()) + 1 if len(idx) else 1
@@ -90,7 +98,15 @@ class VLMTreeBatch:
         return dataclasses.replace(sub, tree=PackedBatch(**trim, segments=sub.tree.segments))
 
     def to(self, device) -> "VLMTreeBatch":
-        return dataclasses.replace(self, tree=self.tree.to(device))
+        """The batch on ``device``; moved off the CPU it keeps its host copy (:attr:`host`)."""
+        host = self.host if self.host is not None else self.tree
+        if torch.device(device).type == "cpu" and host.input_ids.device.type == "cpu":
+            return dataclasses.replace(self, tree=host, host=None)  # (the host copy itself: no copy back)
+        keep = host.input_ids.device.type == "cpu"
+        return dataclasses.replace(self, tree=self.tree.to(device), host=host if keep else None)
+
+    def _on_host(self) -> "VLMTreeBatch":
+        return self if self.host is None else dataclasses.replace(self, tree=self.host, host=None)
 
     def model_inputs(self, model) -> dict[str, Tensor]:
         """Model kwargs of the rows, on the rows' device: ids, per-token extras and images
@@ -100,22 +116,27 @@ class VLMTreeBatch:
 
     def _inputs_and_plan(self, model, lazy_mask: bool = False) -> tuple[dict[str, Tensor], SegmentPlan | None, Callable[[], Tensor]]:
         device = self.tree.input_ids.device
-        prompt = {k: v.to(device) for k, v in self.adapter.collate(self.prompts, self.pad_id).items()}  # left-padded [N, T]
+        src = self._on_host()  # built where the tree's host copy is (:attr:`host`), then moved
+        at = src.tree.input_ids.device
+        prompt = {k: v.to(at) for k, v in self.adapter.collate(self.prompts, self.pad_id).items()}  # left-padded [N, T]
         T = prompt["input_ids"].shape[1]
         if T != self._T:
             raise ValueError(f"{self.adapter.family}: collate padded the prompts to {T} columns, expected {self._T}")
-        real = self._real()[:, 1:]  # [N, C]
-        inputs = self.adapter.append_completion(prompt, self.tree.input_ids[:, 1:], real.long())  # [N, T + C]
+        real = src._real()[:, 1:]  # [N, C]
+        inputs = self.adapter.append_completion(prompt, src.tree.input_ids[:, 1:], real.long())  # [N, T + C]
         positions = self.adapter.position_ids(model, prompt)  # [N, T] or [3, N, T]
         if positions is None:  # the family lets the model count: 0, 1, ... from the first real token
             positions = (prompt["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
-        offsets = self.tree.position_ids[:, 1:]  # [N, C] depth below the root (>= 1 on tree tokens)
+        offsets = src.tree.position_ids[:, 1:]  # [N, C] depth below the root (>= 1 on tree tokens)
         inputs["position_ids"] = torch.cat([positions, positions[..., -1:] + offsets.to(positions)], dim=-1)  # [..., N, T + C]
-        plan = self.plan(prompt["attention_mask"].bool()) if per_segment(device, *inputs["input_ids"].shape) else None
+        prompt_real = prompt["attention_mask"].bool()
+        plan = src.plan(prompt_real) if per_segment(device, *inputs["input_ids"].shape) else None
+        plan = None if plan is None else plan.to(device)
+        inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
         dtype = next(model.parameters()).dtype
 
         def dense() -> Tensor:
-            return additive_mask(self._mask(prompt["attention_mask"].bool(), real), dtype)  # [N, 1, L, L]
+            return additive_mask(src._mask(prompt_real, real).to(device, non_blocking=True), dtype)  # [N, 1, L, L]
 
         # lazy: the dense tree mask only for an attention that cannot take the plan (tree_attention's fallback)
         inputs["attention_mask"] = model_mask(plan, dense, inputs["input_ids"]) if lazy_mask else dense()
@@ -159,8 +180,9 @@ class VLMTreeBatch:
         T = self._T
         inputs, plan, dense = self._inputs_and_plan(model, lazy_mask=True)
         target = self.target_mask  # [N, L]
-        pred = self._left(self.tree.pred_pos) + (T - 1)  # [N, L]: the tree's index j is column T - 1 + j
-        need, col = predictor_columns(pred, target)  # [U], [N, L]
+        src = self._on_host()
+        pred = src._left(src.tree.pred_pos) + (T - 1)  # [N, L]: the tree's index j is column T - 1 + j
+        need, col = (x.to(target.device, non_blocking=True) for x in predictor_columns(pred, src.target_mask))  # [U], [N, L]
         with tree_attention(model, plan, dense):
             logits = self.adapter.forward_logits(model, inputs, image_keys=flat_image_keys(self.prompts), dedupe_images=True,
                                                  logits_to_keep=need)  # [N, U, V]
