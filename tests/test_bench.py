@@ -86,6 +86,33 @@ def test_rounds_pool_their_measured_steps():
     assert "error" in pool_rounds([a, {"error": "boom"}])
 
 
+def test_slow_steps_are_those_over_twice_the_median_and_the_mean_counts_them():
+    from vlm_treegrpo.bench import format_table, summarize
+
+    rows = [dict(_step(s), cpu_seconds=s / 4, gc_seconds=0.0) for s in (9.0, 1.0, 1.2, 5.0, 0.9, 2.5)]
+    out = summarize(rows, 1)  # measured: 1.0, 1.2, 5.0, 0.9, 2.5; median 1.2
+    assert out["seconds_per_step"] == 1.2 and out["mean_seconds_per_step"] == pytest.approx(10.6 / 5)
+    assert [x["index"] for x in out["slow_steps"]] == [2, 4]  # 5.0 and 2.5 > 2.4
+    assert out["slow_steps"][0] == {"index": 2, "seconds": 5.0, "rollout_seconds": 2.5, "cpu_seconds": 1.25, "gc_seconds": 0.0}
+    line = format_table({"runs": [{"mode": "flat", "ours_shape": "4x1", "G": 4, "ours": {**out, "peak_rss_mib": 1.0}}]})
+    assert "2 of 5 steps over 2x the median (max 5.00 s), 7.50 s of 10.60 s; 1.88 s CPU; 0.00 s GC" in line
+
+
+def test_step_probe_counts_cpu_time_and_gc_pauses():
+    import gc
+
+    from vlm_treegrpo.bench import StepProbe
+
+    with StepProbe("cpu") as probe:
+        probe.start()
+        junk = [[i] for i in range(200_000)]
+        gc.collect()
+        got = probe.stop()
+    assert set(got) == {"cpu_seconds", "gc_seconds"}  # (no allocator counts on the CPU)
+    assert got["cpu_seconds"] > 0 and got["gc_seconds"] > 0
+    assert junk and probe._on_gc not in gc.callbacks  # the hook leaves with the context
+
+
 def test_rounds_alternate_which_trainer_goes_first(monkeypatch, tmp_path):
     import vlm_treegrpo.bench as B
 
@@ -122,6 +149,8 @@ def test_quick_bench_ours_writes_the_report(tmp_path):
     assert ours["settings"]["drop_finished"] is True and ours["settings"]["compile_decode"] is False
     assert report["spec"]["reward"] == "test_bench:varied_reward"
     assert min(ours["trees_updated"]) > 0 and ours["update_seconds"] > 0  # varied rewards: the update runs
+    assert all(step["cpu_seconds"] > 0 and step["gc_seconds"] >= 0 for step in ours["steps"])  # the step probe's figures
+    assert ours["mean_seconds_per_step"] > 0 and isinstance(ours["slow_steps"], list)
 
 
 def test_bench_reports_what_graph_decoding_and_compiled_decoding_did(tmp_path):
@@ -183,6 +212,7 @@ def test_quick_bench_against_trl(tmp_path):
     assert s["model_init_kwargs"] == {"dtype": "float32", "attn_implementation": "sdpa"}
     assert trl["generated_tokens_per_s"] == trl["completion_tokens_per_s"]  # flat: every leaf token is sampled
     assert max(trl["zero_std_frac"]) < 1.0
+    assert all(step["cpu_seconds"] > 0 for step in trl["steps"])  # the step probe runs in TRL's loop too
 
 
 def test_race_trl_with_lora_trains_the_same_adapters_and_saves_a_plain_model(tmp_path):

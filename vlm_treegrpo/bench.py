@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -143,6 +144,64 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+class StepProbe:
+    """What a step's wall time held besides its work, to tell why a step was slow: the process's
+    CPU seconds (``cpu_seconds``, all its threads; far below the wall time, the host waited, on
+    the device or for a CPU), Python's garbage-collection pauses (``gc_seconds``) and, on a GPU,
+    the caching allocator's new device allocations (``cuda_mallocs``, each a ``cudaMalloc``) and
+    retries (``alloc_retries``: a failed allocation frees the cache, which synchronizes).
+
+    ``with probe:`` hooks the collector; ``start()`` then ``stop()`` around a step give its row."""
+
+    KEYS = ("cpu_seconds", "gc_seconds", "cuda_mallocs", "alloc_retries")
+
+    def __init__(self, device=None):
+        import torch
+
+        self.cuda = device is not None and torch.device(device).type == "cuda"
+        self._gc, self._gc_t0, self._mark = 0.0, 0.0, {}
+
+    def __enter__(self) -> "StepProbe":
+        gc.callbacks.append(self._on_gc)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_t0 = time.perf_counter()
+        else:
+            self._gc += time.perf_counter() - self._gc_t0
+
+    def _now(self) -> dict:
+        out = {"cpu_seconds": time.process_time(), "gc_seconds": self._gc}
+        if self.cuda:
+            import torch
+
+            stats = torch.cuda.memory_stats()
+            out["cuda_mallocs"] = stats.get("num_device_alloc", 0)
+            out["alloc_retries"] = stats.get("num_alloc_retries", 0)
+        return out
+
+    def start(self) -> None:
+        self._mark = self._now()
+
+    def stop(self) -> dict:
+        """This step's figures since :meth:`start`."""
+        now = self._now()
+        return {k: round(v - self._mark[k], 4) if isinstance(v, float) else v - self._mark[k] for k, v in now.items()}
+
+
+def slow_steps(rows: list[dict], factor: float = 2.0) -> list[dict]:
+    """The measured rows that took over ``factor`` times the median step, each with its index among
+    them and its probe figures (:class:`StepProbe`) where recorded."""
+    med = statistics.median(r["seconds"] for r in rows)
+    keep = ("seconds", "rollout_seconds", *StepProbe.KEYS)
+    return [{"index": i, **{k: round(r[k], 4) if isinstance(r[k], float) else r[k] for k in keep if k in r}}
+            for i, r in enumerate(rows) if r["seconds"] > factor * med]
+
+
 def peak_cuda_mib() -> float | None:
     """Peak GPU memory held by tensors in this process (None without CUDA in use)."""
     import torch
@@ -155,8 +214,10 @@ def peak_cuda_mib() -> float | None:
 def summarize(rows: list[dict], warmup: int) -> dict:
     """Median step time and rates over the measured rows (those after ``warmup``). A row is one
     step: ``seconds``, ``rollout_seconds``, ``completions``, ``generated_tokens``,
-    ``completion_tokens``, ``reward`` (mean) and ``zero_std_frac``. Rates are totals over the
-    measured steps divided by their summed seconds."""
+    ``completion_tokens``, ``reward`` (mean) and ``zero_std_frac`` (and :class:`StepProbe`'s
+    figures, where recorded). Rates are totals over the measured steps divided by their summed
+    seconds, so a slow step weighs fully: ``mean_seconds_per_step`` beside the median, and the
+    steps over twice the median under ``slow_steps`` (:func:`slow_steps`)."""
     timed = rows[warmup:]
     med = statistics.median(r["seconds"] for r in timed)
     total = sum(r["seconds"] for r in timed)
@@ -172,6 +233,8 @@ def summarize(rows: list[dict], warmup: int) -> dict:
         "warmup": warmup,
         "reward": [round(r["reward"], 4) for r in rows],
         "zero_std_frac": [round(r["zero_std_frac"], 4) for r in rows],
+        "mean_seconds_per_step": total / len(timed),
+        "slow_steps": slow_steps(timed),
     }
     return out
 
@@ -183,7 +246,7 @@ def measure(rows: list[dict], warmup: int) -> dict:
     """:func:`summarize`, this process's peak RSS and, on a GPU, the peak memory its tensors held
     (``peak_cuda_mib``; None on the CPU); ``steps`` keeps the rows (for :func:`pool_rounds`)."""
     return {**summarize(rows, warmup), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_cuda_mib": peak_cuda_mib(), "steps": [{k: r[k] for k in STEP_KEYS} for r in rows]}
+            "peak_cuda_mib": peak_cuda_mib(), "steps": [{k: r[k] for k in (*STEP_KEYS, *StepProbe.KEYS) if k in r} for r in rows]}
 
 
 def pool_rounds(results: list[dict]) -> dict:
@@ -350,6 +413,21 @@ def _fmt(x, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _slow_line(r: dict) -> str:
+    """One line on a run's steps over twice the median: how many, their share of the time, and
+    what the probe saw in them (summed)."""
+    slow = r["slow_steps"]
+    n = len(r["step_seconds"]) - r["warmup"]
+    spent = sum(x["seconds"] for x in slow)
+    parts = [f"{len(slow)} of {n} steps over 2x the median (max {max(x['seconds'] for x in slow):.2f} s), "
+             f"{spent:.2f} s of {r['mean_seconds_per_step'] * n:.2f} s"]
+    for key, unit in (("cpu_seconds", " s CPU"), ("gc_seconds", " s GC"), ("cuda_mallocs", " cudaMalloc"), ("alloc_retries", " alloc retries")):
+        if all(key in x for x in slow):
+            total = sum(x[key] for x in slow)
+            parts.append(f"{total:.2f}{unit}" if isinstance(total, float) else f"{total}{unit}")
+    return "; ".join(parts)
+
+
 def format_table(report: dict) -> str:
     """The comparison (or scaling) rows as an aligned text table."""
     lines = []
@@ -374,6 +452,10 @@ def format_table(report: dict) -> str:
                 lines.append(f"{row['mode']:<5} {'ours/trl':<8} {'':<6} {_fmt(q['seconds_per_step']):>8} {_fmt(q['rollout_seconds']):>8} "
                              f"{_fmt(q['update_seconds']):>8} {_fmt(q['completions_per_s']):>8} {_fmt(q['generated_tokens_per_s']):>10} "
                              f"{_fmt(q['completion_tokens_per_s']):>10} {_fmt(q['peak_rss_mib']):>8} {_fmt(q.get('peak_cuda_mib')):>8}")
+            for trainer in ("ours", "trl"):
+                r = row.get(trainer)
+                if r and r.get("slow_steps"):
+                    lines.append(f"{row['mode']:<5} {trainer:<8} slow   {_slow_line(r)}")
             if "round_ratios" in row:
                 lines.append(f"{row['mode']:<5} {'rounds':<8} {'':<6} compl/s ours/trl per round: " + ", ".join(_fmt(x) for x in row["round_ratios"]))
     if "scaling" in report:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 
-from vlm_treegrpo.bench import WORKLOADS, BenchSpec, bench_task, measure, sync
+from vlm_treegrpo.bench import WORKLOADS, BenchSpec, StepProbe, bench_task, measure, sync
 from vlm_treegrpo.compile_watch import CompileWatch
 from vlm_treegrpo.rollout.graphs import STATS
 
@@ -63,9 +63,11 @@ def run_ours(spec: BenchSpec) -> dict:
     P, K, M = spec.prompts_per_step, spec.K, spec.M
     rows = []
     watch = CompileWatch() if spec.compile_decode else contextlib.nullcontext()
-    with watch:
+    probe = StepProbe(device)
+    with watch, probe:
         for step in range(spec.warmup + spec.steps):
             sl = slice(step * P, (step + 1) * P)
+            probe.start()
             t0 = time.perf_counter()
             data = rollout_step(policy, examples[sl], prompts[sl], reward_set, cfg)
             sync(device)
@@ -83,6 +85,7 @@ def run_ours(spec: BenchSpec) -> dict:
                 "reward": data.rewards.mean().item(),
                 "zero_std_frac": data.metrics["zero_std_frac"],
                 "trees_updated": stats["trees_updated"],
+                **probe.stop(),
             })
     settings = {
         "trainer": "vlm_treegrpo", "K": K, "M": M, "thought_max_tokens": cfg.rollout.thought_max_tokens,

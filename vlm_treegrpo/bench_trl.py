@@ -24,7 +24,7 @@ from __future__ import annotations
 import tempfile
 import time
 
-from vlm_treegrpo.bench import BenchSpec, bench_task, measure, sync
+from vlm_treegrpo.bench import BenchSpec, StepProbe, bench_task, measure, sync
 
 
 def reward_for_trl(name: str, calls: list[dict], G: int):
@@ -95,16 +95,20 @@ def run_trl(spec: BenchSpec) -> dict:
     rollout_seconds: list[float] = []
     autocast_seen: dict[str, bool] = {}
 
+    probe = StepProbe(resolve_device("auto"))
+
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.t0, self.seconds = 0.0, []
+            self.t0, self.seconds, self.probed = 0.0, [], []
 
         def on_step_begin(self, args, state, control, **kwargs):
+            probe.start()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             sync(args.device)
             self.seconds.append(time.perf_counter() - self.t0)
+            self.probed.append(probe.stop())
 
     timer = StepTimer()
     with tempfile.TemporaryDirectory(prefix="trl-bench-") as out:
@@ -124,13 +128,14 @@ def run_trl(spec: BenchSpec) -> dict:
             autocast_seen["train" if torch.is_grad_enabled() else "generate"] = torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
 
         hook = trainer.model.get_input_embeddings().register_forward_pre_hook(record_autocast)
-        trainer.train()
+        with probe:
+            trainer.train()
         hook.remove()
         prompt_check = _prompts_match(trainer, examples, instruction, spec)
         args = trainer.args
     P, G = spec.prompts_per_step, spec.G
-    rows = [{"seconds": s, "rollout_seconds": r, "completions": P * G, "generated_tokens": c["completion_tokens"], **c}
-            for s, r, c in zip(timer.seconds, rollout_seconds, calls)]
+    rows = [{"seconds": s, "rollout_seconds": r, "completions": P * G, "generated_tokens": c["completion_tokens"], **c, **p}
+            for s, r, c, p in zip(timer.seconds, rollout_seconds, calls, timer.probed)]
     if not len(timer.seconds) == len(rollout_seconds) == len(calls) == spec.warmup + spec.steps:
         raise RuntimeError(f"TRL ran {len(timer.seconds)} steps, {len(rollout_seconds)} rollouts, {len(calls)} reward calls; "
                            f"expected {spec.warmup + spec.steps} of each")
