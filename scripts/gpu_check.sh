@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # The GPU checks, on a machine with CUDA: the GPU tests, the benchmark against TRL on both
 # workloads (2 warm-up and 10 measured steps: GPU hosts are noisy, and on the H200 a tree's first
-# step after one warm-up was still slow), ours with decode steps replayed from CUDA
-# graphs against TRL (both workloads), the step profile of both, ours with compiled decoding
-# (torch.compile), and ours with finished rows kept in the decode batch.
+# step after one warm-up was still slow; ours decodes from CUDA graphs there, rollout.decode_graphs=auto),
+# ours with generate's decode instead (the A/B of the graphs), the step profile of both, ours with
+# compiled decoding (torch.compile), and ours with finished rows kept in the decode batch.
 #
 #   scripts/gpu_check.sh [OUT_DIR] [PARTS]
 #
-# OUT_DIR defaults to runs/gpu-check. PARTS is a comma list of proxy, tests, bench-vlm, bench-text, graphs,
+# OUT_DIR defaults to runs/gpu-check. PARTS is a comma list of proxy, tests, bench-vlm, bench-text, eager,
 # profile, compiled, keep, memory (default: the first seven, about 17 minutes on an H200 host; e.g. run
-# proxy,tests,bench-text,graphs and then bench-vlm,profile,compiled where one call is limited to 10 minutes;
+# proxy,tests,bench-text,eager and then bench-vlm,profile,compiled where one call is limited to 10 minutes;
 # proxy is scripts/launch_proxy.py on the GPU: TRL's generate loop against ours, with and without
 # decode graphs, on a 30-layer narrow model, about 30 s and no prepared model needed;
-# graphs is `bench --decode-graphs` on both workloads, ours against TRL; its JSON says how many
-# steps replayed a graph and why a capture failed, as compiled's says what torch.compile did;
+# eager is `bench --trainers ours --decode-graphs off` on both workloads (the benches' JSON says how many
+# steps replayed a graph and why a capture failed, as compiled's says what torch.compile did);
 # keep, ours alone on both workloads with rollout.drop_finished=false, is the A/B of dropping
 # finished rows against bench-vlm and bench-text, a few minutes more; memory runs
 # scripts/activation_memory.py on the demo's batches, with and without activation checkpointing).
@@ -23,7 +23,7 @@
 # a package index). Each part runs even if an earlier one failed; the exit status counts failures.
 set -u
 OUT=${1:-runs/gpu-check}
-PARTS=,${2:-proxy,tests,bench-vlm,bench-text,graphs,profile,compiled},
+PARTS=,${2:-proxy,tests,bench-vlm,bench-text,eager,profile,compiled},
 PY=${PYTHON:-python3}
 LEN=(--reward vlm_treegrpo.bench:length_signal_reward --lr 1e-12)
 want() { [[ "$PARTS" == *",$1,"* ]]; }
@@ -44,10 +44,10 @@ for w in vlm text; do
         "$PY" -m vlm_treegrpo.cli bench --workload "$w" "${LEN[@]}" --warmup 2 --steps 10 --rounds "${ROUNDS:-1}" --out "$OUT/bench-$w.json" || failed=$((failed + 1))
     fi
 done
-if want graphs; then  # decode steps replayed from CUDA graphs (rollout.decode_graphs), both workloads
+if want eager; then  # ours with generate's decode (rollout.decode_graphs=false): the A/B of the benches' graphs
     for w in text vlm; do
-        "$PY" -m vlm_treegrpo.cli bench --workload "$w" --decode-graphs "${LEN[@]}" --warmup 2 --steps 10 --rounds "${ROUNDS:-1}" \
-            --out "$OUT/bench-$w-graphs.json" || failed=$((failed + 1))
+        "$PY" -m vlm_treegrpo.cli bench --workload "$w" --trainers ours --decode-graphs off "${LEN[@]}" --warmup 2 --steps 10 \
+            --out "$OUT/bench-$w-eager.json" || failed=$((failed + 1))
     done
 fi
 if want profile; then

@@ -107,3 +107,21 @@ def test_autocast_auto_is_bf16_on_a_gpu_and_off_on_the_cpu():
     assert resolve_autocast("bfloat16", "cpu") == "bfloat16" and resolve_autocast("none", "cuda") == "none"
     with pytest.raises(ConfigError, match="model.autocast"):
         ModelConfig(autocast="fp8")
+
+
+def test_decode_graphs_is_auto_by_default_on_a_gpu_only():
+    from vlm_treegrpo.rollout.graphs import wanted
+    from vlm_treegrpo.rollout.tree import SamplingParams
+
+    cfg = config_from_dict({})
+    assert cfg.rollout.decode_graphs == "auto"
+    assert [wanted(s, d) for s in ("auto", True, False) for d in ("cuda", "cpu")] == [True, False, True, True, False, False]
+    assert SamplingParams.of(cfg.rollout).graphs == "auto"
+    compiled = config_from_dict({"rollout": {"compile_decode": True}})  # auto steps aside for compiled decoding
+    assert SamplingParams.of(compiled.rollout).graphs is False and SamplingParams.of(compiled.rollout).compile
+    with pytest.raises(ConfigError, match="rollout.decode_graphs"):
+        config_from_dict({"rollout": {"compile_decode": True, "decode_graphs": True}})
+    for bad in ("yes", 1, None):
+        with pytest.raises(ConfigError, match="rollout.decode_graphs: must be true, false or auto"):
+            config_from_dict({"rollout": {"decode_graphs": bad}})
+    assert config_from_dict({}, ["rollout.decode_graphs=false"]).rollout.decode_graphs is False

@@ -88,8 +88,8 @@ class BenchSpec:
     """Ours: decode through a static cache with the forward compiled (``rollout.compile_decode``)."""
     drop_finished: bool = True
     """Ours: finished rows leave the decode batch (``rollout.drop_finished``)."""
-    decode_graphs: bool = False
-    """Ours: decode steps replay a CUDA graph (``rollout.decode_graphs``)."""
+    decode_graphs: bool | str = "auto"
+    """Ours: ``rollout.decode_graphs`` (``"auto"``, the trainer's default: CUDA graphs on a GPU)."""
 
     def __post_init__(self) -> None:
         if self.K * self.M != self.G:
@@ -497,8 +497,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reward", default="correctness", help="reward for both trainers: built-in name or pkg.module:fn")
     p.add_argument("--compile-decode", action="store_true", help="ours: compiled decoding (rollout.compile_decode; TRL unchanged)")
-    p.add_argument("--decode-graphs", action="store_true",
-                   help="ours: decode steps replayed from CUDA graphs (rollout.decode_graphs; TRL unchanged)")
+    p.add_argument("--decode-graphs", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
+                   help="ours: rollout.decode_graphs, decode steps replayed from CUDA graphs (auto, the default: on a GPU; "
+                        "on, the bare flag: the same loop eagerly on the CPU too; off: generate). TRL unchanged")
     p.add_argument("--keep-finished", action="store_true", help="ours: finished rows stay in the decode batch (rollout.drop_finished=false)")
     p.add_argument("--quick", action="store_true", help="tiny-llama (or tiny VLM), 2 steps, small batches: a smoke run")
     p.add_argument("--scaling", action="store_true", help="time our step against K, M, tokens (and images): ours only")
@@ -530,7 +531,7 @@ def run(args: argparse.Namespace) -> dict:
         prompts_per_step=args.prompts_per_step, micro_batch=args.micro_batch or args.prompts_per_step,
         steps=args.steps, warmup=args.warmup, lr=args.lr, autocast=args.autocast, threads=args.threads, seed=args.seed,
         reward=args.reward, compile_decode=args.compile_decode, drop_finished=not args.keep_finished,
-        decode_graphs=args.decode_graphs,
+        decode_graphs={"on": True, "off": False}.get(args.decode_graphs, "auto"),
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-", dir=out.parent) as tmp:

@@ -15,6 +15,7 @@ import time
 from vlm_treegrpo.bench import WORKLOADS, BenchSpec, StepProbe, bench_task, measure, sync
 from vlm_treegrpo.compile_watch import CompileWatch
 from vlm_treegrpo.rollout.graphs import STATS
+from vlm_treegrpo.rollout.tree import SamplingParams
 
 
 def ours_config(spec: BenchSpec):
@@ -98,6 +99,6 @@ def run_ours(spec: BenchSpec) -> dict:
     out = {"settings": settings, **measure(rows, spec.warmup), "trees_updated": [r["trees_updated"] for r in rows]}
     if spec.compile_decode:
         out["compile"] = watch.report()  # (graphs, recompiles, CUDA-graph skips and why)
-    if spec.decode_graphs:
+    if SamplingParams.of(cfg.rollout).graphs is not False:  # (auto steps aside under compiled decoding)
         out["decode_graphs"] = STATS.as_dict()  # (captures, replays, eager steps, failed captures and why)
     return out

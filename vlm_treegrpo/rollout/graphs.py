@@ -89,6 +89,12 @@ def _fingerprint(model) -> tuple:
     return tuple((t.data_ptr(), t.dtype, t.device) for t in (*model.parameters(), *model.buffers()))
 
 
+def wanted(setting: bool | str, device) -> bool:
+    """Whether ``rollout.decode_graphs`` (``SamplingParams.graphs``) asks for the graph loop on
+    ``device``: ``True`` everywhere, ``"auto"`` where graphs are captured (CUDA), ``False`` never."""
+    return setting is True or (setting == "auto" and torch.device(device).type == "cuda")
+
+
 BUCKET_DEVICES = ("cuda",)
 """Devices whose step buffers are made for :func:`row_bucket` rows (where graphs are captured)."""
 

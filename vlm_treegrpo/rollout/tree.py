@@ -28,7 +28,7 @@ from transformers import CompileConfig, DynamicCache, GenerationConfig, LogitsPr
 
 from vlm_treegrpo.rollout.attention import decode_attention
 from vlm_treegrpo.rollout.decode import StopRule, decode, has_delimiter
-from vlm_treegrpo.rollout.graphs import graph_decode, supports
+from vlm_treegrpo.rollout.graphs import graph_decode, supports, wanted
 from vlm_treegrpo.rollout.kv_cache import TOKEN_KEYS, RowState, ThoughtPass, continuation_cache, prefill_shared, static_cache
 from vlm_treegrpo.rollout.sampling import sampling_processors
 
@@ -64,9 +64,10 @@ class SamplingParams:
     greedy: bool = False
     compile: bool = False
     """Decode through a static KV cache with the model's forward compiled (:func:`static_cache`)."""
-    graphs: bool = False
+    graphs: bool | str = False
     """Decode steps by replaying a captured CUDA graph (:mod:`vlm_treegrpo.rollout.graphs`;
-    eagerly through the same loop without CUDA)."""
+    eagerly through the same loop without CUDA); ``"auto"``: on a CUDA device only
+    (:func:`~vlm_treegrpo.rollout.graphs.wanted`)."""
     drop_finished: bool = True
     """Finished rows leave the decode batch (:mod:`vlm_treegrpo.rollout.decode`; the same draws
     as without). Not with ``compile``: a static cache keeps its batch."""
@@ -74,8 +75,9 @@ class SamplingParams:
     @classmethod
     def of(cls, rollout) -> "SamplingParams":
         """The sampling settings of a :class:`~vlm_treegrpo.config.RolloutConfig`."""
+        graphs = False if rollout.compile_decode and rollout.decode_graphs == "auto" else rollout.decode_graphs
         return cls(temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k, compile=rollout.compile_decode,
-                   graphs=rollout.decode_graphs, drop_finished=rollout.drop_finished)
+                   graphs=graphs, drop_finished=rollout.drop_finished)
 
     def generation_config(self, max_new_tokens: int, pad_id: int, eos_ids: list[int]) -> GenerationConfig:
         """A greedy config: sampling, when asked for, is done by :meth:`logits_processors`. With
@@ -230,7 +232,7 @@ def generate_batch(
     if suppress_ids and sampling.greedy:  # (a sampled call suppresses in its Sampler)
         gen_cfg.suppress_tokens = list(suppress_ids)
     # (decode steps replayed from a CUDA graph; greedy suppression stays with generate)
-    graphed = sampling.graphs and prompt_len > 1 and not (suppress_ids and sampling.greedy) and supports(model)
+    graphed = wanted(sampling.graphs, device) and prompt_len > 1 and not (suppress_ids and sampling.greedy) and supports(model)
     with decode_attention(model):
         if prefilled is None and prompt_len > 1 and (n > 1 or graphed):
             prefilled = prefill_shared(model, inputs, n, state)
