@@ -116,7 +116,7 @@ class Step:
 class OpCount:
     """Counts the aten ops dispatched inside ``with OpCount() as c:`` (``c.ops``, ``c.compute``:
     all but views, ``c.syncs``: reads of a tensor's value by the host, ``c.kinds``: compute ops by
-    name)."""
+    name); none while ``c.paused`` is set."""
 
     VIEWS = ("aten._unsafe_view",)  # (a view that its schema does not mark as one)
     SYNCS = ("aten._local_scalar_dense",)
@@ -130,6 +130,8 @@ class OpCount:
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if counter.paused:
+                    return func(*args, **(kwargs or {}))
                 name = str(func.overloadpacket)
                 counter.ops += 1
                 if name in counter.SYNCS:
@@ -138,7 +140,7 @@ class OpCount:
                     counter.kinds[name] += 1
                 return func(*args, **(kwargs or {}))
 
-        self.ops, self.syncs, self.kinds = 0, 0, Counter()
+        self.ops, self.syncs, self.kinds, self.paused = 0, 0, Counter(), False
         self._mode = Mode()
         self._mode.__enter__()
         return self

@@ -123,6 +123,28 @@ def test_stop_and_resume_sigterms_the_cli_and_the_resumed_run_matches_a_run_neve
     assert summary["resumed_from_step"] >= 2 and summary["steps"] == 30
 
 
+def test_update_proxy_counts_one_update_of_each_trainer(tmp_path):
+    import importlib.util
+
+    import torch
+
+    out = tmp_path / "up.json"
+    only = "ours 4x4" + (",TRL G=16" if importlib.util.find_spec("trl") else "")
+    threads = torch.get_num_threads()
+    try:
+        assert _script("update_proxy").main(["--only", only, "--repeats", "1", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    cases = json.loads(out.read_text())["cases"]
+    ours = cases["ours 4x4"]
+    assert ours["forwards"] == 1 and ours["trees_updated"] == 4  # one packed forward for the 4 trees
+    assert ours["compute_ops"] > 30 * 40  # (30 layers, forward and backward) and the host syncs stay few
+    assert 0 < ours["host_syncs"] < 40
+    if "TRL G=16" in cases:
+        trl = cases["TRL G=16"]
+        assert trl["forwards"] >= 1 and trl["compute_ops"] > 30 * 40 and trl["median_ms"] > 0
+
+
 def test_launch_proxy_counts_ops_inside_and_outside_the_forwards(tmp_path):
     import torch
 

@@ -341,6 +341,13 @@ def machine_info() -> dict:
         import trl
 
         info["trl"] = trl.__version__
+    if info["cuda"]:  # the card, its driver's CUDA, and which sdpa kernels torch may pick (both trainers use sdpa)
+        b = torch.backends.cuda
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda_runtime"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+        info["sdpa_enabled"] = {name: getattr(b, f"{name}_sdp_enabled")() for name in ("flash", "mem_efficient", "cudnn", "math")
+                                if hasattr(b, f"{name}_sdp_enabled")}
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]

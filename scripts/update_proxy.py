@@ -1,0 +1,167 @@
+"""The update where each op costs about its dispatch: ours against TRL's ``GRPOTrainer``.
+
+The companion of ``launch_proxy.py`` for the other half of a step. On the H200 a small model's
+update is bound by the host issuing kernels as well: SmolLM2's took 0.23-0.33 s for a few
+TFLOP of arithmetic, and once decode graphs had shrunk the sampling it was the larger half of
+our step. This script puts ``launch_proxy.py``'s model (SmolLM2's 30 layers and head layout at
+width 48, with the local 768-token tokenizer) in a directory and runs the text bench's work
+through both trainers on one CPU thread (4 prompts, G = 16, 40 new tokens, the length reward,
+one on-policy update under bf16 autocast, the bench's settings for both), and counts what one
+update dispatches (on a GPU about one kernel launch per compute op) and its host syncs:
+
+- ``ours 16x1`` / ``ours 4x4``: :func:`~vlm_treegrpo.step.update_step` on a rollout of that
+  shape, through the dense tree mask as on a GPU, after a warm-up update;
+- ``TRL G=16``: the second training step of ``GRPOTrainer`` without its sampling and scoring
+  (``_generate_and_score_completions``): the loss, the backward, clipping and the optimizer step.
+
+    python scripts/update_proxy.py [--out docs/results/update-proxy-cpu.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from launch_proxy import build  # noqa: E402
+from profile_step import OpCount  # noqa: E402
+
+from vlm_treegrpo.bench import BenchSpec  # noqa: E402
+
+REWARD = "vlm_treegrpo.bench:length_signal_reward"
+
+
+def spec_for(model_dir: str, K: int, M: int, steps: int) -> BenchSpec:
+    return BenchSpec(workload="text", model="update-proxy", model_dir=model_dir, G=16, K=K, M=M, max_new_tokens=40,
+                     thought_tokens=16, prompts_per_step=4, micro_batch=4, steps=steps, warmup=1, lr=1e-12,
+                     autocast="bfloat16", threads=1, reward=REWARD, decode_graphs=False)
+
+
+def ours(model_dir: str, K: int, M: int, repeats: int) -> dict:
+    """Our update of one rollout batch: ``repeats`` timed runs after a warm-up, then one counted."""
+    from vlm_treegrpo.bench import bench_task
+    from vlm_treegrpo.bench_ours import ours_config
+    from vlm_treegrpo.optim import adamw, warmup_constant
+    from vlm_treegrpo.policy import make_policy
+    from vlm_treegrpo.rewards import RewardSet
+    from vlm_treegrpo.rollout import attention
+    from vlm_treegrpo.step import rollout_step, update_step
+
+    spec = spec_for(model_dir, K, M, 1)
+    cfg = ours_config(spec)
+    torch.manual_seed(0)
+    policy = make_policy(model_dir, torch.device("cpu"), "float32", "sdpa")
+    examples, instruction = bench_task(spec)
+    prompts = [policy.encode(ex, instruction) for ex in examples[:4]]
+    rewards = RewardSet.from_config(cfg.algo.rewards, cfg.algo.reward_timeout_s)
+    optimizer = adamw([p for p in policy.model.parameters() if p.requires_grad], cfg.optim.lr, cfg.optim.betas)
+    scheduler = warmup_constant(optimizer, 0)
+    data = rollout_step(policy, examples[:4], prompts, rewards, cfg)
+    saved = attention.PLAN_DEVICES
+    attention.PLAN_DEVICES = frozenset()  # the dense tree mask, as on a GPU
+    try:
+        def run():
+            return update_step(policy, None, optimizer, scheduler, data, cfg, torch.device("cpu"))
+
+        run()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t)
+        forwards = []
+        hook = policy.model.register_forward_pre_hook(lambda *_: forwards.append(1))
+        with OpCount() as count:
+            stats = run()
+        hook.remove()
+    finally:
+        attention.PLAN_DEVICES = saved
+    return {"median_ms": round(statistics.median(times) * 1000, 1), "compute_ops": count.compute, "host_syncs": count.syncs,
+            "forwards": len(forwards), "trees_updated": stats["trees_updated"], "packed_tokens": int(data.packed.input_ids.numel()),
+            "top_ops": count.kinds.most_common(8)}
+
+
+def trl(model_dir: str) -> dict:
+    """TRL's second training step, less its sampling and scoring."""
+    from transformers import TrainerCallback
+    from trl import GRPOTrainer
+
+    from vlm_treegrpo.bench_trl import grpo_args, reward_for_trl, trl_dataset
+
+    spec = spec_for(model_dir, 16, 1, 1)
+    dataset, _, _ = trl_dataset(spec)
+    count = OpCount()
+    seen: dict = {"forwards": 0}
+
+    class Count(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                count.__enter__()
+                count.paused = False
+                seen["t0"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                seen["ms"] = round((time.perf_counter() - seen["t0"]) * 1000, 1)
+                count.__exit__(None, None, None)
+
+    with tempfile.TemporaryDirectory(prefix="update-proxy-trl-") as out:
+        trainer = GRPOTrainer(model=model_dir, reward_funcs=[reward_for_trl(REWARD, [], spec.G)], args=grpo_args(spec, out),
+                              train_dataset=dataset, callbacks=[Count()])
+        generate = trainer._generate_and_score_completions
+
+        def paused(*a, **kw):
+            was = getattr(count, "paused", False)
+            count.paused = True
+            t = time.perf_counter()
+            try:
+                return generate(*a, **kw)
+            finally:
+                count.paused = was
+                seen["generate_ms"] = round((time.perf_counter() - t) * 1000, 1)
+
+        trainer._generate_and_score_completions = paused
+        trainer.model.register_forward_pre_hook(lambda *_: seen.__setitem__("forwards", seen["forwards"] + (not count.paused)))
+        trainer.train()
+    return {"median_ms": round(seen["ms"] - seen["generate_ms"], 1), "compute_ops": count.compute, "host_syncs": count.syncs,
+            "forwards": seen["forwards"], "top_ops": count.kinds.most_common(8),
+            "note": "one step's time less its generate-and-score call (one measurement, not a median)"}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--only", default="", help="comma list of case names (default: all)")
+    p.add_argument("--out", help="JSON path")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="update-proxy-") as tmp:
+        model, tok = build("cpu")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        del model
+        print(f"{'case':12s} {'ms':>8s} {'compute ops':>12s} {'syncs':>6s} {'forwards':>9s}")
+        todo = {"ours 16x1": lambda: ours(tmp, 16, 1, args.repeats), "ours 4x4": lambda: ours(tmp, 4, 4, args.repeats),
+                "TRL G=16": lambda: trl(tmp)}
+        for name in [n for n in args.only.split(",") if n] or list(todo):
+            fn = todo[name]
+            rows[name] = r = fn()
+            print(f"{name:12s} {r['median_ms']:8.1f} {r['compute_ops']:12d} {r['host_syncs']:6d} {r['forwards']:9d}", flush=True)
+    report = {"threads": 1, "torch": torch.__version__, "layers": 30, "prompts": 4, "G": 16, "new_tokens": 40, "cases": rows}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
