@@ -69,7 +69,7 @@ if want memory; then  # the update's peak GPU memory and time with and without a
 fi
 if want keep; then
     for w in vlm text; do
-        "$PY" -m vlm_treegrpo.cli bench --workload "$w" --trainers ours --keep-finished "${LEN[@]}" --steps 10 \
+        "$PY" -m vlm_treegrpo.cli bench --workload "$w" --trainers ours --keep-finished --decode-graphs off "${LEN[@]}" --steps 10 \
             --out "$OUT/bench-$w-keep.json" || failed=$((failed + 1))
     done
 fi
