@@ -14,8 +14,8 @@
 # decode graphs, on a 30-layer narrow model, about 30 s and no prepared model needed;
 # eager is `bench --trainers ours --decode-graphs off` on both workloads (the benches' JSON says how many
 # steps replayed a graph and why a capture failed, as compiled's says what torch.compile did);
-# keep, ours alone on both workloads with rollout.drop_finished=false, is the A/B of dropping
-# finished rows against bench-vlm and bench-text, a few minutes more; memory runs
+# keep, ours alone on both workloads with rollout.drop_finished=false (graphs off), is the A/B of dropping
+# finished rows against eager, a few minutes more; memory runs
 # scripts/activation_memory.py on the demo's batches, with and without activation checkpointing).
 # ROUNDS=N runs each trainer of bench-vlm and bench-text N times, alternating which goes first,
 # and pools the steps (bench --rounds; default 1). PYTHON=... picks the interpreter. Needs the `bench` extra (TRL) and the prepared SmolLM2
