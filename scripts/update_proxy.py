@@ -10,7 +10,8 @@ one on-policy update under bf16 autocast, the bench's settings for both), and co
 update dispatches (on a GPU about one kernel launch per compute op) and its host syncs:
 
 - ``ours 16x1`` / ``ours 4x4``: :func:`~vlm_treegrpo.step.update_step` on a rollout of that
-  shape, through the dense tree mask as on a GPU, after a warm-up update;
+  shape as on a GPU (through the dense tree mask, in log-prob steps of the rows a GPU gives
+  SmolLM2's vocabulary), after a warm-up update;
 - ``TRL G=16``: the second training step of ``GRPOTrainer`` without its sampling and scoring
   (``_generate_and_score_completions``): the loss, the backward, clipping and the optimizer step.
 
@@ -52,6 +53,7 @@ def ours(model_dir: str, K: int, M: int, repeats: int) -> dict:
     from vlm_treegrpo.policy import make_policy
     from vlm_treegrpo.rewards import RewardSet
     from vlm_treegrpo.rollout import attention
+    from vlm_treegrpo.rollout.logprobs import TokenLogp
     from vlm_treegrpo.step import rollout_step, update_step
 
     spec = spec_for(model_dir, K, M, 1)
@@ -64,8 +66,9 @@ def ours(model_dir: str, K: int, M: int, repeats: int) -> dict:
     optimizer = adamw([p for p in policy.model.parameters() if p.requires_grad], cfg.optim.lr, cfg.optim.betas)
     scheduler = warmup_constant(optimizer, 0)
     data = rollout_step(policy, examples[:4], prompts, rewards, cfg)
-    saved = attention.PLAN_DEVICES
+    saved = attention.PLAN_DEVICES, TokenLogp.CHUNK
     attention.PLAN_DEVICES = frozenset()  # the dense tree mask, as on a GPU
+    TokenLogp.CHUNK = TokenLogp.chunk_rows(49_152, torch.device("cuda"))  # SmolLM2's log-prob steps on a GPU
     try:
         def run():
             return update_step(policy, None, optimizer, scheduler, data, cfg, torch.device("cpu"))
@@ -82,7 +85,7 @@ def ours(model_dir: str, K: int, M: int, repeats: int) -> dict:
             stats = run()
         hook.remove()
     finally:
-        attention.PLAN_DEVICES = saved
+        attention.PLAN_DEVICES, TokenLogp.CHUNK = saved
     return {"median_ms": round(statistics.median(times) * 1000, 1), "compute_ops": count.compute, "host_syncs": count.syncs,
             "forwards": len(forwards), "trees_updated": stats["trees_updated"], "packed_tokens": int(data.packed.input_ids.numel()),
             "top_ops": count.kinds.most_common(8)}

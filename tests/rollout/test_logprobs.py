@@ -17,7 +17,7 @@ def _reference(logits, col, ids, target, temperature):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("chunk", [None, 64, 3])
+@pytest.mark.parametrize("chunk", [None, 1000, 3])
 def test_gather_logp_values_and_gradients_equal_log_softmax(dtype, temperature, chunk, monkeypatch):
     monkeypatch.setattr(TokenLogp, "CHUNK", chunk)
     torch.manual_seed(0)
@@ -71,23 +71,27 @@ def test_collect_entropy_records_the_tokens_entropy_once_per_pass(temperature, m
     assert len(got) == 1  # outside the context nothing is recorded
 
 
-def test_chunk_rows_follow_the_element_budget_of_the_device(monkeypatch):
+def test_chunk_rows_are_64_on_the_cpu_and_an_element_budget_elsewhere(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert TokenLogp.chunk_rows(49_152, cpu) == 64  # SmolLM2's vocabulary on the CPU: 64 rows, as before
-    assert TokenLogp.chunk_rows(151_936, cpu) == 20
+    assert TokenLogp.chunk_rows(49_152, cpu) == TokenLogp.chunk_rows(779, cpu) == 64
     assert TokenLogp.chunk_rows(49_152, cuda) == 1_365  # 2^26 fp32 elements on a GPU
     assert TokenLogp.chunk_rows(151_936, cuda) == 441
     assert TokenLogp.chunk_rows(10**9, cuda) == 1  # never 0
     monkeypatch.setattr(TokenLogp, "CHUNK", 5)
-    assert TokenLogp.chunk_rows(49_152, cuda) == 5  # a fixed CHUNK wins
+    assert TokenLogp.chunk_rows(49_152, cuda) == TokenLogp.chunk_rows(49_152, cpu) == 5  # a fixed CHUNK wins
 
 
-def test_one_chunk_when_the_budget_holds_every_row(monkeypatch):
-    """A small vocabulary on the CPU takes all rows in one step: one index_select forward."""
+def test_one_step_when_the_chunk_holds_every_row(monkeypatch):
+    """Rows per step come from chunk_rows: with room for all rows, one index_select forward."""
     calls = []
     real = torch.Tensor.index_select
     monkeypatch.setattr(torch.Tensor, "index_select", lambda self, *a: calls.append(1) or real(self, *a))
-    logits = torch.randn(2, 300, 40, requires_grad=True)  # 600 rows x 40 << 64 x 49,152
+    monkeypatch.setattr(TokenLogp, "CPU_ROWS", 10**6)
+    logits = torch.randn(2, 300, 40, requires_grad=True)
     col = torch.arange(300).repeat(2, 1)
     gather_logp(logits, col, torch.zeros(2, 300, dtype=torch.long), torch.ones(2, 300))
     assert len(calls) == 1
+    monkeypatch.setattr(TokenLogp, "CPU_ROWS", 64)
+    calls.clear()
+    gather_logp(logits, col, torch.zeros(2, 300, dtype=torch.long), torch.ones(2, 300))
+    assert len(calls) == 10  # 600 rows in 64-row steps
