@@ -147,11 +147,16 @@ def main(argv=None) -> int:
     report = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "threads": torch.get_num_threads(), "torch": torch.__version__, "layers": model.config.num_hidden_layers,
               "prompts": len(PROMPTS), "samples": SAMPLES, "new_tokens": NEW_TOKENS, "cases": rows}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.out}")
+    write_report(report, args.out)
     return 0
+
+
+def write_report(report: dict, out: str | None) -> None:
+    """``report`` as JSON at ``out`` (nothing without one)."""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2))
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

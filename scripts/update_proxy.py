@@ -20,7 +20,6 @@ update dispatches (on a GPU about one kernel launch per compute op) and its host
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -31,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from launch_proxy import build  # noqa: E402
+from launch_proxy import build, write_report  # noqa: E402
 from profile_step import OpCount  # noqa: E402
 
 from vlm_treegrpo.bench import BenchSpec  # noqa: E402
@@ -159,10 +158,7 @@ def main(argv=None) -> int:
             rows[name] = r = fn()
             print(f"{name:12s} {r['median_ms']:8.1f} {r['compute_ops']:12d} {r['host_syncs']:6d} {r['forwards']:9d}", flush=True)
     report = {"threads": 1, "torch": torch.__version__, "layers": 30, "prompts": 4, "G": 16, "new_tokens": 40, "cases": rows}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.out}")
+    write_report(report, args.out)
     return 0
 
 
