@@ -176,3 +176,25 @@ def test_autocast_gets_its_own_step_buffers():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         generate(model, tok, _ids(tok, PROMPTS[:2]), 2, 4, sampling)
     assert sorted(k[4] is None for k in graphs._pool(model)) == [False, True]  # (key: B, L, device, dtype, autocast, axes)
+
+
+def test_a_lora_model_trees_through_the_loop_equal_generate():
+    """Training with ``model.lora_r > 0`` samples through a peft wrapper: the loop decodes its
+    trees as generate does, with adapters that change the outputs."""
+    from vlm_treegrpo.runtime import apply_lora
+
+    model, tok = build_tiny_llama(seed=5)
+    model = apply_lora(model.float(), 4, 8.0, ["q_proj", "v_proj"]).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # (initialized to 0: the adapters would not change the outputs)
+                p.normal_(0, 0.5)
+    sampling = SamplingParams(temperature=1.0)
+    out = {}
+    for on in (False, True):
+        before = graphs.STATS.eager_steps
+        torch.manual_seed(3)
+        trees = sample_trees(model, tok, _ids(tok, PROMPTS), 3, 2, 8, 6, dataclasses.replace(sampling, graphs=on), ["e", "\n"])
+        out[on] = [(t.thoughts, t.thought_done, t.answers) for t in trees]
+        assert (graphs.STATS.eager_steps > before) == on
+    assert out[True] == out[False]
