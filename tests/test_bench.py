@@ -260,3 +260,29 @@ def test_bench_rejects_counts_out_of_range_before_running(flag, value, tmp_path)
     with pytest.raises(ConfigError, match="--rounds >= 1"):
         run(p.parse_args(["--model", "tiny-llama", "--trainers", "ours", flag, value, "--out", str(tmp_path / "b.json")]))
     assert not (tmp_path / "b.json").exists()
+
+
+def test_sdpa_off_names_the_kernels_and_reaches_both_workers(tmp_path, monkeypatch):
+    import argparse
+
+    import torch
+
+    import vlm_treegrpo.bench as B
+
+    p = argparse.ArgumentParser()
+    B.add_arguments(p)
+    with pytest.raises(ConfigError, match="--sdpa-off takes a comma list of flash, mem_efficient, cudnn, got cudnn,fast"):
+        B.run(p.parse_args(["--model", "tiny-llama", "--sdpa-off", "cudnn,fast", "--out", str(tmp_path / "b.json")]))
+    spec = BenchSpec("text", "m", "/x", G=4, K=4, M=1, max_new_tokens=8, thought_tokens=4, prompts_per_step=1, micro_batch=1,
+                     steps=1, sdpa_off=["cudnn"])
+    assert spec.sdpa_off == ("cudnn",) and dataclasses.asdict(spec)["sdpa_off"] == ("cudnn",)
+    seen = []
+    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", lambda on: seen.append(on))
+    import json
+
+    import vlm_treegrpo.bench_ours as O
+
+    monkeypatch.setattr(O, "run_ours", lambda spec: {"sdpa_off": list(spec.sdpa_off)})
+    (tmp_path / "spec.json").write_text(json.dumps(dataclasses.asdict(spec)))
+    B._worker("ours", str(tmp_path / "spec.json"), str(tmp_path / "result.json"))  # a worker's process, in this one
+    assert seen == [False] and json.loads((tmp_path / "result.json").read_text()) == {"sdpa_off": ["cudnn"]}

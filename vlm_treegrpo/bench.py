@@ -38,6 +38,17 @@ from pathlib import Path
 
 from vlm_treegrpo.config import ConfigError
 
+SDPA_KERNELS = ("flash", "mem_efficient", "cudnn")
+
+
+def disable_sdpa_kernels(names) -> None:
+    """Keep torch's sdpa from picking these kernels (``torch.backends.cuda.enable_<name>_sdp``)."""
+    import torch
+
+    for name in names:
+        getattr(torch.backends.cuda, f"enable_{name}_sdp")(False)
+
+
 WORKLOADS = {"text": ("smollm2-135m-instruct", "arithmetic"), "vlm": ("tiny-qwen2-vl", "visual")}
 """Workload -> (default model, synthetic task)."""
 
@@ -90,6 +101,9 @@ class BenchSpec:
     """Ours: finished rows leave the decode batch (``rollout.drop_finished``)."""
     decode_graphs: bool | str = "auto"
     """Ours: ``rollout.decode_graphs`` (``"auto"``, the trainer's default: CUDA graphs on a GPU)."""
+    sdpa_off: tuple[str, ...] = ()
+    """Both trainers: sdpa kernels torch may not pick on a GPU (of :data:`SDPA_KERNELS`), to test
+    whether one of them makes a step slow (say cuDNN's, which plans each new shape)."""
 
     def __post_init__(self) -> None:
         if self.K * self.M != self.G:
@@ -100,6 +114,9 @@ class BenchSpec:
             raise ConfigError(f"bench: thought_tokens must be in [1, max_new_tokens), got {self.thought_tokens}")
         if self.images_per_prompt < 1 or (self.images_per_prompt > 1 and self.workload != "vlm"):
             raise ConfigError(f"bench: images_per_prompt > 1 needs the vlm workload, got {self.images_per_prompt}")
+        self.sdpa_off = tuple(self.sdpa_off)
+        if set(self.sdpa_off) - set(SDPA_KERNELS):
+            raise ConfigError(f"bench: --sdpa-off takes a comma list of {', '.join(SDPA_KERNELS)}, got {','.join(self.sdpa_off)}")
 
     @property
     def n_prompts(self) -> int:
@@ -507,6 +524,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-graphs", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
                    help="ours: rollout.decode_graphs, decode steps replayed from CUDA graphs (auto, the default: on a GPU; "
                         "on, the bare flag: the same loop eagerly on the CPU too; off: generate). TRL unchanged")
+    p.add_argument("--sdpa-off", default="", help=f"both trainers: sdpa kernels not to use on a GPU, a comma list of {', '.join(SDPA_KERNELS)}")
     p.add_argument("--keep-finished", action="store_true", help="ours: finished rows stay in the decode batch (rollout.drop_finished=false)")
     p.add_argument("--quick", action="store_true", help="tiny-llama (or tiny VLM), 2 steps, small batches: a smoke run")
     p.add_argument("--scaling", action="store_true", help="time our step against K, M, tokens (and images): ours only")
@@ -539,6 +557,7 @@ def run(args: argparse.Namespace) -> dict:
         steps=args.steps, warmup=args.warmup, lr=args.lr, autocast=args.autocast, threads=args.threads, seed=args.seed,
         reward=args.reward, compile_decode=args.compile_decode, drop_finished=not args.keep_finished,
         decode_graphs={"on": True, "off": False}.get(args.decode_graphs, "auto"),
+        sdpa_off=tuple(k for k in args.sdpa_off.split(",") if k),
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-", dir=out.parent) as tmp:
@@ -566,6 +585,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def _worker(trainer: str, spec_path: str, result_path: str) -> None:
     spec = BenchSpec(**json.loads(Path(spec_path).read_text()))
+    disable_sdpa_kernels(spec.sdpa_off)
     if trainer == "ours":
         from vlm_treegrpo.bench_ours import run_ours
 
