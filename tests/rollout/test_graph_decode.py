@@ -56,8 +56,8 @@ def test_greedy_and_top_p_through_the_loop(tiny):
         assert graphs.STATS.eager_steps > before
 
 
-def test_a_tree_resumes_its_thoughts_from_the_step_buffers_cache(tiny):
-    model, tok = tiny
+def _trees_without_and_with_the_loop(model, tok) -> dict:
+    """3 x 2 trees of PROMPTS, through generate (False) and the graph loop (True), same seed."""
     sampling = SamplingParams(temperature=1.0)
     out = {}
     for on in (False, True):
@@ -66,6 +66,11 @@ def test_a_tree_resumes_its_thoughts_from_the_step_buffers_cache(tiny):
         trees = sample_trees(model, tok, _ids(tok, PROMPTS), 3, 2, 8, 6, dataclasses.replace(sampling, graphs=on), ["e", "\n"])
         out[on] = [(t.thoughts, t.thought_done, t.answers) for t in trees]
         assert (graphs.STATS.eager_steps > before) == on
+    return out
+
+
+def test_a_tree_resumes_its_thoughts_from_the_step_buffers_cache(tiny):
+    out = _trees_without_and_with_the_loop(*tiny)
     assert out[True] == out[False]
     assert any(not done for t in out[True] for done in t[1])  # some thoughts were continued
 
@@ -189,12 +194,5 @@ def test_a_lora_model_trees_through_the_loop_equal_generate():
         for name, p in model.named_parameters():
             if "lora_B" in name:  # (initialized to 0: the adapters would not change the outputs)
                 p.normal_(0, 0.5)
-    sampling = SamplingParams(temperature=1.0)
-    out = {}
-    for on in (False, True):
-        before = graphs.STATS.eager_steps
-        torch.manual_seed(3)
-        trees = sample_trees(model, tok, _ids(tok, PROMPTS), 3, 2, 8, 6, dataclasses.replace(sampling, graphs=on), ["e", "\n"])
-        out[on] = [(t.thoughts, t.thought_done, t.answers) for t in trees]
-        assert (graphs.STATS.eager_steps > before) == on
+    out = _trees_without_and_with_the_loop(model, tok)
     assert out[True] == out[False]
