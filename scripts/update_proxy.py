@@ -31,57 +31,32 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from launch_proxy import build, write_report  # noqa: E402
-from profile_step import OpCount  # noqa: E402
+from profile_step import OpCount, Step  # noqa: E402
 
 from vlm_treegrpo.bench import BenchSpec  # noqa: E402
 
 REWARD = "vlm_treegrpo.bench:length_signal_reward"
 
 
-def spec_for(model_dir: str, K: int, M: int, steps: int) -> BenchSpec:
-    return BenchSpec(workload="text", model="update-proxy", model_dir=model_dir, G=16, K=K, M=M, max_new_tokens=40,
-                     thought_tokens=16, prompts_per_step=4, micro_batch=4, steps=steps, warmup=1, lr=1e-12,
-                     autocast="bfloat16", threads=1, reward=REWARD, decode_graphs=False)
-
-
-def ours(model_dir: str, K: int, M: int, repeats: int) -> dict:
+def ours(step: Step, K: int, M: int, repeats: int) -> dict:
     """Our update of one rollout batch: ``repeats`` timed runs after a warm-up, then one counted."""
-    from vlm_treegrpo.bench import bench_task
-    from vlm_treegrpo.bench_ours import ours_config
-    from vlm_treegrpo.optim import adamw, warmup_constant
-    from vlm_treegrpo.policy import make_policy
-    from vlm_treegrpo.rewards import RewardSet
     from vlm_treegrpo.rollout import attention
     from vlm_treegrpo.rollout.logprobs import TokenLogp
-    from vlm_treegrpo.step import rollout_step, update_step
+    from vlm_treegrpo.step import update_step
 
-    spec = spec_for(model_dir, K, M, 1)
-    cfg = ours_config(spec)
+    cfg = step.config(K, M)
     torch.manual_seed(0)
-    policy = make_policy(model_dir, torch.device("cpu"), "float32", "sdpa")
-    examples, instruction = bench_task(spec)
-    prompts = [policy.encode(ex, instruction) for ex in examples[:4]]
-    rewards = RewardSet.from_config(cfg.algo.rewards, cfg.algo.reward_timeout_s)
-    optimizer = adamw([p for p in policy.model.parameters() if p.requires_grad], cfg.optim.lr, cfg.optim.betas)
-    scheduler = warmup_constant(optimizer, 0)
-    data = rollout_step(policy, examples[:4], prompts, rewards, cfg)
+    data, _ = step.rollout(cfg)
     saved = attention.PLAN_DEVICES, TokenLogp.CHUNK
     attention.PLAN_DEVICES = frozenset()  # the dense tree mask, as on a GPU
     TokenLogp.CHUNK = TokenLogp.chunk_rows(49_152, torch.device("cuda"))  # SmolLM2's log-prob steps on a GPU
     try:
-        def run():
-            return update_step(policy, None, optimizer, scheduler, data, cfg, torch.device("cpu"))
-
-        run()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - t)
+        step.update(cfg, data)
+        times = [step.update(cfg, data) for _ in range(repeats)]
         forwards = []
-        hook = policy.model.register_forward_pre_hook(lambda *_: forwards.append(1))
+        hook = step.policy.model.register_forward_pre_hook(lambda *_: forwards.append(1))
         with OpCount() as count:
-            stats = run()
+            stats = update_step(step.policy, None, step.optimizer, step.scheduler, data, cfg, step.device)
         hook.remove()
     finally:
         attention.PLAN_DEVICES, TokenLogp.CHUNK = saved
@@ -97,7 +72,9 @@ def trl(model_dir: str) -> dict:
 
     from vlm_treegrpo.bench_trl import grpo_args, reward_for_trl, trl_dataset
 
-    spec = spec_for(model_dir, 16, 1, 1)
+    spec = BenchSpec(workload="text", model="update-proxy", model_dir=model_dir, G=16, K=16, M=1, max_new_tokens=40,
+                     thought_tokens=16, prompts_per_step=4, micro_batch=4, steps=1, warmup=1, lr=1e-12,
+                     autocast="bfloat16", threads=1, reward=REWARD)
     dataset, _, _ = trl_dataset(spec)
     count = OpCount()
     seen: dict = {"forwards": 0}
@@ -151,8 +128,14 @@ def main(argv=None) -> int:
         tok.save_pretrained(tmp)
         del model
         print(f"{'case':12s} {'ms':>8s} {'compute ops':>12s} {'syncs':>6s} {'forwards':>9s}")
-        todo = {"ours 16x1": lambda: ours(tmp, 16, 1, args.repeats), "ours 4x4": lambda: ours(tmp, 4, 4, args.repeats),
-                "TRL G=16": lambda: trl(tmp)}
+        step: list[Step] = []  # (our trainer on the model, made for the first of ours' cases)
+
+        def ours_case(K: int, M: int) -> dict:
+            if not step:
+                step.append(Step("text", tmp, 4, 16, 40))  # (the bench's settings; threads left at 1)
+            return ours(step[0], K, M, args.repeats)
+
+        todo = {"ours 16x1": lambda: ours_case(16, 1), "ours 4x4": lambda: ours_case(4, 4), "TRL G=16": lambda: trl(tmp)}
         for name in [n for n in args.only.split(",") if n] or list(todo):
             fn = todo[name]
             rows[name] = r = fn()

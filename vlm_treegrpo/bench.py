@@ -363,7 +363,7 @@ def machine_info() -> dict:
         info["gpu"] = torch.cuda.get_device_name(0)
         info["cuda_runtime"] = torch.version.cuda
         info["cudnn"] = torch.backends.cudnn.version()
-        info["sdpa_enabled"] = {name: getattr(b, f"{name}_sdp_enabled")() for name in ("flash", "mem_efficient", "cudnn", "math")
+        info["sdpa_enabled"] = {name: getattr(b, f"{name}_sdp_enabled")() for name in (*SDPA_KERNELS, "math")
                                 if hasattr(b, f"{name}_sdp_enabled")}
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():

@@ -231,7 +231,8 @@ def update_step(policy: Policy, ref_policy: Policy | None, optimizer, scheduler,
     for u in range(a.updates_per_batch):
         optimizer.zero_grad(set_to_none=True)
         sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0}
-        losses: list[torch.Tensor] = []
+        losses: list[torch.Tensor] = []  # (device scalars, read after the step: no device sync between micro-batches)
+        kls: list[torch.Tensor] = []
         for ci, c in enumerate(chunks):
             host = batch.rows(c)
             n_target = float(host.target_mask.sum())  # (read on the host: no device sync)
@@ -251,9 +252,9 @@ def update_step(policy: Policy, ref_policy: Policy | None, optimizer, scheduler,
             if a.beta > 0:
                 kl = masked_mean(kl_penalty(logp, refs[ci], a.kl_kind), mb.target_mask)
                 loss = loss + a.beta * kl * weight
-                sums["kl"] += (kl * weight).item()
+                kls.append((kl * weight).detach())
             loss.backward()
-            losses.append(loss.detach())  # (read after the step: no device sync between micro-batches)
+            losses.append(loss.detach())
             share = n_target / float(live_tokens)  # metrics average over updated tokens
             if old is None:  # on-policy: the ratio is exactly 1, nothing is clipped
                 sums["ratio_mean"] += share
@@ -265,7 +266,7 @@ def update_step(policy: Policy, ref_policy: Policy | None, optimizer, scheduler,
         dist.sum_grads(params)
         gn, stepped = clipped_step(optimizer, params, o.max_grad_norm)  # (the same on every process: summed gradients)
         skipped += not stepped
-        sums["loss"] = sum(float(x) for x in losses)
+        sums["loss"], sums["kl"] = sum(float(x) for x in losses), sum(float(x) for x in kls)
         *pooled, trees, ent_sum, ent_weight = dist.sum([*sums.values(), N, sum(e for e, _ in entropy), sum(w for _, w in entropy)])
         stats = dict(zip(sums, pooled), grad_norm=gn, trees_updated=int(trees), skipped_updates=skipped)
         # the policy's entropy at the updated tokens, before this step's update (None: nothing updated)
