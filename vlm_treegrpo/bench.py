@@ -104,6 +104,9 @@ class BenchSpec:
     sdpa_off: tuple[str, ...] = ()
     """Both trainers: sdpa kernels torch may not pick on a GPU (of :data:`SDPA_KERNELS`), to test
     whether one of them makes a step slow (say cuDNN's, which plans each new shape)."""
+    sample_stacks_ms: float = 0.0
+    """Both trainers: sample the stepping thread's Python stack every this many milliseconds
+    (0: off) and report where each slow step's time went (:class:`StepProbe`)."""
 
     def __post_init__(self) -> None:
         if self.K * self.M != self.G:
@@ -168,22 +171,33 @@ class StepProbe:
     the caching allocator's new device allocations (``cuda_mallocs``, each a ``cudaMalloc``) and
     retries (``alloc_retries``: a failed allocation frees the cache, which synchronizes).
 
+    With ``stacks_ms`` it also samples the stepping thread's Python stack that often
+    (:class:`~vlm_treegrpo.stacks.StackSampler`): a row's ``stacks`` says where the step's wall
+    time went, by line.
+
     ``with probe:`` hooks the collector; ``start()`` then ``stop()`` around a step give its row."""
 
     KEYS = ("cpu_seconds", "gc_seconds", "cuda_mallocs", "alloc_retries")
 
-    def __init__(self, device=None):
+    def __init__(self, device=None, stacks_ms: float = 0.0):
         import torch
+
+        from vlm_treegrpo.stacks import StackSampler
 
         self.cuda = device is not None and torch.device(device).type == "cuda"
         self._gc, self._gc_t0, self._mark = 0.0, 0.0, {}
+        self.sampler = StackSampler(stacks_ms / 1000) if stacks_ms > 0 else None
 
     def __enter__(self) -> "StepProbe":
         gc.callbacks.append(self._on_gc)
+        if self.sampler is not None:
+            self.sampler.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         gc.callbacks.remove(self._on_gc)
+        if self.sampler is not None:
+            self.sampler.__exit__(*exc)
 
     def _on_gc(self, phase: str, info: dict) -> None:
         if phase == "start":
@@ -203,18 +217,23 @@ class StepProbe:
 
     def start(self) -> None:
         self._mark = self._now()
+        if self.sampler is not None:
+            self.sampler.take()
 
     def stop(self) -> dict:
         """This step's figures since :meth:`start`."""
         now = self._now()
-        return {k: round(v - self._mark[k], 4) if isinstance(v, float) else v - self._mark[k] for k, v in now.items()}
+        out = {k: round(v - self._mark[k], 4) if isinstance(v, float) else v - self._mark[k] for k, v in now.items()}
+        if self.sampler is not None:
+            out["stacks"] = self.sampler.take()
+        return out
 
 
 def slow_steps(rows: list[dict], factor: float = 2.0) -> list[dict]:
     """The measured rows that took over ``factor`` times the median step, each with its index among
-    them and its probe figures (:class:`StepProbe`) where recorded."""
+    them and its probe figures (:class:`StepProbe`, its ``stacks`` too) where recorded."""
     med = statistics.median(r["seconds"] for r in rows)
-    keep = ("seconds", "rollout_seconds", *StepProbe.KEYS)
+    keep = ("seconds", "rollout_seconds", *StepProbe.KEYS, "stacks")
     return [{"index": i, **{k: round(r[k], 4) if isinstance(r[k], float) else r[k] for k in keep if k in r}}
             for i, r in enumerate(rows) if r["seconds"] > factor * med]
 
@@ -452,6 +471,13 @@ def _slow_line(r: dict) -> str:
     return "; ".join(parts)
 
 
+def _stack_lines(r: dict, top: int = 3) -> list[str]:
+    """Where each slow step's time went, where its stack was sampled: its ``top`` places."""
+    return [f"step {x['index']} ({x['seconds']:.2f} s, {x['stacks']['samples']} samples): "
+            + "; ".join(f"{share:.0%} {place}" for place, share in x["stacks"]["top"][:top])
+            for x in r["slow_steps"] if x.get("stacks", {}).get("top")]
+
+
 def format_table(report: dict) -> str:
     """The comparison (or scaling) rows as an aligned text table."""
     lines = []
@@ -480,6 +506,7 @@ def format_table(report: dict) -> str:
                 r = row.get(trainer)
                 if r and r.get("slow_steps"):
                     lines.append(f"{row['mode']:<5} {trainer:<8} slow   {_slow_line(r)}")
+                    lines += [f"{row['mode']:<5} {trainer:<8} stacks {line}" for line in _stack_lines(r)]
             if "round_ratios" in row:
                 lines.append(f"{row['mode']:<5} {'rounds':<8} {'':<6} compl/s ours/trl per round: " + ", ".join(_fmt(x) for x in row["round_ratios"]))
     if "scaling" in report:
@@ -525,6 +552,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ours: rollout.decode_graphs, decode steps replayed from CUDA graphs (auto, the default: on a GPU; "
                         "on, the bare flag: the same loop eagerly on the CPU too; off: generate). TRL unchanged")
     p.add_argument("--sdpa-off", default="", help=f"both trainers: sdpa kernels not to use on a GPU, a comma list of {', '.join(SDPA_KERNELS)}")
+    p.add_argument("--sample-stacks", type=float, default=0.0, metavar="MS",
+                   help="both trainers: sample the Python stack every MS milliseconds and list where each slow step's time went (0: off)")
     p.add_argument("--keep-finished", action="store_true", help="ours: finished rows stay in the decode batch (rollout.drop_finished=false)")
     p.add_argument("--quick", action="store_true", help="tiny-llama (or tiny VLM), 2 steps, small batches: a smoke run")
     p.add_argument("--scaling", action="store_true", help="time our step against K, M, tokens (and images): ours only")
@@ -557,7 +586,7 @@ def run(args: argparse.Namespace) -> dict:
         steps=args.steps, warmup=args.warmup, lr=args.lr, autocast=args.autocast, threads=args.threads, seed=args.seed,
         reward=args.reward, compile_decode=args.compile_decode, drop_finished=not args.keep_finished,
         decode_graphs={"on": True, "off": False}.get(args.decode_graphs, "auto"),
-        sdpa_off=tuple(k for k in args.sdpa_off.split(",") if k),
+        sdpa_off=tuple(k for k in args.sdpa_off.split(",") if k), sample_stacks_ms=args.sample_stacks,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-", dir=out.parent) as tmp:

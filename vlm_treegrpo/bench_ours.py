@@ -64,7 +64,7 @@ def run_ours(spec: BenchSpec) -> dict:
     P, K, M = spec.prompts_per_step, spec.K, spec.M
     rows = []
     watch = CompileWatch() if spec.compile_decode else contextlib.nullcontext()
-    probe = StepProbe(device)
+    probe = StepProbe(device, spec.sample_stacks_ms)
     with watch, probe:
         for step in range(spec.warmup + spec.steps):
             sl = slice(step * P, (step + 1) * P)

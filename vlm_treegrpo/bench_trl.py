@@ -95,7 +95,7 @@ def run_trl(spec: BenchSpec) -> dict:
     rollout_seconds: list[float] = []
     autocast_seen: dict[str, bool] = {}
 
-    probe = StepProbe(resolve_device("auto"))
+    probe = StepProbe(resolve_device("auto"), spec.sample_stacks_ms)
 
     class StepTimer(TrainerCallback):
         def __init__(self):
