@@ -44,13 +44,13 @@ def worker(config: str | None, overrides: list[str], updates: int) -> dict:
     from vlm_treegrpo.data.sources import task_from_config
     from vlm_treegrpo.optim import adamw, warmup_constant
     from vlm_treegrpo.rewards import RewardSet
-    from vlm_treegrpo.runtime import build_policy, resolve_device, set_threads
+    from vlm_treegrpo.runtime import build_policy, resolve_device, setup
     from vlm_treegrpo.step import rollout_step, update_step
     from vlm_treegrpo.trainer import PromptSampler
 
     cfg = load_config(config, overrides)
     device = resolve_device(cfg.model.device)
-    set_threads(cfg.model.threads, device)
+    setup(cfg.model, device)
     torch.manual_seed(cfg.optim.seed)
     policy = build_policy(cfg.model, device, cfg.model.training_dtype(device.type), cfg.model.attn_implementation)
     task = task_from_config(cfg.data)

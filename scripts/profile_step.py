@@ -55,7 +55,7 @@ class Step:
         from vlm_treegrpo.optim import adamw, warmup_constant
         from vlm_treegrpo.policy import make_policy
         from vlm_treegrpo.rewards import RewardSet
-        from vlm_treegrpo.runtime import resolve_device, set_threads
+        from vlm_treegrpo.runtime import resolve_device, setup
 
         self.spec = dict(workload=workload, model=model, model_dir=model, G=G, max_new_tokens=max_new_tokens,
                          thought_tokens=max(1, max_new_tokens * 2 // 5), prompts_per_step=prompts_per_step,
@@ -63,7 +63,7 @@ class Step:
         self.BenchSpec, self.ours_config = BenchSpec, ours_config
         cfg = ours_config(BenchSpec(K=G, M=1, **self.spec))
         self.device = resolve_device(cfg.model.device)
-        set_threads(cfg.model.threads, self.device)
+        setup(cfg.model, self.device)
         self.policy = make_policy(model, self.device, cfg.model.dtype, cfg.model.attn_implementation)
         self.examples, instruction = bench_task(BenchSpec(K=G, M=1, **self.spec))
         self.prompts = [self.policy.encode(ex, instruction) for ex in self.examples]

@@ -67,3 +67,26 @@ def test_set_threads_all_cores_on_the_cpu_few_on_a_gpu_host_or_as_configured():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_setup_keeps_sdpa_off_cudnn_on_a_gpu_unless_asked():
+    import torch
+
+    from vlm_treegrpo.config import ModelConfig
+    from vlm_treegrpo.runtime import setup
+
+    threads, cudnn = torch.get_num_threads(), torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        setup(ModelConfig(threads=threads), torch.device("cpu"))
+        assert torch.backends.cuda.cudnn_sdp_enabled()  # the CPU: nothing to choose
+        setup(ModelConfig(threads=threads, cudnn_attention=True), torch.device("cuda"))  # (only the flag is set: no GPU needed)
+        assert torch.backends.cuda.cudnn_sdp_enabled()  # asked for: torch's choice left alone
+        setup(ModelConfig(threads=threads), torch.device("cuda"))
+        assert not torch.backends.cuda.cudnn_sdp_enabled()  # the default
+        assert torch.backends.cuda.mem_efficient_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()  # the others stay
+        setup(ModelConfig(threads=threads, cudnn_attention=True), torch.device("cuda"))
+        assert not torch.backends.cuda.cudnn_sdp_enabled()  # True never turns it on where something turned it off (bench --sdpa-off)
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(cudnn)
+        torch.set_num_threads(threads)

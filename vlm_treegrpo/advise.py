@@ -154,14 +154,14 @@ def format_table(adv: dict) -> str:
 
 def advise(cfg: TrainConfig, prompts: int = 0) -> dict:
     """Sample one batch with ``cfg``'s model and rollout settings and return (and write) the advice."""
-    from vlm_treegrpo.runtime import autocast_ctx, resolve_device, set_threads
+    from vlm_treegrpo.runtime import autocast_ctx, resolve_device, setup
     from vlm_treegrpo.step import leaf_texts
     from vlm_treegrpo.trainer import PromptSampler
 
     t0 = time.time()
     torch.manual_seed(cfg.optim.seed)
     device = resolve_device(cfg.model.device)
-    set_threads(cfg.model.threads, device)
+    setup(cfg.model, device)
     policy = make_policy(cfg.model.name, device, cfg.model.dtype, cfg.model.attn_implementation)
     if not isinstance(policy, TextPolicy):
         raise ConfigError("model.name: the advisor's score features are implemented for text policies")

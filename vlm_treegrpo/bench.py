@@ -104,6 +104,8 @@ class BenchSpec:
     sdpa_off: tuple[str, ...] = ()
     """Both trainers: sdpa kernels torch may not pick on a GPU (of :data:`SDPA_KERNELS`), to test
     whether one of them makes a step slow (say cuDNN's, which plans each new shape)."""
+    cudnn_attention: bool = False
+    """Ours: ``model.cudnn_attention`` (off, the trainer's default: sdpa never picks cuDNN's kernel)."""
     sample_stacks_ms: float = 0.0
     """Both trainers: sample the stepping thread's Python stack every this many milliseconds
     (0: off) and report where each slow step's time went (:class:`StepProbe`)."""
@@ -552,6 +554,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ours: rollout.decode_graphs, decode steps replayed from CUDA graphs (auto, the default: on a GPU; "
                         "on, the bare flag: the same loop eagerly on the CPU too; off: generate). TRL unchanged")
     p.add_argument("--sdpa-off", default="", help=f"both trainers: sdpa kernels not to use on a GPU, a comma list of {', '.join(SDPA_KERNELS)}")
+    p.add_argument("--cudnn-attention", action="store_true",
+                   help="ours: model.cudnn_attention=true, sdpa may pick cuDNN's kernel as torch would (TRL unchanged)")
     p.add_argument("--sample-stacks", type=float, default=0.0, metavar="MS",
                    help="both trainers: sample the Python stack every MS milliseconds and list where each slow step's time went (0: off)")
     p.add_argument("--keep-finished", action="store_true", help="ours: finished rows stay in the decode batch (rollout.drop_finished=false)")
@@ -587,6 +591,7 @@ def run(args: argparse.Namespace) -> dict:
         reward=args.reward, compile_decode=args.compile_decode, drop_finished=not args.keep_finished,
         decode_graphs={"on": True, "off": False}.get(args.decode_graphs, "auto"),
         sdpa_off=tuple(k for k in args.sdpa_off.split(",") if k), sample_stacks_ms=args.sample_stacks,
+        cudnn_attention=args.cudnn_attention,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-", dir=out.parent) as tmp:

@@ -24,7 +24,8 @@ def ours_config(spec: BenchSpec):
 
     flat = spec.M == 1
     return config_from_dict({
-        "model": {"name": spec.model_dir, "dtype": "float32", "autocast": spec.autocast, "threads": spec.threads},
+        "model": {"name": spec.model_dir, "dtype": "float32", "autocast": spec.autocast, "threads": spec.threads,
+                  "cudnn_attention": spec.cudnn_attention},
         "data": {"source": WORKLOADS[spec.workload][1], "difficulty": spec.difficulty, "seed": spec.seed},
         "rollout": {"K": spec.K, "M": spec.M, "thought_max_tokens": spec.max_new_tokens if flat else spec.thought_tokens,
                     "answer_max_tokens": 0 if flat else spec.max_new_tokens - spec.thought_tokens,
@@ -47,13 +48,13 @@ def run_ours(spec: BenchSpec) -> dict:
     from vlm_treegrpo.optim import adamw, warmup_constant
     from vlm_treegrpo.policy import make_policy
     from vlm_treegrpo.rewards import RewardSet
-    from vlm_treegrpo.runtime import resolve_device, set_threads
+    from vlm_treegrpo.runtime import resolve_device, setup
     from vlm_treegrpo.step import rollout_step, update_step
 
     cfg = ours_config(spec)
     torch.manual_seed(spec.seed)
     device = resolve_device(cfg.model.device)
-    set_threads(cfg.model.threads, device)
+    setup(cfg.model, device)
     policy = make_policy(spec.model_dir, device, cfg.model.dtype, cfg.model.attn_implementation)
     examples, instruction = bench_task(spec)
     prompts = [policy.encode(ex, instruction) for ex in examples]
@@ -94,7 +95,8 @@ def run_ours(spec: BenchSpec) -> dict:
         "compile_decode": cfg.rollout.compile_decode, "decode_graphs": cfg.rollout.decode_graphs, "drop_finished": cfg.rollout.drop_finished, "loss": cfg.algo.loss, "agg": cfg.algo.agg, "scale": cfg.algo.scale, "autocast": cfg.model.autocast,
         "dtype": str(next(policy.model.parameters()).dtype), "attn_implementation": policy.model.config._attn_implementation, "micro_batch_rows": cfg.optim.micro_batch,
         "micro_batch_unit": "packed trees" if spec.workload == "text" else "rows (packed trees; leaves for Gemma3)", "device": str(device),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(), "cudnn_attention": cfg.model.cudnn_attention,
+        "cudnn_sdp_enabled": torch.backends.cuda.cudnn_sdp_enabled() if device.type == "cuda" else None,
     }
     out = {"settings": settings, **measure(rows, spec.warmup), "trees_updated": [r["trees_updated"] for r in rows]}
     if spec.compile_decode:

@@ -39,11 +39,11 @@ def _cmd_eval(args) -> int:
     from vlm_treegrpo.data.sources import task_from_config
     from vlm_treegrpo.evaluate import evaluate_held_out
     from vlm_treegrpo.policy import make_policy
-    from vlm_treegrpo.runtime import resolve_device, set_threads
+    from vlm_treegrpo.runtime import resolve_device, setup
 
     cfg = load_config(args.config, args.overrides)
     device = resolve_device(cfg.model.device)
-    set_threads(cfg.model.threads, device)
+    setup(cfg.model, device)
     name = args.model or cfg.model.name
     policy = make_policy(name, device, cfg.model.dtype, cfg.model.attn_implementation)
     task = task_from_config(cfg.data)

@@ -32,6 +32,19 @@ def set_threads(threads: int, device: torch.device) -> None:
         torch.set_num_threads(min(GPU_HOST_THREADS, torch.get_num_threads()))
 
 
+def set_attention_kernels(cudnn: bool, device: torch.device) -> None:
+    """``model.cudnn_attention``: on a GPU, keep torch's sdpa off cuDNN's kernel unless asked
+    (process-wide, as the thread count; ``True`` leaves torch's setting as it is)."""
+    if device.type == "cuda" and not cudnn:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+def setup(model: ModelConfig, device: torch.device) -> None:
+    """What ``model.*`` sets for the whole process on ``device``: the threads and the attention kernels."""
+    set_threads(model.threads, device)
+    set_attention_kernels(model.cudnn_attention, device)
+
+
 def autocast_ctx(device: torch.device, kind: str):
     """bf16 autocast for the training forward when asked (``model.autocast``; ``auto`` is bf16 on
     a GPU: :func:`~vlm_treegrpo.config.resolve_autocast`). About 2x faster on CPUs with

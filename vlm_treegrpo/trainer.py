@@ -49,7 +49,7 @@ from vlm_treegrpo.interrupt import StopRequests
 from vlm_treegrpo.optim import adamw, lr_schedule
 from vlm_treegrpo.policy import Policy
 from vlm_treegrpo.rewards import RewardSet
-from vlm_treegrpo.runtime import autocast_ctx, build_policy, resolve_device, set_threads
+from vlm_treegrpo.runtime import autocast_ctx, build_policy, resolve_device, setup
 from vlm_treegrpo.sft import warm_start
 from vlm_treegrpo.step import gradient_diagnostics, leaf_texts, rollout_step, update_step
 
@@ -152,7 +152,7 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
         run.mkdir(parents=True, exist_ok=True)
         (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     torch.manual_seed(cfg.optim.seed)
-    set_threads(cfg.model.threads, device)
+    setup(cfg.model, device)
 
     policy = build_policy(cfg.model, device, cfg.model.training_dtype(device.type), cfg.model.attn_implementation)
     model = policy.model
