@@ -16,7 +16,7 @@ import torch
 from vlm_treegrpo.config import TrainConfig
 from vlm_treegrpo.core.advantages import group_advantages, tree_advantages
 from vlm_treegrpo.core.diagnostics import mean_pairwise_cosine, reward_std_stats, update_norms
-from vlm_treegrpo.core.losses import kl_penalty, masked_mean, policy_loss, policy_loss_metrics
+from vlm_treegrpo.core.losses import kl_penalty, masked_mean, policy_loss, policy_loss_metric_tensors
 from vlm_treegrpo.distributed import Dist
 from vlm_treegrpo.optim import clipped_step
 from vlm_treegrpo.policy import Policy, TextPolicy, TrainBatch
@@ -233,6 +233,7 @@ def update_step(policy: Policy, ref_policy: Policy | None, optimizer, scheduler,
         sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0}
         losses: list[torch.Tensor] = []  # (device scalars, read after the step: no device sync between micro-batches)
         kls: list[torch.Tensor] = []
+        clipped: list[tuple[torch.Tensor, torch.Tensor]] = []  # (off-policy: each micro-batch's weighted clip fraction and ratio)
         for ci, c in enumerate(chunks):
             host = batch.rows(c)
             n_target = float(host.target_mask.sum())  # (read on the host: no device sync)
@@ -259,14 +260,15 @@ def update_step(policy: Policy, ref_policy: Policy | None, optimizer, scheduler,
             if old is None:  # on-policy: the ratio is exactly 1, nothing is clipped
                 sums["ratio_mean"] += share
             else:
-                m = policy_loss_metrics(logp.detach(), old_logp, mb.advantages, mb.target_mask, a.clip_eps)
-                sums["clip_frac"] += m["clip_frac"] * share
-                sums["ratio_mean"] += m["ratio_mean"] * share
+                m = policy_loss_metric_tensors(logp.detach(), old_logp, mb.advantages, mb.target_mask, a.clip_eps)
+                clipped.append((m["clip_frac"] * share, m["ratio_mean"] * share))
         params = [p for p in model.parameters() if p.requires_grad]
         dist.sum_grads(params)
         gn, stepped = clipped_step(optimizer, params, o.max_grad_norm)  # (the same on every process: summed gradients)
         skipped += not stepped
         sums["loss"], sums["kl"] = sum(float(x) for x in losses), sum(float(x) for x in kls)
+        sums["clip_frac"] += sum(float(c) for c, _ in clipped)
+        sums["ratio_mean"] += sum(float(r) for _, r in clipped)
         *pooled, trees, ent_sum, ent_weight = dist.sum([*sums.values(), N, sum(e for e, _ in entropy), sum(w for _, w in entropy)])
         stats = dict(zip(sums, pooled), grad_norm=gn, trees_updated=int(trees), skipped_updates=skipped)
         # the policy's entropy at the updated tokens, before this step's update (None: nothing updated)

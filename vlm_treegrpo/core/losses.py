@@ -178,7 +178,19 @@ def policy_loss_metrics(
     mask: Tensor,
     clip_eps: float = 0.2,
 ) -> dict[str, float]:
-    """Diagnostics of the clipped surrogate, as detached Python floats (weighted masked means).
+    """:func:`policy_loss_metric_tensors` as Python floats."""
+    return {k: float(v) for k, v in policy_loss_metric_tensors(logp, old_logp, advantages, mask, clip_eps).items()}
+
+
+def policy_loss_metric_tensors(
+    logp: Tensor,
+    old_logp: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps: float = 0.2,
+) -> dict[str, Tensor]:
+    """Diagnostics of the clipped surrogate, as detached 0-d tensors (weighted masked means; on a
+    GPU they stay there until read, so a caller can read them once, after its step).
 
     Returns:
         ``ratio_mean``: mean of ``exp(logp - old_logp)``;
@@ -199,9 +211,9 @@ def policy_loss_metrics(
     low = (ratio < 1.0 - clip_eps) & (adv < 0)  # [B, L]
     clipped = high | low  # [B, L]
     return {
-        "ratio_mean": float(masked_mean(ratio, mask)),
-        "clip_frac": float(masked_mean(clipped.to(logp.dtype), mask)),
-        "approx_kl": float(masked_mean(-log_ratio, mask)),
+        "ratio_mean": masked_mean(ratio, mask).detach(),
+        "clip_frac": masked_mean(clipped.to(logp.dtype), mask).detach(),
+        "approx_kl": masked_mean(-log_ratio, mask).detach(),
     }
 
 
