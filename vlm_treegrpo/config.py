@@ -189,8 +189,9 @@ class RolloutConfig:
     same loop eagerly without CUDA; ``false``: ``generate``. On an H200 it made SmolLM2's
     sampling 5.6x faster (0.32 against 1.79 s a flat step of 4 x 16 x 40 tokens) and the tiny
     VLM's 3.4x. If capture fails (the reason is warned and reported), the loop runs eagerly. On
-    the CPU the eager loop made the tiny VLM's tree step about 10% faster and left SmolLM2's
-    sampling about as it was. A model with a sliding window (Gemma3) or on flash-attention
+    the CPU the eager loop made the tiny VLM's steps 7-13% faster and SmolLM2's sampling 5-22%
+    slower (a compute-bound model pays for the static cache's padded columns), so ``auto`` leaves
+    it off there. A model with a sliding window (Gemma3) or on flash-attention
     decodes as without. Finished rows stay in the batch."""
     drop_finished: bool = True
     """Finished rows leave the decode batch (the same draws as without; off under
