@@ -8,14 +8,15 @@
 #   scripts/gpu_check.sh [OUT_DIR] [PARTS]
 #
 # OUT_DIR defaults to runs/gpu-check. PARTS is a comma list of proxy, tests, bench-vlm, bench-text, eager,
-# profile, compiled, keep, memory (default: the first seven, about 17 minutes on an H200 host; e.g. run
+# profile, compiled, keep, cudnn, memory (default: the first seven, about 17 minutes on an H200 host; e.g. run
 # proxy,tests,bench-text,eager and then bench-vlm,profile,compiled where one call is limited to 10 minutes;
 # proxy is scripts/launch_proxy.py on the GPU: TRL's generate loop against ours, with and without
 # decode graphs, on a 30-layer narrow model, about 30 s and no prepared model needed;
 # eager is `bench --trainers ours --decode-graphs off` on both workloads (the benches' JSON says how many
 # steps replayed a graph and why a capture failed, as compiled's says what torch.compile did);
 # keep, ours alone on both workloads with rollout.drop_finished=false (graphs off), is the A/B of dropping
-# finished rows against eager, a few minutes more; memory runs
+# finished rows against eager, a few minutes more; cudnn, ours alone on both workloads with
+# model.cudnn_attention=true (`bench --cudnn-attention`), is the A/B of keeping sdpa off cuDNN's kernel; memory runs
 # scripts/activation_memory.py on the demo's batches, with and without activation checkpointing).
 # ROUNDS=N runs each trainer of bench-vlm and bench-text N times, alternating which goes first,
 # and pools the steps (bench --rounds; default 1). PYTHON=... picks the interpreter. Needs the `bench` extra (TRL) and the prepared SmolLM2
@@ -25,7 +26,7 @@ set -u
 OUT=${1:-runs/gpu-check}
 PARTS=,${2:-proxy,tests,bench-vlm,bench-text,eager,profile,compiled},
 PY=${PYTHON:-python3}
-LEN=(--reward vlm_treegrpo.bench:length_signal_reward --lr 1e-12)
+LEN=(--reward vlm_treegrpo.bench:length_signal_reward --lr 1e-12 --sample-stacks 10)  # (stacks: where a slow step's time went)
 want() { [[ "$PARTS" == *",$1,"* ]]; }
 mkdir -p "$OUT"
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check: no CUDA device')" || exit 2
@@ -71,6 +72,12 @@ if want keep; then
     for w in vlm text; do
         "$PY" -m vlm_treegrpo.cli bench --workload "$w" --trainers ours --keep-finished --decode-graphs off "${LEN[@]}" --steps 10 \
             --out "$OUT/bench-$w-keep.json" || failed=$((failed + 1))
+    done
+fi
+if want cudnn; then
+    for w in vlm text; do
+        "$PY" -m vlm_treegrpo.cli bench --workload "$w" --trainers ours --cudnn-attention "${LEN[@]}" --warmup 2 --steps 10 \
+            --out "$OUT/bench-$w-cudnn.json" || failed=$((failed + 1))
     done
 fi
 echo "gpu_check: $failed part(s) failed; results in $OUT"
