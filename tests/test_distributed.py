@@ -47,9 +47,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _step(agg: str):
+def _step(agg: str, *overrides: str):
     """A tiny-llama policy in float64, its optimizer, and one rollout of P prompts (seeded, so
-    every process builds the same)."""
+    every process builds the same); ``overrides`` come after this module's own."""
     from vlm_treegrpo.data.arithmetic import make_arithmetic
     from vlm_treegrpo.optim import adamw, warmup_constant
     from vlm_treegrpo.policy import make_policy
@@ -58,7 +58,8 @@ def _step(agg: str):
 
     cfg = config_from_dict({"model": {"name": "tiny-llama"}, "rollout": {"K": 2, "M": 2, "thought_max_tokens": 6, "answer_max_tokens": 6,
                                                                           "prompts_per_step": P}},
-                           ["algo.rewards=[test_distributed:varied_reward]", f"algo.agg={agg}", "optim.micro_batch=1", "optim.lr=1e-2"])
+                           ["algo.rewards=[test_distributed:varied_reward]", f"algo.agg={agg}", "optim.micro_batch=1", "optim.lr=1e-2",
+                            *overrides])
     torch.manual_seed(0)
     policy = make_policy("tiny-llama", torch.device("cpu"), "float32")
     policy.model.double()

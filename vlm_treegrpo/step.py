@@ -16,7 +16,7 @@ import torch
 from vlm_treegrpo.config import TrainConfig
 from vlm_treegrpo.core.advantages import group_advantages, tree_advantages
 from vlm_treegrpo.core.diagnostics import mean_pairwise_cosine, reward_std_stats, update_norms
-from vlm_treegrpo.core.losses import kl_penalty, masked_mean, policy_loss, policy_loss_metric_tensors
+from vlm_treegrpo.core.losses import kl_penalty, masked_mean, policy_loss, policy_loss_metrics
 from vlm_treegrpo.distributed import Dist
 from vlm_treegrpo.optim import clipped_step
 from vlm_treegrpo.policy import Policy, TextPolicy, TrainBatch
@@ -260,7 +260,7 @@ def update_step(policy: Policy, ref_policy: Policy | None, optimizer, scheduler,
             if old is None:  # on-policy: the ratio is exactly 1, nothing is clipped
                 sums["ratio_mean"] += share
             else:
-                m = policy_loss_metric_tensors(logp.detach(), old_logp, mb.advantages, mb.target_mask, a.clip_eps)
+                m = policy_loss_metrics(logp.detach(), old_logp, mb.advantages, mb.target_mask, a.clip_eps)
                 clipped.append((m["clip_frac"] * share, m["ratio_mean"] * share))
         params = [p for p in model.parameters() if p.requires_grad]
         dist.sum_grads(params)

@@ -82,7 +82,8 @@ def test_grpo_needs_old_logp():
 def test_metrics_hand_example():
     m = policy_loss_metrics(t(GRPO_LOGP), t(GRPO_OLD), t(GRPO_ADV), torch.ones(2, 3))
     assert set(m) == {"ratio_mean", "clip_frac", "approx_kl"}
-    assert all(isinstance(v, float) for v in m.values())
+    assert all(v.dim() == 0 and not v.requires_grad for v in m.values())  # (read by the caller, once: no sync here)
+    m = {k: float(v) for k, v in m.items()}
     assert m["ratio_mean"] == pytest.approx(1.0)  # (1.5 + 0.5 + 1) / 3
     assert m["clip_frac"] == pytest.approx(2 / 6)  # row 0 token 0, row 1 token 1
     assert m["approx_kl"] == pytest.approx(-math.log(0.75) / 3)  # mean(old - logp)
@@ -91,7 +92,7 @@ def test_metrics_hand_example():
 def test_metrics_masked_and_nan_safe():
     logp = t([[math.log(1.5), float("nan")]])
     old = t([[0.0, float("inf")]])
-    m = policy_loss_metrics(logp, old, t([1.0]), torch.tensor([[True, False]]))
+    m = {k: float(v) for k, v in policy_loss_metrics(logp, old, t([1.0]), torch.tensor([[True, False]])).items()}
     assert m["ratio_mean"] == pytest.approx(1.5)
     assert m["clip_frac"] == pytest.approx(1.0)
     assert m["approx_kl"] == pytest.approx(-math.log(1.5))

@@ -177,17 +177,6 @@ def policy_loss_metrics(
     advantages: Tensor,
     mask: Tensor,
     clip_eps: float = 0.2,
-) -> dict[str, float]:
-    """:func:`policy_loss_metric_tensors` as Python floats."""
-    return {k: float(v) for k, v in policy_loss_metric_tensors(logp, old_logp, advantages, mask, clip_eps).items()}
-
-
-def policy_loss_metric_tensors(
-    logp: Tensor,
-    old_logp: Tensor | None,
-    advantages: Tensor,
-    mask: Tensor,
-    clip_eps: float = 0.2,
 ) -> dict[str, Tensor]:
     """Diagnostics of the clipped surrogate, as detached 0-d tensors (weighted masked means; on a
     GPU they stay there until read, so a caller can read them once, after its step).
