@@ -87,3 +87,17 @@ def test_the_bench_probe_puts_a_slow_steps_places_in_the_table():
     assert stacks["top"][0][0].startswith("test_stacks.py:11:_nap") and stacks["samples"] >= 40
     table = format_table({"runs": [{"mode": "flat", "ours_shape": "4x1", "G": 4, "ours": {**out, "peak_rss_mib": 1.0}}]})
     assert "flat  ours     stacks step 3 (0.40 s, " in table and "_nap" in table
+
+
+def test_pooled_rounds_keep_each_slow_steps_places():
+    from vlm_treegrpo.bench import measure, pool_rounds
+
+    def row(seconds: float, place: str) -> dict:
+        return {"seconds": seconds, "rollout_seconds": seconds, "completions": 1, "generated_tokens": 1, "completion_tokens": 1,
+                "reward": 0.0, "zero_std_frac": 0.0, "stacks": {"samples": 9, "coverage": 1.0, "top": [[place, 1.0]]}}
+
+    a = measure([row(1.0, "warm"), row(0.1, "a"), row(0.1, "b"), row(0.9, "slow in round 1")], 1)
+    b = measure([row(1.0, "warm"), row(0.1, "c"), row(0.1, "d"), row(0.1, "e")], 1)
+    assert a["steps"][3]["stacks"]["top"] == [["slow in round 1", 1.0]]  # (every step's row keeps its places)
+    pooled = pool_rounds([a, b])
+    assert [(x["index"], x["stacks"]["top"][0][0]) for x in pooled["slow_steps"]] == [(2, "slow in round 1")]

@@ -284,7 +284,7 @@ def measure(rows: list[dict], warmup: int) -> dict:
     """:func:`summarize`, this process's peak RSS and, on a GPU, the peak memory its tensors held
     (``peak_cuda_mib``; None on the CPU); ``steps`` keeps the rows (for :func:`pool_rounds`)."""
     return {**summarize(rows, warmup), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_cuda_mib": peak_cuda_mib(), "steps": [{k: r[k] for k in (*STEP_KEYS, *StepProbe.KEYS) if k in r} for r in rows]}
+            "peak_cuda_mib": peak_cuda_mib(), "steps": [{k: r[k] for k in (*STEP_KEYS, *StepProbe.KEYS, "stacks") if k in r} for r in rows]}
 
 
 def pool_rounds(results: list[dict]) -> dict:
