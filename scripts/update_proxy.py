@@ -108,11 +108,6 @@ def ours(step: Step, K: int, M: int, repeats: int, kernels: int = 0) -> dict:
             "top_ops": count.kinds.most_common(8), **({"kernels": profiled} if profiled else {})}
 
 
-def prof_steps(kernels: int) -> int:
-    """TRL's extra steps for the profile (its third step's update)."""
-    return 1 if kernels else 0
-
-
 def trl(model_dir: str, kernels: int = 0) -> dict:
     """TRL's second training step, less its sampling and scoring."""
     from transformers import TrainerCallback
@@ -121,7 +116,7 @@ def trl(model_dir: str, kernels: int = 0) -> dict:
     from vlm_treegrpo.bench_trl import grpo_args, reward_for_trl, trl_dataset
 
     spec = BenchSpec(workload="text", model="update-proxy", model_dir=model_dir, G=16, K=16, M=1, max_new_tokens=40,
-                     thought_tokens=16, prompts_per_step=4, micro_batch=4, steps=2 if prof_steps(kernels) else 1, warmup=1, lr=1e-12,
+                     thought_tokens=16, prompts_per_step=4, micro_batch=4, steps=2 if kernels else 1, warmup=1, lr=1e-12,
                      autocast="bfloat16", threads=1, reward=REWARD)
     dataset, _, _ = trl_dataset(spec)
     count = OpCount()

@@ -37,17 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlm_treegrpo.config import ConfigError
+from vlm_treegrpo.stacks import StackSampler
 
 SDPA_KERNELS = ("flash", "mem_efficient", "cudnn")
-
-
-def disable_sdpa_kernels(names) -> None:
-    """Keep torch's sdpa from picking these kernels (``torch.backends.cuda.enable_<name>_sdp``)."""
-    import torch
-
-    for name in names:
-        getattr(torch.backends.cuda, f"enable_{name}_sdp")(False)
-
+"""The sdpa kernels ``--sdpa-off`` may name (:func:`~vlm_treegrpo.runtime.disable_sdpa_kernels`)."""
 
 WORKLOADS = {"text": ("smollm2-135m-instruct", "arithmetic"), "vlm": ("tiny-qwen2-vl", "visual")}
 """Workload -> (default model, synthetic task)."""
@@ -183,8 +176,6 @@ class StepProbe:
 
     def __init__(self, device=None, stacks_ms: float = 0.0):
         import torch
-
-        from vlm_treegrpo.stacks import StackSampler
 
         self.cuda = device is not None and torch.device(device).type == "cuda"
         self._gc, self._gc_t0, self._mark = 0.0, 0.0, {}
@@ -618,6 +609,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _worker(trainer: str, spec_path: str, result_path: str) -> None:
+    from vlm_treegrpo.runtime import disable_sdpa_kernels
+
     spec = BenchSpec(**json.loads(Path(spec_path).read_text()))
     disable_sdpa_kernels(spec.sdpa_off)
     if trainer == "ours":

@@ -32,11 +32,18 @@ def set_threads(threads: int, device: torch.device) -> None:
         torch.set_num_threads(min(GPU_HOST_THREADS, torch.get_num_threads()))
 
 
+def disable_sdpa_kernels(names) -> None:
+    """Keep torch's sdpa from picking these kernels for the whole process (``flash``,
+    ``mem_efficient``, ``cudnn``: ``torch.backends.cuda.enable_<name>_sdp``)."""
+    for name in names:
+        getattr(torch.backends.cuda, f"enable_{name}_sdp")(False)
+
+
 def set_attention_kernels(cudnn: bool, device: torch.device) -> None:
     """``model.cudnn_attention``: on a GPU, keep torch's sdpa off cuDNN's kernel unless asked
     (process-wide, as the thread count; ``True`` leaves torch's setting as it is)."""
     if device.type == "cuda" and not cudnn:
-        torch.backends.cuda.enable_cudnn_sdp(False)
+        disable_sdpa_kernels(("cudnn",))
 
 
 def setup(model: ModelConfig, device: torch.device) -> None:
