@@ -42,11 +42,12 @@ def worker(config: str | None, overrides: list[str], updates: int) -> dict:
 
     from vlm_treegrpo.config import load_config
     from vlm_treegrpo.data.sources import task_from_config
-    from vlm_treegrpo.optim import adamw, warmup_constant
-    from vlm_treegrpo.rewards import RewardSet
-    from vlm_treegrpo.runtime import build_policy, resolve_device, setup
-    from vlm_treegrpo.step import rollout_step, update_step
-    from vlm_treegrpo.trainer import PromptSampler
+    from vlm_treegrpo.train.optim import adamw, warmup_constant
+    from vlm_treegrpo.rewards.functions import RewardSet
+    from vlm_treegrpo.policy.factory import build_policy
+    from vlm_treegrpo.train.runtime import resolve_device, setup
+    from vlm_treegrpo.train.step import rollout_step, update_step
+    from vlm_treegrpo.train.loop import PromptSampler
 
     cfg = load_config(config, overrides)
     device = resolve_device(cfg.model.device)

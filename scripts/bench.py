@@ -4,7 +4,7 @@
     python scripts/bench.py --workload text    # SmolLM2-135M-Instruct, arithmetic
     python scripts/bench.py --scaling          # our step time against K, M, tokens
 
-The logic lives in :mod:`vlm_treegrpo.bench`.
+The logic lives in :mod:`vlm_treegrpo.bench.run`.
 """
 import sys
 

@@ -26,7 +26,7 @@ set -u
 OUT=${1:-runs/gpu-check}
 PARTS=,${2:-proxy,tests,bench-vlm,bench-text,eager,profile,compiled},
 PY=${PYTHON:-python3}
-LEN=(--reward vlm_treegrpo.bench:length_signal_reward --lr 1e-12 --sample-stacks 10)  # (stacks: where a slow step's time went)
+LEN=(--reward vlm_treegrpo.bench.run:length_signal_reward --lr 1e-12 --sample-stacks 10)  # (stacks: where a slow step's time went)
 want() { [[ "$PARTS" == *",$1,"* ]]; }
 mkdir -p "$OUT"
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check: no CUDA device')" || exit 2

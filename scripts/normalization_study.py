@@ -3,7 +3,7 @@
 arXiv 2601.23135 reads GRPO's division by the within-prompt reward std as a per-prompt adaptive
 step size and predicts faster progress than unnormalized REINFORCE, with the gain governed by
 the average within-prompt std. This script runs both arms through the real trainer
-(:func:`vlm_treegrpo.trainer.train`) with configs built from ``configs/demo-smollm2.yaml``:
+(:func:`vlm_treegrpo.train.loop.train`) with configs built from ``configs/demo-smollm2.yaml``:
 
 * ``grpo``:      ``algo.loss=grpo  algo.scale=std``  (the demo),
 * ``reinforce``: ``algo.loss=rgra  algo.scale=none`` (REINFORCE with a group-mean baseline, RGRA
@@ -76,7 +76,7 @@ def plot(result: dict, path: Path, window: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vlm_treegrpo.trainer import train
+    from vlm_treegrpo.train.loop import train
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")

@@ -50,16 +50,16 @@ class Step:
     """Our trainer's rollout and update (as the bench runs them) on the bench's text prompts."""
 
     def __init__(self, workload: str, model: str, prompts_per_step: int, G: int, max_new_tokens: int):
-        from vlm_treegrpo.bench import BenchSpec, bench_task
-        from vlm_treegrpo.bench_ours import ours_config
-        from vlm_treegrpo.optim import adamw, warmup_constant
-        from vlm_treegrpo.policy import make_policy
-        from vlm_treegrpo.rewards import RewardSet
-        from vlm_treegrpo.runtime import resolve_device, setup
+        from vlm_treegrpo.bench.run import BenchSpec, bench_task
+        from vlm_treegrpo.bench.ours import ours_config
+        from vlm_treegrpo.train.optim import adamw, warmup_constant
+        from vlm_treegrpo.policy.factory import make_policy
+        from vlm_treegrpo.rewards.functions import RewardSet
+        from vlm_treegrpo.train.runtime import resolve_device, setup
 
         self.spec = dict(workload=workload, model=model, model_dir=model, G=G, max_new_tokens=max_new_tokens,
                          thought_tokens=max(1, max_new_tokens * 2 // 5), prompts_per_step=prompts_per_step,
-                         micro_batch=prompts_per_step, steps=8, warmup=0, lr=1e-12, reward="vlm_treegrpo.bench:length_signal_reward")
+                         micro_batch=prompts_per_step, steps=8, warmup=0, lr=1e-12, reward="vlm_treegrpo.bench.run:length_signal_reward")
         self.BenchSpec, self.ours_config = BenchSpec, ours_config
         cfg = ours_config(BenchSpec(K=G, M=1, **self.spec))
         self.device = resolve_device(cfg.model.device)
@@ -77,12 +77,12 @@ class Step:
         return self.ours_config(self.BenchSpec(K=K, M=M, **self.spec))
 
     def _sync(self) -> None:
-        from vlm_treegrpo.bench import sync
+        from vlm_treegrpo.bench.run import sync
 
         sync(self.device)
 
     def rollout(self, cfg):
-        from vlm_treegrpo.step import rollout_step
+        from vlm_treegrpo.train.step import rollout_step
 
         i = self.n % (len(self.examples) // self.P)
         self.n += 1
@@ -93,7 +93,7 @@ class Step:
         return data, time.perf_counter() - t0
 
     def update(self, cfg, data) -> float:
-        from vlm_treegrpo.step import update_step
+        from vlm_treegrpo.train.step import update_step
 
         t0 = time.perf_counter()
         update_step(self.policy, None, self.optimizer, self.scheduler, data, cfg, self.device)
@@ -102,7 +102,7 @@ class Step:
 
     def logp_backward(self, cfg, batch) -> float:
         """Seconds of the packed log-prob forward + backward of ``batch``."""
-        from vlm_treegrpo.runtime import autocast_ctx
+        from vlm_treegrpo.train.runtime import autocast_ctx
 
         self.optimizer.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     if K * M != args.G:
         p.error(f"--tree {args.tree} must have K*M = G = {args.G}")
     t0 = time.time()
-    from vlm_treegrpo.bench import WORKLOADS
+    from vlm_treegrpo.bench.run import WORKLOADS
 
     model = args.model or WORKLOADS[args.workload][0]
     random_weights_if_missing(model)

@@ -48,7 +48,7 @@ def _eval(config: str, overrides: list[str], model_dir: str, log: Path) -> dict:
 
 
 def race(config: str, overrides: list[str], budget: float, workdir: Path, skip_start: bool) -> dict:
-    from vlm_treegrpo.bench import machine_info, prepare_model_dir
+    from vlm_treegrpo.bench.run import machine_info, prepare_model_dir
 
     cfg = load_config(config, overrides)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_trl"]:  # the TRL side, in its own process
         config, model_dir, out_dir, budget, *overrides = argv[1:]
-        from vlm_treegrpo.bench_trl import race_trl
+        from vlm_treegrpo.bench.trl import race_trl
 
         print(json.dumps(race_trl(load_config(config, overrides), model_dir, out_dir, float(budget))))
         return 0

@@ -32,7 +32,7 @@ echo "second session: exit $? at $(( $(date +%s) - T0 )) s"
 if [ -n "$REF" ]; then
     ${PYTHON:-.venv/bin/python} - "$REF" "$RUN/metrics.jsonl" <<'PY'
 import sys
-from vlm_treegrpo.plots import read_rows, timeless
+from vlm_treegrpo.analysis.plots import read_rows, timeless
 ref, got = ([timeless(r) for r in read_rows(p)] for p in sys.argv[1:3])
 same = sum(1 for a, b in zip(ref, got) if {k: a[k] for k in a if k in b} == {k: b[k] for k in a if k in b})
 print(f"steps matching the reference: {same} of {len(ref)} (resumed run logged {len(got)})")

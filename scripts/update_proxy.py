@@ -9,7 +9,7 @@ through both trainers on one CPU thread (4 prompts, G = 16, 40 new tokens, the l
 one on-policy update under bf16 autocast, the bench's settings for both), and counts what one
 update dispatches (on a GPU about one kernel launch per compute op) and its host syncs:
 
-- ``ours 16x1`` / ``ours 4x4``: :func:`~vlm_treegrpo.step.update_step` on a rollout of that
+- ``ours 16x1`` / ``ours 4x4``: :func:`~vlm_treegrpo.train.step.update_step` on a rollout of that
   shape as on a GPU (through the dense tree mask, in log-prob steps of the rows a GPU gives
   SmolLM2's vocabulary), after a warm-up update;
 - ``TRL G=16``: the second training step of ``GRPOTrainer`` without its sampling and scoring
@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from launch_proxy import build, write_report  # noqa: E402
 from profile_step import OpCount, Step  # noqa: E402
 
-from vlm_treegrpo.bench import BenchSpec  # noqa: E402
+from vlm_treegrpo.bench.run import BenchSpec  # noqa: E402
 
-REWARD = "vlm_treegrpo.bench:length_signal_reward"
+REWARD = "vlm_treegrpo.bench.run:length_signal_reward"
 
 
 class KernelProfile:
@@ -79,7 +79,7 @@ def ours(step: Step, K: int, M: int, repeats: int, kernels: int = 0) -> dict:
     """Our update of one rollout batch: ``repeats`` timed runs after a warm-up, then one counted."""
     from vlm_treegrpo.rollout import attention
     from vlm_treegrpo.rollout.logprobs import TokenLogp
-    from vlm_treegrpo.step import update_step
+    from vlm_treegrpo.train.step import update_step
 
     cfg = step.config(K, M)
     torch.manual_seed(0)
@@ -113,7 +113,7 @@ def trl(model_dir: str, kernels: int = 0) -> dict:
     from transformers import TrainerCallback
     from trl import GRPOTrainer
 
-    from vlm_treegrpo.bench_trl import grpo_args, reward_for_trl, trl_dataset
+    from vlm_treegrpo.bench.trl import grpo_args, reward_for_trl, trl_dataset
 
     spec = BenchSpec(workload="text", model="update-proxy", model_dir=model_dir, G=16, K=16, M=1, max_new_tokens=40,
                      thought_tokens=16, prompts_per_step=4, micro_batch=4, steps=2 if kernels else 1, warmup=1, lr=1e-12,
@@ -132,7 +132,7 @@ def trl(model_dir: str, kernels: int = 0) -> dict:
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 2:
-                from vlm_treegrpo.bench import sync
+                from vlm_treegrpo.bench.run import sync
 
                 sync(args.device)
                 seen["ms"] = round((time.perf_counter() - seen["t0"]) * 1000, 1)

@@ -3,7 +3,7 @@
 GRPO-MA (arXiv 2509.24494) claims, by the delta method, that the error of the estimated thought
 advantage falls as 1/M and does NOT vanish as K grows with M fixed. Two checks:
 
-(a) simulation (``vlm_treegrpo.theory.variance_sim``): ``p_k ~ Beta(a, b)``, ``R_km ~ Bernoulli(p_k)``,
+(a) simulation (``vlm_treegrpo.analysis.variance_sim``): ``p_k ~ Beta(a, b)``, ``R_km ~ Bernoulli(p_k)``,
     mean squared error of the std-scaled thought advantage against the one computed from the true
     ``p_k``, over K in {2,4,8,16,32} and M in {1,2,4,8}, next to ``delta_method_prediction``;
 (b) real rollouts: one big K_max x M_max tree per prompt from the policy (arithmetic task,
@@ -34,7 +34,7 @@ import torch
 
 from vlm_treegrpo.config import load_config
 from vlm_treegrpo.core.advantages import tree_advantages
-from vlm_treegrpo.theory.variance_sim import delta_method_prediction, simulate_thought_advantage_error
+from vlm_treegrpo.analysis.variance_sim import delta_method_prediction, simulate_thought_advantage_error
 
 ROOT = Path(__file__).resolve().parents[1]
 SIM_K = (2, 4, 8, 16, 32)
@@ -55,12 +55,12 @@ def simulation(a: float, b: float, trials: int, seed: int) -> list[dict]:
 def sample_big_trees(cfg, n_prompts: int, K_max: int, M_max: int):
     """One K_max x M_max tree per prompt with the configured model; returns ``(rewards [N, K, M], info)``."""
     from vlm_treegrpo.data.sources import task_from_config
-    from vlm_treegrpo.policy import make_policy
-    from vlm_treegrpo.rewards import RewardSet
+    from vlm_treegrpo.policy.factory import make_policy
+    from vlm_treegrpo.rewards.functions import RewardSet
     from vlm_treegrpo.rollout.tree import SamplingParams
-    from vlm_treegrpo.runtime import autocast_ctx, resolve_device
-    from vlm_treegrpo.step import leaf_texts
-    from vlm_treegrpo.trainer import PromptSampler
+    from vlm_treegrpo.train.runtime import autocast_ctx, resolve_device
+    from vlm_treegrpo.train.step import leaf_texts
+    from vlm_treegrpo.train.loop import PromptSampler
 
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)

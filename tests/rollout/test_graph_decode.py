@@ -121,7 +121,7 @@ def test_a_vlm_tree_through_the_loop_equals_generate(family):
     mRoPE offsets place them (RopeDeltas.decode_positions). Gemma3 (sliding window) decodes
     through generate."""
     from vlm_treegrpo.data.visual import make_visual
-    from vlm_treegrpo.vlm.policy import tiny_vlm_policy
+    from vlm_treegrpo.policy.vlm import tiny_vlm_policy
 
     policy = tiny_vlm_policy(family, "cpu")
     prompts = [policy.encode(ex, "") for ex in make_visual(3, seed=1)]
@@ -186,7 +186,7 @@ def test_autocast_gets_its_own_step_buffers():
 def test_a_lora_model_trees_through_the_loop_equal_generate():
     """Training with ``model.lora_r > 0`` samples through a peft wrapper: the loop decodes its
     trees as generate does, with adapters that change the outputs."""
-    from vlm_treegrpo.runtime import apply_lora
+    from vlm_treegrpo.policy.factory import apply_lora
 
     model, tok = build_tiny_llama(seed=5)
     model = apply_lora(model.float(), 4, 8.0, ["q_proj", "v_proj"]).eval()

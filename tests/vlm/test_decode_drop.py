@@ -8,7 +8,7 @@ import torch
 
 from vlm_treegrpo.data.visual import make_visual
 from vlm_treegrpo.rollout.tree import SamplingParams
-from vlm_treegrpo.vlm.policy import tiny_vlm_policy
+from vlm_treegrpo.policy.vlm import tiny_vlm_policy
 
 FAMILIES = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "smolvlm", "llava-onevision", "gemma3"]
 

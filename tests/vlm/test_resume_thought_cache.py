@@ -9,7 +9,7 @@ import torch
 import vlm_treegrpo.rollout.kv_cache as KV
 from vlm_treegrpo.data.visual import make_visual
 from vlm_treegrpo.rollout.tree import SamplingParams
-from vlm_treegrpo.vlm.policy import tiny_vlm_policy
+from vlm_treegrpo.policy.vlm import tiny_vlm_policy
 
 FAMILIES = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "smolvlm", "llava-onevision", "gemma3"]
 
@@ -31,7 +31,7 @@ def test_resumed_continuations_equal_a_new_prefill(family, monkeypatch):
     want = _trees(policy, prompts, reuse=False)
     made = []
     cont = KV.continuation_cache
-    monkeypatch.setattr("vlm_treegrpo.vlm.policy.continuation_cache", lambda *a, **kw: made.append(cont(*a, **kw)) or made[-1])
+    monkeypatch.setattr("vlm_treegrpo.policy.vlm.continuation_cache", lambda *a, **kw: made.append(cont(*a, **kw)) or made[-1])
     got = _trees(policy, prompts, reuse=True)
     assert got == want
     lens = {len(th) for thoughts, done, _ in want for th, d in zip(thoughts, done) if not d}

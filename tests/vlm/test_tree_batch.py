@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_policy import _tree_setup, _unique_image_units, _vision_units, check_tree_logp_matches_plain
+from policy.test_vlm_policy import _tree_setup, _unique_image_units, _vision_units, check_tree_logp_matches_plain
 from vlm_treegrpo.config import config_from_dict
-from vlm_treegrpo.step import StepData, update_step
-from vlm_treegrpo.vlm.policy import tiny_vlm_policy
+from vlm_treegrpo.train.step import StepData, update_step
+from vlm_treegrpo.policy.vlm import tiny_vlm_policy
 from vlm_treegrpo.vlm.tree_batch import VLMTreeBatch
 
 K, M = 2, 3

@@ -5,7 +5,7 @@ Pure tensor functions returning Python floats for logging; no model, no config, 
 Reference
 ---------
 * arXiv:2601.23135, GRPO's std normalization read as an adaptive gradient (our notes:
-  /work/shared/PAPERS.md section 2). GRPO divides prompt p's centred rewards by its reward
+  docs/algorithms.md section 2). GRPO divides prompt p's centred rewards by its reward
   std ``sigma_p``; read as optimisation, that is a per-prompt step size ``1 / sigma_p``. The
   claimed gain over unnormalized REINFORCE is governed by the average within-prompt std, and it
   fades late in training when per-prompt gradient directions stop being nearly orthogonal.

@@ -7,7 +7,7 @@ Reference
 * arXiv:2603.01162, GRPO read as a U-statistic: with a mean baseline a sample's advantage is an
   average of pairwise differences ``R_i - R_j``, so the per-prompt gradient is a U-statistic of
   order 2, with a closed-form MSE and a scaling law for the group size. Our reading of the rule
-  (/work/shared/PAPERS.md section 3): at rollout budget ``B = N * G`` the gradient variance is
+  (docs/algorithms.md section 3): at rollout budget ``B = N * G`` the gradient variance is
   ``(G * s_between + c1 + c2 / G) / B``, minimised at ``G* ~ sqrt(c2 / s_between)``.
 * GRPO-MA, arXiv:2509.24494, for the tree split (thought-value noise ``p (1 - p) / M``).
 
@@ -32,7 +32,7 @@ expected squared error summed over coordinates)::
 Averaging N i.i.d. prompts, with ``s_between = E_x ||g(x) - gbar||^2`` and ``N = B / G``::
 
     MSE(G) = (G s_between + c1 + c2 / (G - 1)) / B          (exact, G >= 2)
-           ~ (G s_between + c1 + c2 / G) / B                (PAPERS.md form, leading order)
+           ~ (G s_between + c1 + c2 / G) / B                (docs/algorithms.md form, leading order)
 
 minimised at ``G* = 1 + sqrt(c2 / s_between)`` (exact) or ``sqrt(c2 / s_between)`` (leading
 form); ``c1`` does not move the optimum, and neither does the budget.
@@ -57,7 +57,7 @@ sigma_k^2 / M`` (``p_k (1 - p_k) / M`` for 0/1 rewards). Substituting into ``h``
 At a fixed leaves-per-prompt ``G = K M`` the noise term ``nu1 / (M K) = nu1 / G`` is the same
 for every split and every other term falls with K, so this accounting always prefers M = 1
 for the *thought-token gradient*. What a tree buys is elsewhere: a more accurate advantage per
-thought (``theory.variance_sim``), and cheaper leaves when thoughts cost more tokens than
+thought (``analysis.variance_sim``), and cheaper leaves when thoughts cost more tokens than
 answers -- neither is in this curve.
 """
 from __future__ import annotations
@@ -169,7 +169,7 @@ def gradient_mse_curve(
     """Predicted gradient MSE at rollout budget ``B = N * G`` for each group size.
 
     ``exact=True``: ``(G s_between + c1 + c2 / (G - 1)) / B`` (Hoeffding; ``inf`` at G = 1, where
-    no group baseline exists). ``exact=False``: the PAPERS.md form ``(G s_between + c1 + c2 / G)
+    no group baseline exists). ``exact=False``: the docs/algorithms.md form ``(G s_between + c1 + c2 / G)
     / B``.
 
     Returns:
@@ -192,7 +192,7 @@ def best_group_size(components: dict[str, float], exact: bool = True) -> float:
     """Group size minimising :func:`gradient_mse_curve` (continuous; the curve is flat near it).
 
     ``exact=True``: ``1 + sqrt(c2 / s_between)``; ``exact=False``: ``sqrt(c2 / s_between)``
-    (PAPERS.md). Clamped to ``>= 2``; ``inf`` when ``s_between <= 0`` (no measurable
+    (docs/algorithms.md). Clamped to ``>= 2``; ``inf`` when ``s_between <= 0`` (no measurable
     between-prompt variance: spend the budget on few prompts); a negative ``c2`` reads as 0.
     """
     s, c2 = components["s_between"], max(components["c2"], 0.0)

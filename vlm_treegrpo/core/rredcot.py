@@ -12,7 +12,7 @@ Reference
   The paper segments by keywords, by token entropy, or both, and estimates ``V`` with the model
   itself (no new generation), an importance-sampling estimator among others.
 
-What is ours (the paper's text is not available to us; see /work/shared/PAPERS.md section 4)
+What is ours (the paper's text is not available to us; see docs/algorithms.md section 4)
 -------------------------------------------------------------------------------------------
 * Segmentation rules: a delimiter token *ends* its segment (the next token starts a new one);
   a high-entropy token *starts* a new segment ("forking token"); the entropy threshold is a

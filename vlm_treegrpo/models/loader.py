@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
+from vlm_treegrpo.models import smollm2
+from vlm_treegrpo.models.tiny import build_tiny_llama
 
 __all__ = [
     "BUILTINS",
@@ -57,8 +59,6 @@ class BuiltinModel:
 
 def _build_smollm2(opts: dict[str, Any]) -> tuple[Any, Any]:
     """SmolLM2-135M-Instruct from its prepared offline copy (prepared on first use)."""
-    from vlm_treegrpo.models import smollm2
-
     path = smollm2.prepare()
     model = AutoModelForCausalLM.from_pretrained(
         path,
@@ -71,8 +71,6 @@ def _build_smollm2(opts: dict[str, Any]) -> tuple[Any, Any]:
 
 def _build_tiny_llama(opts: dict[str, Any]) -> tuple[Any, Any]:
     """The seeded tiny random Llama (``opts["seed"]``, default 0)."""
-    from vlm_treegrpo.models.tiny import build_tiny_llama
-
     model, tokenizer = build_tiny_llama(seed=int(opts.get("seed", 0)))
     model = model.to(opts.get("dtype", torch.float32))
     attn = opts.get("attn_implementation")

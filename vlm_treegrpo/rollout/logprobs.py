@@ -18,7 +18,7 @@ _ENTROPY: contextvars.ContextVar[list | None] = contextvars.ContextVar("vlm_tree
 @contextlib.contextmanager
 def collect_entropy():
     """Within this context every log-prob pass (:class:`TokenLogp`, and the per-leaf one of
-    :class:`~vlm_treegrpo.vlm.policy.LeafBatch`) also appends ``(sum, weight)`` to the yielded
+    :class:`~vlm_treegrpo.policy.vlm.LeafBatch`) also appends ``(sum, weight)`` to the yielded
     list: the entropy of the tempered next-token distribution at each scored token, summed over
     the tokens (weighted as the pass weighs them), and the tokens' total weight. No gradient."""
     out: list[tuple[float, float]] = []

@@ -1,7 +1,7 @@
 """Pack arbitrary segment trees into rows with tree attention, and score entropies on them.
 
 :func:`vlm_treegrpo.rollout.packing.pack_trees` packs the fixed K x M shape (prompt, thoughts,
-continuations). Value probes (RREDCoT, :mod:`vlm_treegrpo.credit`) need finer trees: a thought
+continuations). Value probes (RREDCoT, :mod:`vlm_treegrpo.credit.rredcot`) need finer trees: a thought
 cut into a chain of segments with extra children hanging off any of them. :class:`SegmentRow`
 collects such a tree and :func:`pack_rows` turns rows into the same :class:`PackedBatch`, so
 ``rollout.logprobs.packed_logp`` scores them. The masks and positions come from

@@ -16,7 +16,7 @@ of each tree, behind the family's own left-padded prompt batch:
   generation does);
 * only positions that predict a target token get logits (``logits_to_keep``), as on the text path.
 
-Against one row per leaf (:class:`~vlm_treegrpo.vlm.policy.LeafBatch`) this runs the prompt,
+Against one row per leaf (:class:`~vlm_treegrpo.policy.vlm.LeafBatch`) this runs the prompt,
 image tokens included, once per tree instead of K*M times, and each thought once instead of M
 times. Families whose forward builds its own non-causal mask (Gemma3's bidirectional image
 blocks) set ``VLMAdapter.tree_packing = False`` and keep leaf rows.

@@ -1,0 +1,83 @@
+"""Model name -> policy, at the config boundary: built-ins, tiny VLMs, presets, local
+directories and hub ids, training checkpoints; and the policy ``model.*`` describes (LoRA
+adapters, activation checkpointing)."""
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from vlm_treegrpo.config import ModelConfig, config_from_dict
+from vlm_treegrpo.models.loader import BUILTINS, load_policy
+from vlm_treegrpo.policy.base import Policy, PolicyBuilder
+from vlm_treegrpo.policy.text import TextPolicy
+from vlm_treegrpo.policy.vlm import load_vlm_policy, tiny_vlm_policy
+from vlm_treegrpo.rollout.attention import enable_activation_checkpointing
+from vlm_treegrpo.train.checkpoint import is_checkpoint, load_params, read_meta
+from vlm_treegrpo.vlm.registry import TINY_NAMES, checkpoint_family, presets
+
+
+def _text_policy(name: str, device, dtype: str, attn_implementation: str) -> TextPolicy:
+    model, tokenizer = load_policy(name, device=str(device), dtype=dtype, attn_implementation=attn_implementation)
+    return TextPolicy(model, tokenizer)
+
+
+def named_policies() -> dict[str, PolicyBuilder]:
+    """Every model known by name: the text built-ins, the tiny VLMs (``tiny-<family>``) and the
+    VLM presets (short name and hub id)."""
+    out: dict[str, PolicyBuilder] = {name: partial(_text_policy, name) for name in BUILTINS}
+    out.update({name: partial(tiny_vlm_policy, family) for name, family in TINY_NAMES.items()})
+    out.update({name: partial(load_vlm_policy, family, p.hub_id) for name, (family, p) in presets().items()})
+    return out
+
+
+def make_policy(name: str, device: torch.device | str, dtype: str = "auto", attn_implementation: str = "auto") -> Policy:
+    """The policy for a model name. The config boundary: a known name (:func:`named_policies`),
+    a training checkpoint directory (:func:`load_checkpoint_policy`), else a local
+    directory or hub id, a :class:`~vlm_treegrpo.policy.vlm.VLMPolicy` when its config has a
+    ``vision_config`` (family from ``model_type``), a :class:`TextPolicy` otherwise."""
+    if is_checkpoint(name):
+        return load_checkpoint_policy(name, device, dtype, attn_implementation)
+    build = named_policies().get(name)
+    if build is None:
+        family = checkpoint_family(name)
+        build = partial(_text_policy, name) if family is None else partial(load_vlm_policy, family, name)
+    return build(device, dtype, attn_implementation)
+
+
+def lora_config(r: int, alpha: float, targets: list[str]):
+    """The peft ``LoraConfig`` of ``model.lora_r / lora_alpha / lora_targets`` (no dropout)."""
+    return LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)
+
+
+def apply_lora(model, r: int, alpha: float, targets: list[str]):
+    """Wrap the policy with LoRA adapters (peft); only the adapters train."""
+    return get_peft_model(model, lora_config(r, alpha, targets))
+
+
+def build_policy(m: ModelConfig, device, dtype: str, attn_implementation: str) -> Policy:
+    """The policy ``model.*`` describes, in ``dtype``: LoRA adapters when ``lora_r`` > 0, and
+    activation checkpointing when ``gradient_checkpointing`` is on."""
+    policy = make_policy(m.name, device, dtype, attn_implementation)
+    if m.lora_r > 0:
+        policy.model = apply_lora(policy.model, m.lora_r, m.lora_alpha, m.lora_targets)
+    if m.gradient_checkpointing:
+        enable_activation_checkpointing(policy.model)
+    return policy
+
+
+def load_checkpoint_policy(path, device, dtype: str = "auto", attn_implementation: str = "auto") -> Policy:
+    """The policy a training checkpoint holds: its config's base model with the trained weights
+    (LoRA adapters merged in). What ``model.name=<run>/checkpoint`` and ``vlm-treegrpo eval --model
+    <run>/checkpoint`` load; ``vlm-treegrpo export`` saves it as a plain model directory."""
+    path = Path(path)
+    m = dataclasses.replace(config_from_dict(read_meta(path)["config"]).model, gradient_checkpointing=False)
+    policy = build_policy(m, device, dtype, attn_implementation)
+    load_params(policy.model, torch.load(path / "model.pt", map_location="cpu", weights_only=True), path / "model.pt")
+    if m.lora_r > 0:
+        policy.model = policy.model.merge_and_unload()
+    policy.model.eval()
+    return policy

@@ -1,0 +1,242 @@
+"""Resumable training state: what a GRPO run needs to go on exactly where it stopped.
+
+``log.checkpoint_every = N`` writes ``<run>/checkpoint/`` every N steps and after the last one;
+a run stopped by SIGTERM or SIGINT (:mod:`vlm_treegrpo.train.interrupt`) writes one whatever N is.
+``log.resume = auto`` (resume if there is a checkpoint) or ``must`` (fail if there is none)
+continues from it: the trained weights (all of them, or the LoRA adapters), the AdamW moments,
+the schedule, the prompt sampler's position, every process's random number generators and the
+summary fields measured before the first step. Resumed, a run makes the same steps, bit for bit,
+as one that was never stopped (``tests/test_checkpoint.py``).
+
+The directory holds ``model.pt`` (the trainable parameters by name), ``reference.pt`` (the KL
+reference's, when ``algo.beta > 0`` without LoRA), ``optimizer.pt`` (optimizer and schedule),
+``trainer.pt`` (sampler, summary so far, counters), ``rng-<rank>.pt`` per process and, written
+last, ``meta.json`` (step, processes, run id, config), whose presence marks a complete checkpoint.
+A new checkpoint is written beside the old one (``checkpoint.tmp``) and swapped in by renames, so
+a crash while writing leaves the previous one whole. The reference is frozen for a run, so a
+checkpoint whose predecessor has the same run id (:attr:`TrainerState.run_id`, kept through
+resumes) hard-links its ``reference.pt`` instead of writing the weights again. Under
+``torchrun`` the run directory must be on a file system every process sees.
+
+A checkpoint is also a model (:func:`load_policy`: ``eval --model``, ``model.name``, ``export``),
+as is ``<run>/best``, the weights of the best evaluation so far (``log.save_best``,
+:func:`save_best`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from vlm_treegrpo.config import ConfigError, TrainConfig
+from vlm_treegrpo.train.distributed import Dist
+
+DIR, TMP, OLD = "checkpoint", "checkpoint.tmp", "checkpoint.old"
+BEST = "best"
+
+MAY_CHANGE = ("optim.steps", "optim.time_budget_s", "optim.max_nonfinite_steps", "algo.reward_timeout_s", "model.threads",
+              "model.device", "model.gradient_checkpointing", "eval.", "log.")
+"""Config fields a resumed run may set differently from the checkpoint's (a prefix ends with a
+dot); any other difference stops the run with a :class:`~vlm_treegrpo.config.ConfigError` that
+names the field."""
+
+
+@dataclass
+class TrainerState:
+    """The loop's own state at the end of step ``step``."""
+
+    step: int
+    sampler: dict
+    summary: dict = field(default_factory=dict)
+    """Summary fields measured before the first GRPO step (``eval_before``, the warm start's)."""
+    failures_total: dict = field(default_factory=dict)
+    last_diag: dict = field(default_factory=dict)
+    train_seconds: float = 0.0
+    """Seconds of GRPO steps so far, over every session of the run."""
+    best: dict = field(default_factory=dict)
+    """``{"step", "accuracy"}`` of the weights in ``<run>/best`` (``log.save_best``)."""
+    run_id: str = ""
+    """Names the run (a fresh run draws one, a resumed run keeps its checkpoint's): the reference
+    in a checkpoint with the same run id is this run's frozen reference."""
+    updates_skipped: int = 0
+    """Optimizer updates skipped so far for a non-finite gradient."""
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
+def trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train (all, or the LoRA adapters), by name."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_params(model: torch.nn.Module, saved: dict[str, torch.Tensor], what: Path) -> None:
+    params = trainable(model)
+    if set(params) != set(saved):
+        missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+        raise ConfigError(f"log.resume: {what} does not fit this model (missing {missing[:3]}, unexpected {extra[:3]})")
+    with torch.no_grad():
+        for name, p in params.items():
+            if saved[name].shape != p.shape:
+                raise ConfigError(f"log.resume: {what}: {name} has shape {tuple(saved[name].shape)}, the model {tuple(p.shape)}")
+            p.copy_(saved[name])
+
+
+def rng_state(device: torch.device) -> dict:
+    """The random number generators a step draws from: torch's (and CUDA's on a GPU), Python's."""
+    out = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        out["cuda"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_compatible(saved: dict, cfg: TrainConfig, where: Path) -> None:
+    """Stop (naming the field) when ``cfg`` differs from the checkpoint's config ``saved``
+    outside :data:`MAY_CHANGE`."""
+    old, now = _flat(saved), _flat(cfg.to_dict())
+    for key in sorted(set(old) | set(now)):
+        if any(key == m or (m.endswith(".") and key.startswith(m)) for m in MAY_CHANGE):
+            continue
+        if old.get(key) != now.get(key):
+            raise ConfigError(f"{key}: the checkpoint in {where} was trained with {old.get(key)!r}, this run sets {now.get(key)!r} "
+                              f"(a resumed run may change only {', '.join(m + '*' if m.endswith('.') else m for m in MAY_CHANGE)})")
+
+
+def find(run: Path) -> Path | None:
+    """The newest complete checkpoint of ``run`` (``checkpoint/``; after a crash mid-swap, the
+    complete one of ``checkpoint.tmp/`` and ``checkpoint.old/``), or None."""
+    best, best_step = None, -1
+    for name in (DIR, TMP, OLD):
+        meta = run / name / "meta.json"
+        if meta.exists():
+            step = json.loads(meta.read_text())["step"]
+            if step > best_step:
+                best, best_step = run / name, step
+    return best
+
+
+def read_meta(path: Path) -> dict:
+    return json.loads((path / "meta.json").read_text())
+
+
+def save(run: Path, state: TrainerState, model, optimizer, scheduler, ref_model, cfg: TrainConfig, device: torch.device,
+         dist: Dist = Dist()) -> float:
+    """Write the checkpoint of ``state`` to ``run/checkpoint`` (every process calls this: each
+    writes its generators, process 0 the rest); returns the seconds it took."""
+    t0 = time.time()
+    tmp = run / TMP
+    if dist.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    torch.save(rng_state(device), tmp / f"rng-{dist.rank}.pt")
+    if dist.main:
+        torch.save({n: p.detach().cpu() for n, p in trainable(model).items()}, tmp / "model.pt")
+        if ref_model is not None:
+            save_reference(ref_model, run / DIR, tmp, state.run_id)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        torch.save(vars(state), tmp / "trainer.pt")
+    dist.barrier()  # (every process's generators are on disk before the checkpoint is marked complete)
+    if dist.main:
+        (tmp / "meta.json").write_text(json.dumps({"step": state.step, "processes": dist.world, "run_id": state.run_id,
+                                                   "saved_at": time.time(), "config": cfg.to_dict()}, indent=1))
+        final, old = run / DIR, run / OLD
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return time.time() - t0
+
+
+def save_reference(ref_model, previous: Path, tmp: Path, run_id: str) -> bool:
+    """``tmp/reference.pt``: a hard link to ``previous``'s when that checkpoint is this run's
+    (same ``run_id``: the reference is frozen for a run), else the weights written anew. Returns
+    whether it linked. A checkpoint of another run in the same directory, or a file system
+    without hard links, gets the weights written."""
+    target = tmp / "reference.pt"
+    old = previous / "reference.pt"
+    meta = previous / "meta.json"
+    if run_id and old.is_file() and meta.is_file() and json.loads(meta.read_text()).get("run_id") == run_id:
+        try:
+            os.link(old, target)
+            return True
+        except OSError:
+            pass
+    torch.save({n: p.detach().cpu() for n, p in ref_model.named_parameters()}, target)
+    return False
+
+
+def load(path: Path, model, optimizer, scheduler, ref_model, device: torch.device, dist: Dist = Dist()) -> tuple[TrainerState, bool]:
+    """Restore ``path`` into the freshly built ``model`` (and ``ref_model``), ``optimizer`` and
+    ``scheduler``; returns the loop's state and whether this process's generators were restored
+    (not when the checkpoint was written by fewer processes than this run has)."""
+    load_params(model, torch.load(path / "model.pt", map_location="cpu", weights_only=True), path / "model.pt")
+    if ref_model is not None:
+        saved = torch.load(path / "reference.pt", map_location="cpu", weights_only=True)
+        with torch.no_grad():
+            for name, p in ref_model.named_parameters():
+                p.copy_(saved[name])
+    opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    state = TrainerState(**torch.load(path / "trainer.pt", map_location="cpu", weights_only=True))
+    rng = path / f"rng-{dist.rank}.pt"
+    if rng.exists():
+        set_rng_state(torch.load(rng, map_location="cpu", weights_only=True), device)
+    return state, rng.exists()
+
+
+def save_best(run: Path, model, cfg: TrainConfig, step: int, accuracy: float) -> Path:
+    """Write ``model``'s trainable weights to ``run/best`` (replacing what is there, by a rename)
+    with a ``meta.json`` of ``step`` and ``accuracy``: a directory :func:`load_policy` (and so
+    ``eval --model`` and ``export``) reads, though not one a run resumes from."""
+    tmp, final = run / f"{BEST}.tmp", run / BEST
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save({n: p.detach().cpu() for n, p in trainable(model).items()}, tmp / "model.pt")
+    (tmp / "meta.json").write_text(json.dumps({"step": step, "accuracy": accuracy, "saved_at": time.time(), "config": cfg.to_dict()}, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def is_checkpoint(path) -> bool:
+    """Whether ``path`` is a complete checkpoint directory."""
+    return (Path(path) / "meta.json").is_file() and (Path(path) / "model.pt").is_file()
+
+
+def keep_rows(path: Path, last_step: int) -> None:
+    """Drop the lines of a ``step``-keyed JSONL log written after ``last_step`` (steps the
+    resumed run makes again)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    path.write_text("".join(r + "\n" for r in rows))
