@@ -54,6 +54,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_export(args) -> int:
+    from vlm_treegrpo.policy.factory import load_checkpoint_policy
     from vlm_treegrpo.train import checkpoint
 
     if not checkpoint.is_checkpoint(args.checkpoint):
