@@ -41,7 +41,7 @@ def varied_reward(completion: str, example) -> float:
 def _args(tmp_path: Path, name: str, variant: str, *extra: str) -> list[str]:
     return [f"log.run_dir={tmp_path}", f"log.name={name}", "log.progress=false", "optim.steps=4", "data.n_test=2",
             "rollout.thought_max_tokens=5", "rollout.answer_max_tokens=5", "algo.rewards=[test_checkpoint:varied_reward]",
-            "algo.diag_every=3", *VARIANTS[variant][1], *extra]
+            "algo.reward_workers=0", "algo.diag_every=3", *VARIANTS[variant][1], *extra]
 
 
 def _run(tmp_path: Path, name: str, variant: str, *extra: str) -> dict:

@@ -174,7 +174,7 @@ def test_two_processes_refill_their_own_prompts_from_one_training_order_and_resu
 
 def test_a_signal_to_one_process_stops_every_process_after_the_step_with_a_checkpoint(tmp_path):
     proc = _torchrun_train(tmp_path, "optim.steps=50", "eval.before=false", "sft.steps=0", "log.checkpoint_every=0",
-                           "algo.rewards=[test_distributed:sigterm_on_rank1_reward]", ok=False)
+                           "algo.rewards=[test_distributed:sigterm_on_rank1_reward]", "algo.reward_workers=0", ok=False)
     assert proc.stdout.count('"stopped_by": "SIGTERM"') == 1  # process 0 stopped too, and says why
     assert "exitcode  : 143" in proc.stderr  # (torchrun's report of the processes' exit status)
     run = tmp_path / "tiny-llama"
