@@ -16,7 +16,7 @@ from vlm_treegrpo.train import checkpoint
 from vlm_treegrpo.cli import main as cli_main
 from vlm_treegrpo.config import ConfigError, load_config
 from vlm_treegrpo.analysis.plots import timeless
-from vlm_treegrpo.policy.factory import make_policy
+from vlm_treegrpo.policy.factory import load_checkpoint_policy, make_policy
 from vlm_treegrpo.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[2]

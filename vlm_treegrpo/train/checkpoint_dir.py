@@ -23,8 +23,10 @@ fails for lack of space raises :class:`DiskFull` (one line saying so) after remo
 directory, and the previous checkpoint is untouched.
 
 ``fault`` is the seam for fault-injection tests: called with the name of each point of the
-protocol (:data:`POINTS`) before it runs. ``VLM_TREEGRPO_KILL_AT=<point>`` in the environment
-kills the process with SIGKILL at that point (:func:`fault_from_env`), to test the real thing.
+protocol (:data:`POINTS`) before it runs. ``VLM_TREEGRPO_KILL_AT=<point>[:<n>]`` in the
+environment kills the process with SIGKILL the n-th time it gets there (:func:`fault_from_env`),
+to test the real thing. ``free`` (default :func:`disk_free`, looked up at each call) tells the
+free bytes.
 """
 from __future__ import annotations
 
@@ -69,16 +71,24 @@ class CheckpointWarning(UserWarning):
 
 
 def fault_from_env() -> Fault | None:
-    """The fault of ``VLM_TREEGRPO_KILL_AT=<point>``: SIGKILL this process at ``<point>``."""
-    point = os.environ.get(KILL_ENV, "")
+    """The fault of ``VLM_TREEGRPO_KILL_AT=<point>[:<n>]``: SIGKILL this process the ``n``-th
+    time (default the first) it reaches ``<point>``."""
+    point, _, nth = os.environ.get(KILL_ENV, "").partition(":")
     if not point:
         return None
+    seen = {"n": 0}
 
     def kill(at: str) -> None:
         if at == point:
-            os.kill(os.getpid(), signal.SIGKILL)
+            seen["n"] += 1
+            if seen["n"] == int(nth or 1):
+                os.kill(os.getpid(), signal.SIGKILL)
 
     return kill
+
+
+_ENV_FAULT = fault_from_env()
+"""The environment's fault, read once (so its count runs over every checkpoint of the process)."""
 
 
 def _fsync_path(path: Path) -> None:
@@ -123,12 +133,13 @@ def disk_free(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def prepare(run: Path, step: int, fault: Fault | None = None, free: Callable[[Path], int] = disk_free) -> Path:
+def prepare(run: Path, step: int, fault: Fault | None = None, free: Callable[[Path], int] | None = None) -> Path:
     """The fresh, empty temporary directory of step ``step``'s checkpoint (any leftover of an
     earlier try discarded), after checking that the last checkpoint's size is free. Under
     several processes, process 0 prepares, every process may write its files into it, and
     process 0 commits (:func:`commit`)."""
-    hit = fault or fault_from_env() or (lambda point: None)
+    hit = fault or _ENV_FAULT or (lambda point: None)
+    free = free or disk_free
     run.mkdir(parents=True, exist_ok=True)
     hit("start")
     last = _last_bytes(run)
@@ -142,13 +153,13 @@ def prepare(run: Path, step: int, fault: Fault | None = None, free: Callable[[Pa
 
 
 def commit(run: Path, tmp: Path, step: int, meta: dict, payload: Callable[[Path], None] | None = None, keep: int = 1,
-           fault: Fault | None = None, free: Callable[[Path], int] = disk_free) -> Path:
+           fault: Fault | None = None, free: Callable[[Path], int] | None = None) -> Path:
     """Write ``payload(tmp)`` (when given), then commit ``tmp`` as the checkpoint of ``step``
     (steps 1-4 of the module docstring): ``meta`` is stored in ``meta.json`` with ``step``,
     ``files`` and ``bytes`` added. Keeps the ``keep`` newest checkpoints (``keep - 1`` older
     ones as ``checkpoint-<step>``). Raises :class:`DiskFull` when a write fails for lack of
     space, after discarding ``tmp``."""
-    hit = fault or fault_from_env() or (lambda point: None)
+    hit = fault or _ENV_FAULT or (lambda point: None)
     try:
         hit("payload")
         if payload is not None:
@@ -169,7 +180,7 @@ def commit(run: Path, tmp: Path, step: int, meta: dict, payload: Callable[[Path]
         hit("fsync_dir")
         _fsync_path(tmp)
     except Exception as err:
-        full = _no_space(err, run, free)
+        full = _no_space(err, run, free or disk_free)
         _discard(tmp)
         if full:
             raise DiskFull(errno.ENOSPC, f"disk full: writing the checkpoint of step {step} in {run} failed "
@@ -195,7 +206,7 @@ def commit(run: Path, tmp: Path, step: int, meta: dict, payload: Callable[[Path]
 
 
 def write(run: Path, step: int, payload: Callable[[Path], None], meta: dict, keep: int = 1, fault: Fault | None = None,
-          free: Callable[[Path], int] = disk_free) -> Path:
+          free: Callable[[Path], int] | None = None) -> Path:
     """:func:`prepare` then :func:`commit`: the one-process checkpoint."""
     tmp = prepare(run, step, fault, free)
     return commit(run, tmp, step, meta, payload, keep, fault, free)

@@ -140,9 +140,13 @@ def _check_shares(cfg: TrainConfig, world: int) -> None:
         raise ConfigError(f"sft.batch_size: {cfg.sft.batch_size} examples do not split over {world} processes")
 
 
-def check_test_set(task: Task, cfg: TrainConfig, quiet: bool = False) -> None:
-    """An empty test set with an evaluation to make is a :class:`DataError` (its accuracy would
-    read as 0.0), or, with ``eval.allow_empty``, a warning and no evaluation."""
+def check_splits(task: Task, cfg: TrainConfig, quiet: bool = False) -> None:
+    """An empty training set is a :class:`DataError`; so is an empty test set with an evaluation
+    to make (its accuracy would read as 0.0), unless ``eval.allow_empty``: a warning then, and no
+    evaluation."""
+    if not task.train:
+        raise DataError(f"data.source: the training set of {cfg.data.source!r} is empty"
+                        + (f" ({task.skipped} bad records skipped by data.skip_bad)" if task.skipped else ""))
     if task.test or not (cfg.eval.before or cfg.eval.after or cfg.eval.every):
         return
     where = cfg.data.test_source or cfg.data.source
@@ -172,7 +176,7 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
     resume_from = _resume_point(cfg)
     check_inputs(cfg)  # (the model name, the data and the rewards are checked before any model loads)
     task = task_from_config(cfg.data)
-    check_test_set(task, cfg, quiet)
+    check_splits(task, cfg, quiet)
     data_fits_model(task, cfg.model.name)
     try:
         reward_set = closing.enter_context(RewardSet.from_config(cfg.algo.rewards, cfg.algo.reward_timeout_s, cfg.algo.reward_workers))
