@@ -249,7 +249,7 @@ def test_a_run_sigkilled_between_the_renames_of_a_checkpoint_resumes_from_it_exa
     goes on from it and makes the steps of the run that was never stopped."""
     variant = "LoRA"
     whole, whole_summary = straight[variant]
-    env = {**os.environ, checkpoint_dir.KILL_ENV: "rename_new:1", "PYTHONPATH": str(ROOT / "tests")}
+    env = {**os.environ, checkpoint_dir.KILL_ENV: "rename_new:1", "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "train"), str(ROOT / "tests")])}
     cmd = [sys.executable, "-m", "vlm_treegrpo.cli", "train", "--config", str(ROOT / "configs/tiny-llama.yaml"),
            *_args(tmp_path, "run", variant, "log.checkpoint_every=2")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
