@@ -93,8 +93,10 @@ def _cmd_plot(args) -> int:
 
 def _cmd_advise(args) -> int:
     from vlm_treegrpo.analysis.advise import advise, format_table
+    from vlm_treegrpo.train.preflight import check_inputs
 
     cfg = load_config(args.config, args.overrides)
+    check_inputs(cfg)
     out = advise(cfg, prompts=args.prompts)
     print(format_table(out))
     print(f"wrote {cfg.log.path / 'advise.json'}")
@@ -190,6 +192,8 @@ def user_error(err: BaseException) -> str | None:
         return f"{err.strerror}: {err.filename}"
     if isinstance(err, (ConnectionError, TimeoutError)) or type(err).__module__.split(".")[0] in NETWORK_MODULES:
         return f"the hub or the network failed ({type(err).__name__}: {_one_line(err)[:300]}); check the name, the connection, or HF_HUB_OFFLINE"
+    if isinstance(err, OSError):  # (a file a library could not read: transformers reports a model directory's gaps so)
+        return f"{type(err).__name__}: {_one_line(err)[:300]}"
     return None
 
 

@@ -219,7 +219,7 @@ def prune(run: Path, keep: int) -> None:
     for path in run.iterdir():
         if path.is_dir() and (path.name.startswith(TMP_PREFIX) or path.name == f"{DIR}.old") and TRASH not in path.name:
             meta = read_whole(path)
-            target = run / f"{DIR}-{int(meta['step'])}" if meta is not None else None
+            target = run / f"{DIR}-{int(meta['step'])}" if meta is not None and "files" in meta else None
             if target is not None and not target.exists() and int(meta["step"]) < _step(run / DIR):
                 path.rename(target)
             else:
