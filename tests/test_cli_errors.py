@@ -102,3 +102,11 @@ def test_debug_shows_the_traceback_anywhere_on_the_line(tmp_path, files):
     for argv in (["--debug", "train", "optim.lr=inf"], ["train", "optim.lr=inf", "--debug"]):
         with pytest.raises(ConfigError, match=r"^optim\.lr: "):
             cli_main(argv)
+
+
+def test_an_empty_test_set_with_allow_empty_trains_with_a_warning_and_no_evaluation(tmp_path, files, capsys):
+    code = cli_main(_train(tmp_path, files, ["data.source={gsm8k}", "data.test_source={empty}", "eval.allow_empty=true"]))
+    out = capsys.readouterr()
+    assert code == 0 and "warning: the test set of " in out.err and "is empty; no evaluation (eval.allow_empty)" in out.err
+    summary = json.loads(out.out)
+    assert summary["steps"] == 2 and not any(k.startswith("eval_") for k in summary)
