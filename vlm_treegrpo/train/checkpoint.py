@@ -183,7 +183,7 @@ def save_reference(ref_model, previous: Path, tmp: Path, run_id: str) -> bool:
     without hard links, gets the weights written."""
     target = tmp / "reference.pt"
     old = previous / "reference.pt"
-    meta = checkpoint_dir.read_whole(previous, FILES)
+    meta = checkpoint_dir.read_whole(previous, ("reference.pt",))
     if run_id and old.is_file() and meta is not None and meta.get("run_id") == run_id:
         try:
             os.link(old, target)
