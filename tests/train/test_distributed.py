@@ -127,7 +127,8 @@ def _torchrun_train(tmp_path, *overrides: str, ok: bool = True) -> subprocess.Co
            "-m", "vlm_treegrpo.cli", "train", "--config", str(ROOT / "configs/tiny-llama.yaml"), f"log.run_dir={tmp_path}",
            "log.progress=false", "model.threads=1", "data.n_test=5", "rollout.prompts_per_step=4", "sft.steps=1", "sft.batch_size=4",
            "algo.rewards=[test_distributed:varied_reward]", *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "train"), str(ROOT / "tests"),
+                                                                         os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert (proc.returncode == 0) == ok, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc

@@ -81,7 +81,7 @@ def fault_from_env() -> Fault | None:
     def kill(at: str) -> None:
         if at == point:
             seen["n"] += 1
-            if seen["n"] == int(nth or 1):
+            if seen["n"] == (int(nth) if nth.isdigit() else 1):
                 os.kill(os.getpid(), signal.SIGKILL)
 
     return kill
