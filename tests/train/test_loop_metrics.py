@@ -19,7 +19,7 @@ def _run(tmp_path, *overrides):
     cfg = config_from_dict(
         {"model": {"name": "tiny-llama"}, "data": {"n_train": 16, "n_test": 2},
          "rollout": {"K": 2, "M": 2, "thought_max_tokens": 6, "answer_max_tokens": 6, "prompts_per_step": 3}},
-        ["algo.rewards=[test_trainer_metrics:length_reward]", "algo.diag_every=1", "optim.steps=1",
+        ["algo.rewards=[test_loop_metrics:length_reward]", "algo.diag_every=1", "optim.steps=1",
          "eval.before=false", "eval.after=false", "log.progress=false", f"log.run_dir={tmp_path}", "log.name=m", *overrides],
     )
     train(cfg, quiet=True)

@@ -139,6 +139,7 @@ class RewardWorkers:
                     try:
                         index, outcome = worker.conn.recv()
                     except (EOFError, OSError):
+                        worker.proc.join(timeout=5)  # (reaped, so its exit code is known)
                         failed = f"WorkerDied: the reward's process ended (exit code {worker.proc.exitcode})"
                     else:
                         out[index] = outcome
