@@ -155,7 +155,7 @@ def save(run: Path, state: TrainerState, model, optimizer, scheduler, ref_model,
     :class:`~vlm_treegrpo.train.checkpoint_dir.DiskFull` (the previous checkpoint kept) when the
     disk has no room for it."""
     t0 = time.time()
-    tmp = run / f"{checkpoint_dir.TMP_PREFIX}-{state.step}"
+    tmp = checkpoint_dir.tmp_dir(run, state.step)
     if dist.main:
         tmp = checkpoint_dir.prepare(run, state.step)
     dist.barrier()

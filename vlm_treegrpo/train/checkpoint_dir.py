@@ -133,6 +133,11 @@ def disk_free(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
+def tmp_dir(run: Path, step: int) -> Path:
+    """Where step ``step``'s checkpoint is written before it is committed."""
+    return run / f"{TMP_PREFIX}-{step}"
+
+
 def prepare(run: Path, step: int, fault: Fault | None = None, free: Callable[[Path], int] | None = None) -> Path:
     """The fresh, empty temporary directory of step ``step``'s checkpoint (any leftover of an
     earlier try discarded), after checking that the last checkpoint's size is free. Under
@@ -146,7 +151,7 @@ def prepare(run: Path, step: int, fault: Fault | None = None, free: Callable[[Pa
     if last and free(run) < SPACE_MARGIN * last:
         raise DiskFull(errno.ENOSPC, f"disk full: a checkpoint needs about {last / 2**20:.0f} MiB and {run} has "
                                      f"{free(run) / 2**20:.0f} MiB free; nothing was written, the previous checkpoint is kept")
-    tmp = run / f"{TMP_PREFIX}-{step}"
+    tmp = tmp_dir(run, step)
     _discard(tmp)
     tmp.mkdir()
     return tmp
