@@ -1,6 +1,8 @@
 """Config loading: defaults, overrides, and errors that name the field."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from vlm_treegrpo.config import ConfigError, config_from_dict, load_config
@@ -125,3 +127,31 @@ def test_decode_graphs_is_auto_by_default_on_a_gpu_only():
         with pytest.raises(ConfigError, match="rollout.decode_graphs: must be true, false or auto"):
             config_from_dict({"rollout": {"decode_graphs": bad}})
     assert config_from_dict({}, ["rollout.decode_graphs=false"]).rollout.decode_graphs is False
+
+
+def test_non_finite_and_absurd_numbers_are_errors_naming_the_field():
+    import math
+
+    for override, field in [("optim.lr=inf", "optim.lr"), ("optim.lr=.nan", "optim.lr"), ("optim.lr=2.0", "optim.lr"),
+                            ("sft.lr=-.inf", "sft.lr"), ("rollout.temperature=inf", "rollout.temperature"),
+                            ("rollout.temperature=0", "rollout.temperature"), ("algo.clip_eps=.inf", "algo.clip_eps"),
+                            ("algo.reward_timeout_s=nan", "algo.reward_timeout_s"), ("algo.reward_workers=-1", "algo.reward_workers"),
+                            ("log.checkpoint_keep=0", "log.checkpoint_keep")]:
+        with pytest.raises(ConfigError, match=rf"^{re.escape(field)}: "):
+            load_config(None, [override])
+    from vlm_treegrpo.config import OptimConfig, RolloutConfig
+
+    for make in (lambda: OptimConfig(lr=math.inf), lambda: RolloutConfig(temperature=math.inf)):  # (built in code, not read)
+        with pytest.raises(ConfigError):
+            make()
+
+
+def test_yaml_errors_name_the_file_or_the_override(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lr: [1e-5\n")
+    with pytest.raises(ConfigError, match=r"^config: .*bad\.yaml is not valid YAML: .* at line 3, column 1$"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"^rollout\.K: the value '\{' is not valid YAML"):
+        load_config(None, ["rollout.K={"])
+    with pytest.raises(ConfigError, match=r"^config: file not found: "):
+        load_config(tmp_path)  # (a directory is not a config file)

@@ -1,11 +1,14 @@
 """The ``vlm-treegrpo`` command line: train, eval, export, plot, advise, bench, prepare, presets.
 
-Config problems exit with status 2 and one line naming the field. A training run stopped by
-SIGTERM or SIGINT checkpoints and exits with 128 + the signal's number (143, 130).
+Every error a user can cause (a config field, a data file or record, a model name, the hub or
+the network, a full disk) exits with status 2 and one line naming what is wrong
+(:func:`user_error`); ``--debug`` (anywhere on the line) shows the traceback instead. A training
+run stopped by SIGTERM or SIGINT checkpoints and exits with 128 + the signal's number (143, 130).
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import signal
 import sys
@@ -13,6 +16,10 @@ from pathlib import Path
 
 from vlm_treegrpo.config import ConfigError, load_config
 from vlm_treegrpo.data.loaders import DataError
+from vlm_treegrpo.train.checkpoint_dir import DiskFull
+
+NETWORK_MODULES = ("requests", "urllib3", "httpx", "httpcore", "huggingface_hub", "datasets", "fsspec", "aiohttp")
+"""Packages whose exceptions are about the hub or the network (a user's connection or name)."""
 
 
 def _cmd_train(args) -> int:
@@ -40,14 +47,20 @@ def _cmd_eval(args) -> int:
     from vlm_treegrpo.train.evaluate import evaluate_held_out
     from vlm_treegrpo.policy.factory import make_policy
     from vlm_treegrpo.train.runtime import resolve_device, setup
+    from vlm_treegrpo.train.preflight import check_inputs, data_fits_model
+    from vlm_treegrpo.policy.base import encode_all
 
     cfg = load_config(args.config, args.overrides)
+    name = args.model or cfg.model.name
+    check_inputs(cfg, name)
+    task = task_from_config(cfg.data)
+    if not task.test:
+        raise DataError(f"data: the test set of {cfg.data.test_source or cfg.data.source!r} is empty, so there is nothing to evaluate")
+    data_fits_model(task, name)
     device = resolve_device(cfg.model.device)
     setup(cfg.model, device)
-    name = args.model or cfg.model.name
     policy = make_policy(name, device, cfg.model.dtype, cfg.model.attn_implementation)
-    task = task_from_config(cfg.data)
-    prompts = [policy.encode(ex, task.instruction) for ex in task.test]
+    prompts = encode_all(policy, task.test, task.instruction, "test")
     res = evaluate_held_out(policy, task, prompts, cfg)
     print(json.dumps({"model": name, **res}, indent=2))
     return 0
@@ -80,8 +93,10 @@ def _cmd_plot(args) -> int:
 
 def _cmd_advise(args) -> int:
     from vlm_treegrpo.analysis.advise import advise, format_table
+    from vlm_treegrpo.train.preflight import check_inputs
 
     cfg = load_config(args.config, args.overrides)
+    check_inputs(cfg)
     out = advise(cfg, prompts=args.prompts)
     print(format_table(out))
     print(f"wrote {cfg.log.path / 'advise.json'}")
@@ -117,7 +132,8 @@ def _cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlm-treegrpo", description="Tree-style GRPO for VLMs and LLMs")
+    parser = argparse.ArgumentParser(prog="vlm-treegrpo", description="Tree-style GRPO for VLMs and LLMs",
+                                     epilog="--debug (anywhere): show the traceback of an error instead of its one line")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, help_ in (("train", _cmd_train, "train a policy"), ("eval", _cmd_eval, "held-out accuracy: greedy, and pass@k and maj@n with eval.samples=n")):
         p = sub.add_parser(name, help=help_)
@@ -157,12 +173,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def user_error(err: BaseException) -> str | None:
+    """The one line for an error a user caused (``None``: a bug, shown with its traceback).
+    Checks are made where the cause is known (a ConfigError names the field, a DataError the file
+    or record); what reaches here otherwise is named by its kind."""
+    for cause in (err, err.__cause__, err.__context__):  # (the error, or what a library wrapped)
+        if isinstance(cause, (ConfigError, DataError, DiskFull)):
+            return _one_line(cause)
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full: {err.filename or ''} ({err.strerror})".replace(":  (", ": (")
+    if isinstance(err, FileNotFoundError):
+        return f"file not found: {err.filename}" if err.filename else _one_line(err)
+    if isinstance(err, (PermissionError, IsADirectoryError, NotADirectoryError)):
+        return f"{err.strerror}: {err.filename}"
+    if isinstance(err, (ConnectionError, TimeoutError)) or type(err).__module__.split(".")[0] in NETWORK_MODULES:
+        return f"the hub or the network failed ({type(err).__name__}: {_one_line(err)[:300]}); check the name, the connection, or HF_HUB_OFFLINE"
+    if isinstance(err, OSError):  # (a file a library could not read: transformers reports a model directory's gaps so)
+        return f"{type(err).__name__}: {_one_line(err)[:300]}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        line = user_error(err)
+        if line is None or debug:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         return 2
 
 

@@ -7,6 +7,7 @@ nothing is ever silently rewritten. Unknown keys are errors too.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -223,7 +224,8 @@ class RolloutConfig:
             "rollout.answer_max_tokens",
             f"must be >= 1 when M > 1 (M={self.M})",
         )
-        _require(self.temperature > 0, "rollout.temperature", f"must be > 0, got {self.temperature}")
+        _require(math.isfinite(self.temperature) and self.temperature > 0, "rollout.temperature",
+                 f"must be a finite number > 0 (sampling needs one), got {self.temperature}")
         _require(0 < self.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {self.top_p}")
         _require(self.top_k >= 0, "rollout.top_k", f"must be >= 0, got {self.top_k}")
         _require(self.prompts_per_step >= 1, "rollout.prompts_per_step", f"must be >= 1, got {self.prompts_per_step}")
@@ -248,6 +250,12 @@ class AlgoConfig:
     reward_timeout_s: float = 60.0
     """The time one reward call may take; a call past it is stopped and counted as a failure
     (reward 0.0, ``reward_failures/<fn>``), so a hanging reward cannot stall the run. 0 = none."""
+    reward_workers: int = 1
+    """Worker processes that run the rewards given by import path (built-ins run in the trainer's
+    process). A call past ``reward_timeout_s`` has its worker killed and replaced, so the limit
+    holds whatever the function catches (a bare ``except:`` too); 0 runs them in the trainer's
+    process, where the limit is a signal the function can swallow
+    (:mod:`vlm_treegrpo.rewards.workers`)."""
     loss: str = "grpo"
     """grpo (PPO-clipped ratio) or rgra (REINFORCE with group-relative advantages, no ratio/clip)."""
     scale: str = "std"
@@ -290,6 +298,7 @@ class AlgoConfig:
     def __post_init__(self) -> None:
         _require(isinstance(self.rewards, list) and len(self.rewards) > 0, "algo.rewards", "must be a non-empty list")
         _require(self.reward_timeout_s >= 0, "algo.reward_timeout_s", f"must be >= 0, got {self.reward_timeout_s}")
+        _require(self.reward_workers >= 0, "algo.reward_workers", f"must be >= 0, got {self.reward_workers}")
         _choice(self.credit, CREDITS, "algo.credit")
         _choice(self.rredcot_segmenter, SEGMENTERS, "algo.rredcot_segmenter")
         _choice(self.rredcot_values, VALUE_ESTIMATORS, "algo.rredcot_values")
@@ -350,7 +359,7 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _require(self.steps >= 0, "optim.steps", f"must be >= 0, got {self.steps}")
         _require(self.time_budget_s >= 0, "optim.time_budget_s", f"must be >= 0, got {self.time_budget_s}")
-        _require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _require(math.isfinite(self.lr) and 0 < self.lr <= 1, "optim.lr", f"must be in (0, 1], got {self.lr}")
         _require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _require(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", f"must be two numbers in [0, 1), got {self.betas}"
@@ -378,7 +387,7 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         _require(self.steps >= 0, "sft.steps", f"must be >= 0, got {self.steps}")
-        _require(self.lr > 0, "sft.lr", f"must be > 0, got {self.lr}")
+        _require(math.isfinite(self.lr) and 0 < self.lr <= 1, "sft.lr", f"must be in (0, 1], got {self.lr}")
         _require(self.batch_size >= 1, "sft.batch_size", f"must be >= 1, got {self.batch_size}")
         try:
             probe = self.target.format(answer="\x00")
@@ -401,6 +410,9 @@ class EvalConfig:
     """Prompts per generation batch."""
     max_new_tokens: int = 0
     """Generation budget; 0 uses the rollout's thought + answer budget."""
+    allow_empty: bool = False
+    """An empty test set is an error (an accuracy of nothing would read as 0.0); true lets the
+    run go on with a warning and no evaluation."""
     samples: int = 0
     """Besides the greedy accuracy, sample this many completions per test prompt (at the
     rollout's temperature, top-p and top-k; seeded, the same draws at every evaluation) and
@@ -435,6 +447,9 @@ class LogConfig:
     """Keep the weights of the run's best held-out accuracy so far (of ``eval.before``, the warm
     start's, every ``eval.every`` and ``eval.after``; the earliest on a tie) in <run>/best, for
     ``eval --model`` and ``export``."""
+    checkpoint_keep: int = 1
+    """Checkpoints kept: the newest in <run>/checkpoint, the ``checkpoint_keep - 1`` before it
+    in <run>/checkpoint-<step> (:mod:`vlm_treegrpo.train.checkpoint_dir`)."""
     resume: str = "off"
     """``off`` (start afresh, overwriting the run's logs), ``auto`` (go on from <run>/checkpoint
     when there is one, else start) or ``must`` (go on from it; stop if there is none)."""
@@ -443,6 +458,7 @@ class LogConfig:
         _require(bool(self.name) and "/" not in self.name, "log.name", f"must be a non-empty name without '/', got {self.name!r}")
         _require(self.samples_every >= 0, "log.samples_every", f"must be >= 0, got {self.samples_every}")
         _require(self.checkpoint_every >= 0, "log.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+        _require(self.checkpoint_keep >= 1, "log.checkpoint_keep", f"must be >= 1, got {self.checkpoint_keep}")
         _choice(self.resume, ("off", "auto", "must"), "log.resume")
 
     @property
@@ -526,6 +542,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             except ValueError:
                 pass
         _require(isinstance(value, (int, float)) and not isinstance(value, bool), name, f"must be a number, got {value!r}")
+        _require(math.isfinite(value), name, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is int:
         _require(isinstance(value, int) and not isinstance(value, bool), name, f"must be an integer, got {value!r}")
@@ -571,7 +588,11 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"{item}: an override must look like section.field=value")
         key, raw = item.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{key.strip()}: the value {raw!r} is not valid YAML ({_yaml_problem(err)})") from err
+        out.append((key.strip(), value))
     return out
 
 
@@ -586,14 +607,26 @@ def config_from_dict(values: dict[str, Any], overrides: list[str] | None = None)
         raise ConfigError(str(err)) from err
 
 
+def _yaml_problem(err: Exception) -> str:
+    """A YAML error in one line: the problem and its line and column."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(err, 'problem', None) or type(err).__name__}{where}"
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML file (or nothing) and apply ``section.field=value`` overrides."""
     values: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.exists():
+        if not p.is_file():
             raise ConfigError(f"config: file not found: {p}")
-        loaded = yaml.safe_load(p.read_text())
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config: {p} is not valid YAML: {_yaml_problem(err)}") from err
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config: cannot read {p} ({type(err).__name__}: {err})") from err
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config: {p} must hold a mapping at the top level")
         values = loaded or {}

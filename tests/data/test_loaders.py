@@ -157,3 +157,14 @@ def test_hub_id_goes_to_load_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
     assert load_records("openai/gsm8k:main", split="test") == [{"question": "q", "answer": "#### 3"}]
     assert load_records("someone/math") == [{"question": "q", "answer": "#### 3"}]
     assert calls == [("openai/gsm8k", "main", "test"), ("someone/math", None, "train")]
+
+
+@pytest.mark.parametrize("convert,rec", [
+    (from_math_record, {"problem": "<image>Find x.", "solution": "\\boxed{3}", "images": [{"bytes": b"png", "path": None}]}),
+    (from_gsm8k_record, {"question": "How many?", "answer": "#### 2", "image": "a.png"}),
+])
+def test_a_text_format_refuses_records_with_images_instead_of_dropping_them(convert, rec) -> None:
+    with pytest.raises(DataError, match=r"^record 3: has images \(field '(images|image)'\) that a text format would drop; "
+                                        r"read it with data.format=visual"):
+        convert(rec, 3)
+    assert convert({**rec, "images": [], "image": None}, 3).answer in ("3", "2")  # (an empty image field is no image)

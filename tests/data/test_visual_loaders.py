@@ -94,7 +94,6 @@ def test_images_list_field(tmp_path: Path) -> None:
         ({"image": b"", "question": "Q"}, r"record 5: missing field 'answer'"),
         ({"image": b"", "question": "Q", "answer": ""}, r"record 5: empty field 'answer'"),
         ({"question": "Q", "answer": "1"}, r"record 5: missing field 'image' or 'images'"),
-        ({"images": [], "question": "Q", "answer": "1"}, r"record 5: empty field 'images'"),
         ({"images": [b"junk"], "question": "Q", "answer": "1"}, r"record 5: field 'images\[0\]'"),
     ],
 )
@@ -121,3 +120,15 @@ def test_corrupt_record_raises_or_is_skipped(tmp_path: Path) -> None:
     assert skipped == 3
     with pytest.raises(ValueError, match="limit"):
         load_visual_examples(str(tmp_path / "data.jsonl"), limit=-1)
+
+
+def test_text_only_rows_are_valid_prompts_beside_image_rows(tmp_path: Path) -> None:
+    """``images: []`` (Geometry3K-style files mix them in) is a text-only prompt, not a bad record."""
+    ex = from_visual_record({"images": [], "problem": "What is 2 + 2?", "answer": "4"}, 0)
+    assert (ex.prompt, ex.answer, ex.images) == ("What is 2 + 2?", "4", ())
+    rows = [{"images": [], "problem": "2 + 2?", "answer": "4"},
+            {"images": [{"bytes": _png((1, 2, 3)), "path": None}], "problem": "<image>Colour?", "answer": "red"}]
+    path = tmp_path / "mixed.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    examples, skipped = load_visual_examples(str(path), skip_bad=True)
+    assert skipped == 0 and [len(e.images) for e in examples] == [0, 1]

@@ -109,7 +109,8 @@ def test_a_training_run_with_a_hanging_reward_goes_on_and_counts_it(tmp_path):
     CALLS["n"] = 0
     cfg = load_config(None, [f"log.run_dir={tmp_path}", "log.progress=false", "optim.steps=2", "eval.before=false",
                              "eval.after=false", "rollout.thought_max_tokens=3", "rollout.answer_max_tokens=3",
-                             "algo.rewards=[test_deadline:hangs_every_fourth_call]", "algo.reward_timeout_s=0.2"])
+                             "algo.rewards=[test_deadline:hangs_every_fourth_call]", "algo.reward_timeout_s=0.2",
+                             "algo.reward_workers=0"])  # (the in-process limit; rewards/test_workers.py tests the workers')
     summary = train(cfg, quiet=True)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     leaves = cfg.rollout.prompts_per_step * cfg.rollout.K * cfg.rollout.M

@@ -7,12 +7,14 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from vlm_treegrpo.train import checkpoint
+from vlm_treegrpo.train import checkpoint, checkpoint_dir
 from vlm_treegrpo.cli import main as cli_main
 from vlm_treegrpo.config import ConfigError, load_config
 from vlm_treegrpo.analysis.plots import timeless
@@ -41,7 +43,7 @@ def varied_reward(completion: str, example) -> float:
 def _args(tmp_path: Path, name: str, variant: str, *extra: str) -> list[str]:
     return [f"log.run_dir={tmp_path}", f"log.name={name}", "log.progress=false", "optim.steps=4", "data.n_test=2",
             "rollout.thought_max_tokens=5", "rollout.answer_max_tokens=5", "algo.rewards=[test_checkpoint:varied_reward]",
-            "algo.diag_every=3", *VARIANTS[variant][1], *extra]
+            "algo.reward_workers=0", "algo.diag_every=3", *VARIANTS[variant][1], *extra]
 
 
 def _run(tmp_path: Path, name: str, variant: str, *extra: str) -> dict:
@@ -209,13 +211,19 @@ def test_a_checkpoint_links_its_own_runs_frozen_reference_and_writes_over_anothe
 
 
 def test_find_takes_the_newest_complete_checkpoint(tmp_path):
+    """Directories of the older two-directory swap (a meta.json without a file list) count when
+    the files every checkpoint holds are there (:mod:`vlm_treegrpo.train.checkpoint_dir` for the rest)."""
     assert checkpoint.find(tmp_path) is None
     for name, step in (("checkpoint.old", 2), ("checkpoint", 4)):
         (tmp_path / name).mkdir()
+        for file in checkpoint.FILES:
+            (tmp_path / name / file).write_bytes(b"x")
         (tmp_path / name / "meta.json").write_text(json.dumps({"step": step}))
     (tmp_path / "checkpoint.tmp").mkdir()  # (being written: no meta.json yet)
     assert checkpoint.find(tmp_path) == tmp_path / "checkpoint"
     (tmp_path / "checkpoint").rename(tmp_path / "gone")  # a crash between the two renames of a swap
+    for file in checkpoint.FILES:
+        (tmp_path / "checkpoint.tmp" / file).write_bytes(b"x")
     (tmp_path / "checkpoint.tmp" / "meta.json").write_text(json.dumps({"step": 6}))
     assert checkpoint.find(tmp_path) == tmp_path / "checkpoint.tmp"
 
@@ -233,3 +241,24 @@ def test_log_fields_are_checked():
         load_config(None, ["log.resume=yes"])
     with pytest.raises(ConfigError, match=r"^log\.checkpoint_every: "):
         load_config(None, ["log.checkpoint_every=-1"])
+
+
+def test_a_run_sigkilled_between_the_renames_of_a_checkpoint_resumes_from_it_exactly(tmp_path, straight):
+    """The whole checkpoint of step 2 is still a temporary directory when the kill comes (the
+    fault seam of :mod:`vlm_treegrpo.train.checkpoint_dir`, a real SIGKILL): the resumed run
+    goes on from it and makes the steps of the run that was never stopped."""
+    variant = "LoRA"
+    whole, whole_summary = straight[variant]
+    env = {**os.environ, checkpoint_dir.KILL_ENV: "rename_new:1", "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "train"), str(ROOT / "tests")])}
+    cmd = [sys.executable, "-m", "vlm_treegrpo.cli", "train", "--config", str(ROOT / "configs/tiny-llama.yaml"),
+           *_args(tmp_path, "run", variant, "log.checkpoint_every=2")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    run = tmp_path / "run"
+    assert not (run / "checkpoint").exists() and checkpoint.find(run) == run / "checkpoint.tmp-2"
+    resumed = _run(tmp_path, "run", variant, "log.resume=must", "log.checkpoint_every=2")
+    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 4
+    assert _rows(run) == _rows(whole)
+    _same_tensors(torch.load(run / "checkpoint" / "model.pt"), torch.load(whole / "checkpoint" / "model.pt"))
+    _same_tensors(torch.load(run / "checkpoint" / "optimizer.pt"), torch.load(whole / "checkpoint" / "optimizer.pt"))
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint"]

@@ -127,7 +127,8 @@ def _torchrun_train(tmp_path, *overrides: str, ok: bool = True) -> subprocess.Co
            "-m", "vlm_treegrpo.cli", "train", "--config", str(ROOT / "configs/tiny-llama.yaml"), f"log.run_dir={tmp_path}",
            "log.progress=false", "model.threads=1", "data.n_test=5", "rollout.prompts_per_step=4", "sft.steps=1", "sft.batch_size=4",
            "algo.rewards=[test_distributed:varied_reward]", *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "train"), str(ROOT / "tests"),
+                                                                         os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert (proc.returncode == 0) == ok, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
@@ -174,7 +175,7 @@ def test_two_processes_refill_their_own_prompts_from_one_training_order_and_resu
 
 def test_a_signal_to_one_process_stops_every_process_after_the_step_with_a_checkpoint(tmp_path):
     proc = _torchrun_train(tmp_path, "optim.steps=50", "eval.before=false", "sft.steps=0", "log.checkpoint_every=0",
-                           "algo.rewards=[test_distributed:sigterm_on_rank1_reward]", ok=False)
+                           "algo.rewards=[test_distributed:sigterm_on_rank1_reward]", "algo.reward_workers=0", ok=False)
     assert proc.stdout.count('"stopped_by": "SIGTERM"') == 1  # process 0 stopped too, and says why
     assert "exitcode  : 143" in proc.stderr  # (torchrun's report of the processes' exit status)
     run = tmp_path / "tiny-llama"

@@ -67,3 +67,40 @@ def test_nan_gradients_in_a_row_stop_the_run_with_the_last_good_weights_checkpoi
     saved = torch.load(run / "checkpoint" / "model.pt")
     start = checkpoint.trainable(make_policy("tiny-llama", "cpu", "float32").model)
     assert saved.keys() == start.keys() and all(torch.equal(saved[k], start[k]) for k in saved)
+
+
+def test_a_weight_left_non_finite_by_an_update_stops_the_run_without_checkpointing_it(tmp_path, monkeypatch, capsys):
+    """A finite gradient can still overflow a weight: the run stops at once (status 1), the
+    checkpoint keeps the step before, and the broken weights are written nowhere."""
+    real, calls = step.clipped_step, {"n": 0}
+
+    def overflowing_step(optimizer, params, max_grad_norm):
+        out = real(optimizer, params, max_grad_norm)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            with torch.no_grad():
+                params[0].view(-1)[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(step, "clipped_step", overflowing_step)
+    code = cli_main(["train", *[f"log.run_dir={tmp_path}", "optim.steps=4", "log.checkpoint_every=1", "log.save_model=true", *ARGS]])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "step 2: a weight was not finite (NaN or inf) after the update; stopped without checkpointing it" in err
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stopped_by"] == trainer.NONFINITE_WEIGHTS and summary["steps"] == 2 and "eval_after" not in summary
+    assert checkpoint.read_meta(run / "checkpoint")["step"] == 1 and not (run / "model").exists()
+    assert [r["nonfinite_weights"] for r in _rows(run)] == [0, 1]
+    assert all(torch.isfinite(t).all() for t in torch.load(run / "checkpoint" / "model.pt").values())
+
+
+def test_weights_finite_sees_one_nan_or_inf():
+    from vlm_treegrpo.train.optim import weights_finite
+
+    params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.zeros(2, 2))]
+    assert weights_finite(params) and weights_finite([])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with torch.no_grad():
+            params[1][1, 0] = bad
+        assert not weights_finite(params)

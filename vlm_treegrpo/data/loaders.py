@@ -99,11 +99,24 @@ def _require_str(rec: dict, key: str, index: int) -> str:
     return value
 
 
+IMAGE_FIELDS = ("decoded_image", "images", "image")
+"""Fields that hold a record's images (``data.format=visual``)."""
+
+
+def _no_images(rec: dict, index: int) -> None:
+    """A text format must not drop a record's images silently: DataError naming the field."""
+    for key in IMAGE_FIELDS:
+        if isinstance(rec, dict) and rec.get(key) not in (None, [], (), ""):
+            raise DataError(f"record {index}: has images (field {key!r}) that a text format would drop; "
+                            "read it with data.format=visual and a vision-language model")
+
+
 def from_gsm8k_record(rec: dict, index: int) -> Example:
     """Convert a GSM8K record (``question``, ``answer`` ending in ``#### N``).
 
     The final answer is the text after the last ``####`` with commas removed.
     """
+    _no_images(rec, index)
     question = _require_str(rec, "question", index)
     solution = _require_str(rec, "answer", index)
     if "####" not in solution:
@@ -121,6 +134,7 @@ def from_math_record(rec: dict, index: int) -> Example:
     An explicit non-empty ``answer`` field wins; otherwise the answer is the content
     of the last ``\boxed{...}`` in ``solution``.
     """
+    _no_images(rec, index)
     problem = _require_str(rec, "problem", index)
     explicit = rec.get("answer")
     if explicit is not None and str(explicit).strip():

@@ -5,6 +5,7 @@ One converter, :func:`from_visual_record`, reads the fields these datasets share
 * image: ``decoded_image`` (MathVista's decoded image, preferred when set), else
   ``images`` (a list, Geometry3K) or ``image`` (one value, CLEVR / MathVista);
   each value is anything :func:`~vlm_treegrpo.data.images.load_image` accepts;
+  an empty list makes a text-only prompt (batches may mix them with image prompts);
 * question: ``problem`` or ``question``; ``<image>`` placeholders are removed
   (the rollout inserts the processor's own image tokens);
 * answer: ``answer`` (string or number, kept as given, so a multiple-choice letter
@@ -73,9 +74,7 @@ def _images(rec: dict, index: int, base_dir: str | os.PathLike | None) -> tuple:
         value = rec.get(key)
         if value is None:
             continue
-        if isinstance(value, (list, tuple)):
-            if not value:
-                raise DataError(f"record {index}: empty field {key!r}")
+        if isinstance(value, (list, tuple)):  # (an empty list: a text-only prompt, as a mixed batch has)
             return tuple(load_image(v, index, f"{key}[{i}]", base_dir) for i, v in enumerate(value))
         return (load_image(value, index, key, base_dir),)
     raise DataError(f"record {index}: missing field 'image' or 'images'")

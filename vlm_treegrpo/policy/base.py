@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from vlm_treegrpo.data.loaders import DataError
 from vlm_treegrpo.data.types import Example
 from vlm_treegrpo.rollout.tree import SamplingParams, Tree
 
@@ -68,3 +69,15 @@ def device_of(policy: Policy) -> torch.device:
 
 PolicyBuilder = Callable[[torch.device | str, str, str], Policy]
 """``build(device, dtype, attn_implementation) -> Policy`` for one model name."""
+
+
+def encode_all(policy: Policy, examples: list[Example], instruction: str, split: str) -> list:
+    """``policy.encode`` of every example; an example the policy cannot take (images for a text
+    model) raises :class:`DataError` naming the split and the example's index."""
+    out = []
+    for i, example in enumerate(examples):
+        try:
+            out.append(policy.encode(example, instruction))
+        except ValueError as err:
+            raise DataError(f"data: {split} example {i}: {err}") from err
+    return out

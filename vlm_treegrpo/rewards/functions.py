@@ -4,12 +4,16 @@ A reward function has the signature ``fn(completion: str, example: Example) -> f
 :class:`RewardSet` calls several of them on a batch, weights and sums the results,
 and turns any exception or non-finite / non-number return value into a 0.0 reward
 that is counted in :attr:`RewardOutput.failures` (a buggy user reward never kills a run). A call
-that runs past the set's time limit (``algo.reward_timeout_s``, :mod:`vlm_treegrpo.rewards.deadline`) is
-stopped and counted the same way (a hanging reward never stalls one).
+that runs past the set's time limit (``algo.reward_timeout_s``) is stopped and counted the same way
+(a hanging reward never stalls one): rewards given by import path run in worker processes that
+are killed at the limit (``algo.reward_workers``, :mod:`vlm_treegrpo.rewards.workers`), the
+built-ins (and every reward with ``reward_workers=0``) in this process under a signal-based limit
+(:mod:`vlm_treegrpo.rewards.deadline`).
+
+A reward path runs arbitrary code from the config: use configs you trust.
 """
 from __future__ import annotations
 
-import importlib
 import math
 import numbers
 import re
@@ -22,6 +26,7 @@ import torch
 from vlm_treegrpo.data.loaders import last_boxed
 from vlm_treegrpo.data.types import Example
 from vlm_treegrpo.rewards.deadline import CallTimeout, Deadlines
+from vlm_treegrpo.rewards.workers import RewardWorkers, import_path
 
 __all__ = [
     "BUILTIN_REWARDS",
@@ -156,20 +161,7 @@ def resolve_reward(spec: str) -> RewardFn:
             f"unknown reward {spec!r}: expected one of {sorted(BUILTIN_REWARDS)} "
             "or an import path 'package.module:function'"
         )
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:
-        raise ValueError(f"reward {spec!r}: cannot import module {module_name!r} ({e})") from e
-    fn: Any = module
-    try:
-        for part in attr.split("."):
-            fn = getattr(fn, part)
-    except AttributeError as e:
-        raise ValueError(f"reward {spec!r}: module {module_name!r} has no {attr!r}") from e
-    if not callable(fn):
-        raise ValueError(f"reward {spec!r}: {attr!r} is not callable")
-    return fn
+    return import_path(spec)
 
 
 @dataclass
@@ -201,9 +193,11 @@ def _as_float(value: Any) -> float | None:
 class RewardSet:
     """A weighted sum of named reward functions, robust to failing functions."""
 
-    def __init__(self, fns: Sequence[tuple[str, RewardFn, float]], timeout_s: float = 0.0) -> None:
+    def __init__(self, fns: Sequence[tuple[str, RewardFn, float]], timeout_s: float = 0.0, workers: int = 0,
+                 in_workers: Sequence[str] = ()) -> None:
         """``fns``: ``(name, fn, weight)`` triples with unique names and finite weights;
-        ``timeout_s``: the time limit of one call (0 = none)."""
+        ``timeout_s``: the time limit of one call (0 = none); the rewards named in
+        ``in_workers`` run in ``workers`` worker processes (:class:`RewardWorkers`)."""
         self.timeout_s = timeout_s
         if not fns:
             raise ValueError("RewardSet needs at least one reward function")
@@ -219,6 +213,18 @@ class RewardSet:
                 raise ValueError(f"reward {name!r}: weight must be a finite number, got {weight!r}")
             seen.add(name)
             self.fns.append((name, fn, w))
+        self.pools = {name: RewardWorkers(fn, workers, timeout_s) for name, fn, _ in self.fns if workers > 0 and name in in_workers}
+
+    def close(self) -> None:
+        """End the worker processes, if any."""
+        for pool in self.pools.values():
+            pool.close()
+
+    def __enter__(self) -> RewardSet:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def names(self) -> list[str]:
@@ -226,9 +232,10 @@ class RewardSet:
         return [name for name, _, _ in self.fns]
 
     @classmethod
-    def from_config(cls, specs: Sequence[str | dict], timeout_s: float = 0.0) -> RewardSet:
+    def from_config(cls, specs: Sequence[str | dict], timeout_s: float = 0.0, workers: int = 0) -> RewardSet:
         """Build from config entries: ``"correctness"`` (weight 1.0) or
-        ``{"name": "pkg.mod:fn", "weight": 0.5}``; the name is also the reward's key."""
+        ``{"name": "pkg.mod:fn", "weight": 0.5}``; the name is also the reward's key. Rewards
+        given by import path run in ``workers`` worker processes (0: in this one)."""
         if isinstance(specs, (str, dict)):
             specs = [specs]
         fns: list[tuple[str, RewardFn, float]] = []
@@ -245,7 +252,7 @@ class RewardSet:
             else:
                 raise ValueError(f"reward entry must be a string or dict, got {spec!r}")
             fns.append((name, resolve_reward(name), weight))
-        return cls(fns, timeout_s)
+        return cls(fns, timeout_s, workers, [name for name, _, _ in fns if name not in BUILTIN_REWARDS])
 
     def __call__(self, completions: Sequence[str], examples: Sequence[Example]) -> RewardOutput:
         """Score each ``(completion, example)`` pair with every reward function."""
@@ -262,7 +269,19 @@ class RewardSet:
             for name, fn, weight in self.fns:
                 values = [0.0] * batch
                 n_fail = 0
-                for i, (completion, example) in enumerate(zip(completions, examples)):
+                if name in self.pools:
+                    for i, (raw, error) in enumerate(self.pools[name](completions, examples)):
+                        value = None if raw is None else _as_float(raw)
+                        if value is None:
+                            n_fail += 1
+                            if len(errors) < MAX_ERRORS_KEPT:
+                                errors.append(f"reward {name!r} on sample {i}: {error or f'returned {raw!r}, not a finite number'}")
+                        else:
+                            values[i] = value
+                    fn_calls = ()
+                else:
+                    fn_calls = enumerate(zip(completions, examples))
+                for i, (completion, example) in fn_calls:
                     try:
                         with deadlines.limit():
                             raw = fn(completion, example)

@@ -11,9 +11,10 @@ as one that was never stopped (``tests/test_checkpoint.py``).
 The directory holds ``model.pt`` (the trainable parameters by name), ``reference.pt`` (the KL
 reference's, when ``algo.beta > 0`` without LoRA), ``optimizer.pt`` (optimizer and schedule),
 ``trainer.pt`` (sampler, summary so far, counters), ``rng-<rank>.pt`` per process and, written
-last, ``meta.json`` (step, processes, run id, config), whose presence marks a complete checkpoint.
-A new checkpoint is written beside the old one (``checkpoint.tmp``) and swapped in by renames, so
-a crash while writing leaves the previous one whole. The reference is frozen for a run, so a
+last, ``meta.json`` (step, processes, run id, config, and the size of every file), whose presence
+marks a complete checkpoint. How a checkpoint is written so that a kill at any moment leaves the
+previous one whole and findable, how many are kept (``log.checkpoint_keep``) and what happens when
+the disk is full is :mod:`vlm_treegrpo.train.checkpoint_dir`. The reference is frozen for a run, so a
 checkpoint whose predecessor has the same run id (:attr:`TrainerState.run_id`, kept through
 resumes) hard-links its ``reference.pt`` instead of writing the weights again. Under
 ``torchrun`` the run directory must be on a file system every process sees.
@@ -37,10 +38,13 @@ from pathlib import Path
 import torch
 
 from vlm_treegrpo.config import ConfigError, TrainConfig
+from vlm_treegrpo.train import checkpoint_dir
 from vlm_treegrpo.train.distributed import Dist
 
-DIR, TMP, OLD = "checkpoint", "checkpoint.tmp", "checkpoint.old"
+DIR = checkpoint_dir.DIR
 BEST = "best"
+FILES = ("model.pt", "optimizer.pt", "trainer.pt")
+"""Files every training checkpoint holds (what a ``meta.json`` without a file list must find)."""
 
 MAY_CHANGE = ("optim.steps", "optim.time_budget_s", "optim.max_nonfinite_steps", "algo.reward_timeout_s", "model.threads",
               "model.device", "model.gradient_checkpointing", "eval.", "log.")
@@ -129,49 +133,45 @@ def check_compatible(saved: dict, cfg: TrainConfig, where: Path) -> None:
 
 
 def find(run: Path) -> Path | None:
-    """The newest complete checkpoint of ``run`` (``checkpoint/``; after a crash mid-swap, the
-    complete one of ``checkpoint.tmp/`` and ``checkpoint.old/``), or None."""
-    best, best_step = None, -1
-    for name in (DIR, TMP, OLD):
-        meta = run / name / "meta.json"
-        if meta.exists():
-            step = json.loads(meta.read_text())["step"]
-            if step > best_step:
-                best, best_step = run / name, step
-    return best
+    """The newest whole checkpoint of ``run``, or None; a directory that is not whole is skipped
+    with a warning (:func:`~vlm_treegrpo.train.checkpoint_dir.find`)."""
+    return checkpoint_dir.find(run, FILES)
 
 
 def read_meta(path: Path) -> dict:
-    return json.loads((path / "meta.json").read_text())
+    """The ``meta.json`` of a whole checkpoint (or of ``best``); a :class:`ConfigError` naming
+    the path when there is none or it cannot be read."""
+    try:
+        return json.loads((Path(path) / "meta.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{Path(path) / 'meta.json'}: not a readable checkpoint ({type(err).__name__}: {err})") from err
 
 
 def save(run: Path, state: TrainerState, model, optimizer, scheduler, ref_model, cfg: TrainConfig, device: torch.device,
          dist: Dist = Dist()) -> float:
     """Write the checkpoint of ``state`` to ``run/checkpoint`` (every process calls this: each
-    writes its generators, process 0 the rest); returns the seconds it took."""
+    writes its generators, process 0 the rest) by the protocol of
+    :mod:`~vlm_treegrpo.train.checkpoint_dir`; returns the seconds it took. Raises
+    :class:`~vlm_treegrpo.train.checkpoint_dir.DiskFull` (the previous checkpoint kept) when the
+    disk has no room for it."""
     t0 = time.time()
-    tmp = run / TMP
+    tmp = checkpoint_dir.tmp_dir(run, state.step)
     if dist.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = checkpoint_dir.prepare(run, state.step)
     dist.barrier()
     torch.save(rng_state(device), tmp / f"rng-{dist.rank}.pt")
-    if dist.main:
-        torch.save({n: p.detach().cpu() for n, p in trainable(model).items()}, tmp / "model.pt")
+    dist.barrier()  # (every process's generators are on disk before the checkpoint is committed)
+
+    def payload(into: Path) -> None:
+        torch.save({n: p.detach().cpu() for n, p in trainable(model).items()}, into / "model.pt")
         if ref_model is not None:
-            save_reference(ref_model, run / DIR, tmp, state.run_id)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        torch.save(vars(state), tmp / "trainer.pt")
-    dist.barrier()  # (every process's generators are on disk before the checkpoint is marked complete)
+            save_reference(ref_model, run / DIR, into, state.run_id)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, into / "optimizer.pt")
+        torch.save(vars(state), into / "trainer.pt")
+
     if dist.main:
-        (tmp / "meta.json").write_text(json.dumps({"step": state.step, "processes": dist.world, "run_id": state.run_id,
-                                                   "saved_at": time.time(), "config": cfg.to_dict()}, indent=1))
-        final, old = run / DIR, run / OLD
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        checkpoint_dir.commit(run, tmp, state.step, {"processes": dist.world, "run_id": state.run_id, "saved_at": time.time(),
+                                                     "config": cfg.to_dict()}, payload, keep=cfg.log.checkpoint_keep)
     dist.barrier()
     return time.time() - t0
 
@@ -183,8 +183,8 @@ def save_reference(ref_model, previous: Path, tmp: Path, run_id: str) -> bool:
     without hard links, gets the weights written."""
     target = tmp / "reference.pt"
     old = previous / "reference.pt"
-    meta = previous / "meta.json"
-    if run_id and old.is_file() and meta.is_file() and json.loads(meta.read_text()).get("run_id") == run_id:
+    meta = checkpoint_dir.read_whole(previous, ("reference.pt",))
+    if run_id and old.is_file() and meta is not None and meta.get("run_id") == run_id:
         try:
             os.link(old, target)
             return True
@@ -223,20 +223,32 @@ def save_best(run: Path, model, cfg: TrainConfig, step: int, accuracy: float) ->
     tmp.mkdir(parents=True)
     torch.save({n: p.detach().cpu() for n, p in trainable(model).items()}, tmp / "model.pt")
     (tmp / "meta.json").write_text(json.dumps({"step": step, "accuracy": accuracy, "saved_at": time.time(), "config": cfg.to_dict()}, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
+    if final.exists():  # (out of sight by one rename before it is deleted: never a half-deleted best)
+        trash = run / f"{BEST}{checkpoint_dir.TRASH}{uuid.uuid4().hex[:8]}"
+        final.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
     tmp.rename(final)
     return final
 
 
 def is_checkpoint(path) -> bool:
-    """Whether ``path`` is a complete checkpoint directory."""
-    return (Path(path) / "meta.json").is_file() and (Path(path) / "model.pt").is_file()
+    """Whether ``path`` is a complete checkpoint directory (or ``best``)."""
+    return checkpoint_dir.read_whole(Path(path), ("model.pt",)) is not None
 
 
 def keep_rows(path: Path, last_step: int) -> None:
     """Drop the lines of a ``step``-keyed JSONL log written after ``last_step`` (steps the
-    resumed run makes again)."""
+    resumed run makes again), and a last line cut short by a kill."""
     if not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    rows = [line for line in path.read_text().splitlines() if (row := _row(line)) is not None and row.get("step", 0) <= last_step]
     path.write_text("".join(r + "\n" for r in rows))
+
+
+def _row(line: str) -> dict | None:
+    """A JSONL line's object; None for a blank line or one cut short by a kill mid-write."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None

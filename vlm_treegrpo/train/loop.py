@@ -30,6 +30,7 @@ With ``sft.steps > 0`` a supervised warm start (:mod:`vlm_treegrpo.train.sft`) r
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import signal
@@ -42,12 +43,14 @@ import yaml
 
 from vlm_treegrpo.train import checkpoint
 from vlm_treegrpo.config import ConfigError, TrainConfig
+from vlm_treegrpo.data.loaders import DataError
 from vlm_treegrpo.data.sources import Task, task_from_config
 from vlm_treegrpo.train.distributed import Dist, from_env, pool_metrics
 from vlm_treegrpo.train.evaluate import SAMPLED, evaluate_held_out
 from vlm_treegrpo.train.interrupt import StopRequests
 from vlm_treegrpo.train.optim import adamw, lr_schedule
-from vlm_treegrpo.policy.base import Policy
+from vlm_treegrpo.train.preflight import check_inputs, data_fits_model
+from vlm_treegrpo.policy.base import Policy, encode_all
 from vlm_treegrpo.rewards.functions import RewardSet
 from vlm_treegrpo.policy.factory import build_policy
 from vlm_treegrpo.train.runtime import autocast_ctx, resolve_device, setup
@@ -83,6 +86,9 @@ class PromptSampler:
 
 NONFINITE = "nonfinite_gradients"
 """``stopped_by`` of a run stopped by ``optim.max_nonfinite_steps``."""
+NONFINITE_WEIGHTS = "nonfinite_weights"
+"""``stopped_by`` of a run whose weights were not finite after an update (stopped at once, the
+broken weights not checkpointed)."""
 
 
 def _sft(policy: Policy, task: Task, train_prompts, cfg: TrainConfig, device, run: Path, bar, dist: Dist = Dist()) -> dict:
@@ -120,7 +126,8 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     t_start = time.time()
     dist, device = from_env(resolve_device(cfg.model.device))
     try:
-        return _train(cfg, quiet, dist, device, t_start)
+        with contextlib.ExitStack() as closing:  # (the reward workers end with the run, however it ends)
+            return _train(cfg, quiet, dist, device, t_start, closing)
     finally:
         dist.close()
 
@@ -131,6 +138,23 @@ def _check_shares(cfg: TrainConfig, world: int) -> None:
         raise ConfigError(f"rollout.prompts_per_step: {cfg.rollout.prompts_per_step} prompts do not split over {world} processes")
     if cfg.sft.steps > 0 and cfg.sft.batch_size % world:
         raise ConfigError(f"sft.batch_size: {cfg.sft.batch_size} examples do not split over {world} processes")
+
+
+def check_splits(task: Task, cfg: TrainConfig, quiet: bool = False) -> None:
+    """An empty training set is a :class:`DataError`; so is an empty test set with an evaluation
+    to make (its accuracy would read as 0.0), unless ``eval.allow_empty``: a warning then, and no
+    evaluation."""
+    if not task.train:
+        raise DataError(f"data.source: the training set of {cfg.data.source!r} is empty"
+                        + (f" ({task.skipped} bad records skipped by data.skip_bad)" if task.skipped else ""))
+    if task.test or not (cfg.eval.before or cfg.eval.after or cfg.eval.every):
+        return
+    where = cfg.data.test_source or cfg.data.source
+    if not cfg.eval.allow_empty:
+        raise DataError(f"data: the test set of {where!r} is empty, so there is nothing to evaluate "
+                        "(set data.test_source, or eval.allow_empty=true to train without evaluating)")
+    if not quiet:
+        print(f"warning: the test set of {where!r} is empty; no evaluation (eval.allow_empty)", file=sys.stderr, flush=True)
 
 
 def _resume_point(cfg: TrainConfig) -> Path | None:
@@ -146,10 +170,18 @@ def _resume_point(cfg: TrainConfig) -> Path | None:
     return found
 
 
-def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_start: float) -> dict:
+def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_start: float, closing: contextlib.ExitStack) -> dict:
     _check_shares(cfg, dist.world)
     run = cfg.log.path
     resume_from = _resume_point(cfg)
+    check_inputs(cfg)  # (the model name, the data and the rewards are checked before any model loads)
+    task = task_from_config(cfg.data)
+    check_splits(task, cfg, quiet)
+    data_fits_model(task, cfg.model.name)
+    try:
+        reward_set = closing.enter_context(RewardSet.from_config(cfg.algo.rewards, cfg.algo.reward_timeout_s, cfg.algo.reward_workers))
+    except ValueError as err:
+        raise ConfigError(f"algo.rewards: {err}") from err
     if dist.main:
         run.mkdir(parents=True, exist_ok=True)
         (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -165,10 +197,8 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
     if cfg.algo.credit == "rredcot":
         credit = rredcot_for(policy, cfg.algo, cfg.rollout.temperature)
 
-    task = task_from_config(cfg.data)
-    reward_set = RewardSet.from_config(cfg.algo.rewards, cfg.algo.reward_timeout_s)
-    train_prompts = [policy.encode(ex, task.instruction) for ex in task.train]
-    test_prompts = [policy.encode(ex, task.instruction) for ex in task.test]
+    train_prompts = encode_all(policy, task.train, task.instruction, "train")
+    test_prompts = encode_all(policy, task.test, task.instruction, "test")
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
@@ -192,13 +222,14 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
             if dist.main:
                 checkpoint.save_best(run, model, cfg, step, ev["accuracy"])
 
-    if cfg.eval.before and resume_from is None:
+    if cfg.eval.before and resume_from is None and task.test:
         summary["eval_before"] = evaluate_held_out(policy, task, test_prompts, cfg, "before", bar, dist)
         keep_if_best(summary["eval_before"], 0)
     if cfg.sft.steps > 0 and resume_from is None:
         summary.update(_sft(policy, task, train_prompts, cfg, device, run, bar, dist))
-        summary["eval_warm"] = evaluate_held_out(policy, task, test_prompts, cfg, "warm", bar, dist)
-        keep_if_best(summary["eval_warm"], 0)
+        if task.test:
+            summary["eval_warm"] = evaluate_held_out(policy, task, test_prompts, cfg, "warm", bar, dist)
+            keep_if_best(summary["eval_warm"], 0)
     ref_policy = None  # the KL reference: the policy GRPO starts from (after any warm start)
     if cfg.algo.beta > 0 and cfg.model.lora_r == 0:  # LoRA: the base model, adapters disabled
         ref_policy = copy.copy(policy)
@@ -260,12 +291,13 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
             updates_skipped += stats["skipped_updates"]
             nonfinite_in_a_row = nonfinite_in_a_row + 1 if stats["skipped_updates"] == cfg.algo.updates_per_batch else 0
             diverged = bool(cfg.optim.max_nonfinite_steps) and nonfinite_in_a_row >= cfg.optim.max_nonfinite_steps
+            broken = bool(stats["nonfinite_weights"])
             metrics = pool_metrics(dist.gather(data.metrics)) if dist.active else data.metrics
             row = {"step": step, **metrics, **diag, **stats, "elapsed": round(time.time() - t_start, 2)}
             for k, v in row.items():
                 if k.startswith("reward_failures/"):
                     failures_total[k.split("/", 1)[1]] = failures_total.get(k.split("/", 1)[1], 0) + v
-            if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.optim.steps:
+            if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.optim.steps and not broken and task.test:
                 ev = evaluate_held_out(policy, task, test_prompts, cfg, f"step {step}", bar, dist)
                 row["eval_accuracy"] = ev["accuracy"]
                 row.update({f"eval_{k}": v for k, v in ev.items() if k.startswith(SAMPLED)})
@@ -288,6 +320,14 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
             steps_run = step
             over_budget = bool(cfg.optim.time_budget_s) and seconds_before + time.time() - t_train >= cfg.optim.time_budget_s
             over_budget, signalled = dist.max([over_budget, stop.signal or 0])  # (all stop together, on any process's signal)
+            if broken:
+                stopped_by = NONFINITE_WEIGHTS
+                if dist.main and not quiet:
+                    kept = checkpoint.find(run)
+                    print(f"step {step}: a weight was not finite (NaN or inf) after the update; stopped without checkpointing it"
+                          + (f" (the checkpoint in {kept} holds step {checkpoint.read_meta(kept)['step']})" if kept else "")
+                          + ". A lower optim.lr, optim.max_grad_norm or model.autocast=none may help", file=sys.stderr, flush=True)
+                break
             if signalled or diverged or (every and (step % every == 0 or step == cfg.optim.steps or over_budget)):
                 state = checkpoint.TrainerState(step, sampler.state_dict(), pre_loop, failures_total, last_diag,
                                                 seconds_before + time.time() - t_train, dict(best), state.run_id, updates_skipped)
@@ -309,7 +349,7 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
             if over_budget:
                 break
     train_seconds = seconds_before + time.time() - t_train
-    if cfg.eval.after and stopped_by is None:
+    if cfg.eval.after and stopped_by is None and task.test:
         summary["eval_after"] = evaluate_held_out(policy, task, test_prompts, cfg, "after", bar, dist)
         keep_if_best(summary["eval_after"], steps_run)
     if bar is not None:

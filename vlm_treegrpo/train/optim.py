@@ -31,6 +31,15 @@ def clipped_step(optimizer, params: list[torch.nn.Parameter], max_grad_norm: flo
     return norm, True
 
 
+def weights_finite(params: list[torch.nn.Parameter]) -> bool:
+    """Whether every weight in ``params`` is finite (one norm per tensor, one sync): the check
+    after a step, since a finite gradient times a huge rate can still overflow a weight."""
+    if not params:
+        return True
+    norms = torch.stack([torch.linalg.vector_norm(p.detach().float()) for p in params])  # [P]
+    return bool(torch.isfinite(norms).all())
+
+
 SCHEDULES = ("constant", "linear", "cosine")
 
 

@@ -18,7 +18,7 @@ from vlm_treegrpo.core.advantages import group_advantages, tree_advantages
 from vlm_treegrpo.core.diagnostics import mean_pairwise_cosine, reward_std_stats, update_norms
 from vlm_treegrpo.core.losses import kl_penalty, masked_mean, policy_loss, policy_loss_metrics
 from vlm_treegrpo.train.distributed import Dist
-from vlm_treegrpo.train.optim import clipped_step
+from vlm_treegrpo.train.optim import clipped_step, weights_finite
 from vlm_treegrpo.policy.base import Policy, TrainBatch
 from vlm_treegrpo.policy.text import TextPolicy
 from vlm_treegrpo.rewards.functions import RewardSet
@@ -267,13 +267,16 @@ def update_step(policy: Policy, ref_policy: Policy | None, optimizer, scheduler,
         dist.sum_grads(params)
         gn, stepped = clipped_step(optimizer, params, o.max_grad_norm)  # (the same on every process: summed gradients)
         skipped += not stepped
+        broken = stepped and not weights_finite(params)  # (a finite gradient that still overflowed a weight)
         sums["loss"], sums["kl"] = sum(float(x) for x in losses), sum(float(x) for x in kls)
         sums["clip_frac"] += sum(float(c) for c, _ in clipped)
         sums["ratio_mean"] += sum(float(r) for _, r in clipped)
         *pooled, trees, ent_sum, ent_weight = dist.sum([*sums.values(), N, sum(e for e, _ in entropy), sum(w for _, w in entropy)])
-        stats = dict(zip(sums, pooled), grad_norm=gn, trees_updated=int(trees), skipped_updates=skipped)
+        stats = dict(zip(sums, pooled), grad_norm=gn, trees_updated=int(trees), skipped_updates=skipped, nonfinite_weights=int(broken))
         # the policy's entropy at the updated tokens, before this step's update (None: nothing updated)
         stats["entropy"] = ent_sum / ent_weight if ent_weight else None
+        if broken:  # (the loop stops the run; no further pass on broken weights)
+            break
     stats["lr"] = optimizer.param_groups[0]["lr"]  # (the rate this step used)
     if skipped < a.updates_per_batch:  # (the schedule counts the updates made, as transformers' Trainer does)
         scheduler.step()
