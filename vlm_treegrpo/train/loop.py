@@ -53,6 +53,8 @@ from vlm_treegrpo.policy.factory import build_policy
 from vlm_treegrpo.train.runtime import autocast_ctx, resolve_device, setup
 from vlm_treegrpo.train.sft import warm_start
 from vlm_treegrpo.train.step import gradient_diagnostics, leaf_texts, rollout_step, update_step
+from vlm_treegrpo.train.run_name import with_run_name
+from vlm_treegrpo.train.trackers import Trackers, sample_rows
 from vlm_treegrpo.credit.rredcot import rredcot_for
 
 
@@ -120,7 +122,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     t_start = time.time()
     dist, device = from_env(resolve_device(cfg.model.device))
     try:
-        return _train(cfg, quiet, dist, device, t_start)
+        return _train(with_run_name(cfg, dist), quiet, dist, device, t_start)
     finally:
         dist.close()
 
@@ -153,6 +155,7 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
     if dist.main:
         run.mkdir(parents=True, exist_ok=True)
         (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    trackers = Trackers.open(cfg.log.report_to if dist.main else [], run, cfg.log.name, cfg.log.project, cfg.to_dict())
     torch.manual_seed(cfg.optim.seed)
     setup(cfg.model, device)
 
@@ -195,6 +198,7 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
     if cfg.eval.before and resume_from is None:
         summary["eval_before"] = evaluate_held_out(policy, task, test_prompts, cfg, "before", bar, dist)
         keep_if_best(summary["eval_before"], 0)
+        trackers.log_metrics({"eval_accuracy": summary["eval_before"]["accuracy"]}, 0)
     if cfg.sft.steps > 0 and resume_from is None:
         summary.update(_sft(policy, task, train_prompts, cfg, device, run, bar, dist))
         summary["eval_warm"] = evaluate_held_out(policy, task, test_prompts, cfg, "warm", bar, dist)
@@ -273,11 +277,14 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
             if dist.main:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
+                trackers.log_metrics(row, step)
             if cfg.log.samples_every and step % cfg.log.samples_every == 0 and dist.main:
                 texts = leaf_texts(policy, data.trees[:1], cfg.rollout.K, cfg.rollout.M)
                 with samples_path.open("a") as f:
                     f.write(json.dumps({"step": step, "prompt": data.examples[0].prompt, "answer": data.examples[0].answer,
                                         "rewards": data.rewards[0].flatten().tolist(), "completions": texts}) + "\n")
+                trackers.log_samples(sample_rows(step, data.examples[0].prompt, data.examples[0].answer,
+                                                 data.rewards[0].flatten().tolist(), texts), step)
             if bar is not None:
                 bar.update(1)
                 cos = last_diag.get("norm/grad_cosine")
@@ -312,6 +319,7 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
     if cfg.eval.after and stopped_by is None:
         summary["eval_after"] = evaluate_held_out(policy, task, test_prompts, cfg, "after", bar, dist)
         keep_if_best(summary["eval_after"], steps_run)
+        trackers.log_metrics({"eval_accuracy": summary["eval_after"]["accuracy"]}, steps_run)
     if bar is not None:
         bar.close()
     if dist.active:
@@ -338,4 +346,5 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
         summary["rl_gain"] = summary["eval_after"]["accuracy"] - summary["eval_warm"]["accuracy"]
     if dist.main:
         (run / "summary.json").write_text(json.dumps(summary, indent=2))
+    trackers.close()
     return summary
