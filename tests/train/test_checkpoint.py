@@ -16,7 +16,7 @@ from vlm_treegrpo.train import checkpoint
 from vlm_treegrpo.cli import main as cli_main
 from vlm_treegrpo.config import ConfigError, load_config
 from vlm_treegrpo.analysis.plots import timeless
-from vlm_treegrpo.policy.factory import make_policy
+from vlm_treegrpo.policy.factory import load_checkpoint_policy, make_policy
 from vlm_treegrpo.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -148,7 +148,7 @@ def test_a_checkpoint_evaluates_and_exports_as_the_trained_model(tmp_path, strai
     assert cli_main(["eval", "--config", config, "--model", str(whole / "checkpoint"), *budget]) == 0
     got = json.loads(capsys.readouterr().out)
     assert [s["completion"] for s in got["samples"]] == [s["completion"] for s in whole_summary["eval_after"]["samples"]]
-    assert cli_main(["export", str(whole / "checkpoint"), str(tmp_path / "model")]) == 0
+    assert cli_main(["export", str(whole / "checkpoint"), str(tmp_path / "model"), "--merge", "--dtype", "float32"]) == 0
     exported = make_policy(str(tmp_path / "model"), "cpu", "float32").model.state_dict()
     loaded = load_checkpoint_policy(whole / "checkpoint", "cpu", "float32").model.state_dict()
     assert exported.keys() == loaded.keys() and all(torch.equal(exported[k], loaded[k]) for k in loaded)
