@@ -273,7 +273,7 @@ class AlgoConfig:
     """Truncated importance sampling: with updates_per_batch > 1, each token's loss is weighted by
     min(pi_prox / pi_sampler, tis_cap), pi_prox being the current policy for rgra (whose later
     passes are otherwise uncorrected) and the ratio's old policy for grpo/gspo/cispo (the
-    sampler's here, so the weight is 1); 0 = off."""
+    sampler's here, so the weight is 1); 0 = off, else >= 1 (e.g. 2)."""
     agg: str = "token_mean"
     """Token aggregation: token_mean (DAPO), seq_mean (GRPO paper), seq_mean_token_sum or constant
     (Dr. GRPO); TRL's loss_type names (grpo, dapo, dr_grpo) and verl's loss_agg_mode names
@@ -330,7 +330,8 @@ class AlgoConfig:
                                            and self.clip_eps_high >= 0),
             "algo.clip_eps_high", f"must be null or a number >= 0, got {self.clip_eps_high!r}",
         )
-        _require(self.tis_cap >= 0, "algo.tis_cap", f"must be >= 0, got {self.tis_cap}")
+        _require(self.tis_cap == 0 or self.tis_cap >= 1, "algo.tis_cap",
+                 f"must be 0 (off) or >= 1 (a cap below 1 would down-weight on-policy tokens), got {self.tis_cap}")
         _require(self.beta >= 0, "algo.beta", f"must be >= 0, got {self.beta}")
         _require(self.updates_per_batch >= 1, "algo.updates_per_batch", f"must be >= 1, got {self.updates_per_batch}")
         _require(self.eps > 0, "algo.eps", f"must be > 0, got {self.eps}")
