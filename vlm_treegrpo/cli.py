@@ -9,7 +9,6 @@ import argparse
 import json
 import signal
 import sys
-from pathlib import Path
 
 from vlm_treegrpo.config import ConfigError, load_config
 from vlm_treegrpo.config_fields import format_text

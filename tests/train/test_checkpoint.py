@@ -233,3 +233,11 @@ def test_log_fields_are_checked():
         load_config(None, ["log.resume=yes"])
     with pytest.raises(ConfigError, match=r"^log\.checkpoint_every: "):
         load_config(None, ["log.checkpoint_every=-1"])
+
+
+def test_a_checkpoint_older_than_a_field_resumes_as_if_it_had_its_default(tmp_path):
+    saved = load_config(None, ["model.lora_r=2"]).to_dict()
+    del saved["algo"]["tis_cap"], saved["model"]["lora_vision"]  # (written before these fields existed)
+    checkpoint.check_compatible(saved, load_config(None, ["model.lora_r=2", "model.lora_vision=true"]), tmp_path)
+    with pytest.raises(ConfigError, match=r"^model\.lora_vision: the checkpoint .* was trained with True"):
+        checkpoint.check_compatible(saved, load_config(None, ["model.lora_r=2"]), tmp_path)  # (its LoRA covered the vision tower)

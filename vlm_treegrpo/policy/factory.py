@@ -16,7 +16,7 @@ from vlm_treegrpo.policy.base import Policy, PolicyBuilder
 from vlm_treegrpo.policy.text import TextPolicy
 from vlm_treegrpo.policy.vlm import VLMPolicy, load_vlm_policy, tiny_vlm_policy
 from vlm_treegrpo.rollout.attention import enable_activation_checkpointing
-from vlm_treegrpo.train.checkpoint import is_checkpoint, load_params, read_meta
+from vlm_treegrpo.train.checkpoint import is_checkpoint, load_params, read_meta, saved_config
 from vlm_treegrpo.vlm.registry import TINY_NAMES, checkpoint_family, presets
 
 
@@ -92,13 +92,9 @@ def build_policy(m: ModelConfig, device, dtype: str, attn_implementation: str) -
 
 
 def checkpoint_config(path) -> dict:
-    """The config a training checkpoint was written with. A checkpoint from before
-    ``model.lora_vision`` existed put LoRA on the vision tower too, so it reads as ``lora_vision: true``."""
-    values = read_meta(Path(path))["config"]
-    model = values.get("model", {})
-    if "lora_vision" not in model:
-        values = {**values, "model": {**model, "lora_vision": True}}
-    return values
+    """The config a training checkpoint was written with, as this version reads it
+    (:func:`~vlm_treegrpo.train.checkpoint.saved_config`)."""
+    return saved_config(read_meta(Path(path))["config"])
 
 
 def load_checkpoint_policy(path, device, dtype: str = "auto", attn_implementation: str = "auto", merge: bool = True) -> Policy:

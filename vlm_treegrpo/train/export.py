@@ -101,7 +101,7 @@ def model_card(cfg: TrainConfig, step: int, figures: dict, dtype: str, kind: str
         body.append("Not recorded: the run wrote no summary.json (it was stopped before its final evaluation).")
     body += ["", "## Loading", ""]
     if kind == "adapter":
-        body += ["```python", "from peft import PeftModel", f"model = PeftModel.from_pretrained(base_model, '<this directory or repo>')", "```"]
+        body += ["```python", "from peft import PeftModel", "model = PeftModel.from_pretrained(base_model, '<this directory or repo>')", "```"]
     else:
         body += ["A plain transformers directory (`from_pretrained`), and `vlm-treegrpo eval --model <this directory>`."]
     return "\n".join(header + body) + "\n"
