@@ -51,8 +51,8 @@ def test_every_field_is_listed_once_with_a_docstring():
 
 def test_plain_and_yaml_value():
     assert plain("see :func:`~vlm_treegrpo.train.runtime.setup` and ``x``") == "see `setup` and `x`"
-    assert [yaml_value(v) for v in (None, True, "", "a b", ["</think>", "\n\n"], 0.2)] == [
-        "null", "true", "''", "a b", "[</think>, '\\n\\n']", "0.2"]
+    assert [yaml_value(v) for v in (None, True, "", "a b", ["</think>", "\n\n"], 0.2, [{"name": "format", "weight": 0.1}])] == [
+        "null", "true", "''", "a b", "[</think>, '\\n\\n']", "0.2", "[{name: format, weight: 0.1}]"]
 
 
 def test_format_text_marks_the_values_a_config_changes():

@@ -102,6 +102,8 @@ def yaml_value(value: Any) -> str:
         return repr(value) if value == "" or value.strip() != value or "\n" in value else value
     if isinstance(value, list):
         return "[" + ", ".join(yaml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {yaml_value(v)}" for k, v in value.items()) + "}"
     return str(value)
 
 

@@ -6,7 +6,8 @@ Reads top to bottom. Each step samples a K x M tree per prompt (GRPO-MA, arXiv 2
 flat GRPO when M = 1), scores every leaf with the configured rewards, computes thought and
 continuation advantages with the pure functions of :mod:`vlm_treegrpo.core.advantages`, packs
 each tree into one row (prompt once, each thought once) and applies the policy loss of
-:mod:`vlm_treegrpo.core.losses` (GRPO's clipped surrogate or RGRA's ``-A * logp``).
+:mod:`vlm_treegrpo.core.losses` (GRPO's clipped surrogate, GSPO, CISPO or RGRA's ``-A * logp``;
+docs/losses.md).
 
 Departures from the papers, on purpose:
 - A thought is a prefix cut at a branch delimiter or a token budget, not necessarily a full
