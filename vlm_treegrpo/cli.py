@@ -1,4 +1,4 @@
-"""The ``vlm-treegrpo`` command line: train, eval, export, plot, advise, bench, prepare, presets.
+"""The ``vlm-treegrpo`` command line: train, eval, export, config, plot, advise, bench, prepare, presets.
 
 Every error a user can cause (a config field, a data file or record, a model name, the hub or
 the network, a full disk) exits with status 2 and one line naming what is wrong
@@ -12,9 +12,9 @@ import errno
 import json
 import signal
 import sys
-from pathlib import Path
 
 from vlm_treegrpo.config import ConfigError, load_config
+from vlm_treegrpo.config_fields import format_text
 from vlm_treegrpo.data.loaders import DataError
 from vlm_treegrpo.train.checkpoint_dir import DiskFull
 
@@ -67,14 +67,21 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from vlm_treegrpo.policy.factory import load_checkpoint_policy
-    from vlm_treegrpo.train import checkpoint
+    from vlm_treegrpo.train.export import export, push_to_hub
 
-    if not checkpoint.is_checkpoint(args.checkpoint):
-        raise ConfigError(f"export: {args.checkpoint} is not a training checkpoint (no meta.json and model.pt)")
-    policy = load_checkpoint_policy(args.checkpoint, "cpu", "float32")
-    policy.save(args.out)
-    print(f"wrote {args.out} (step {checkpoint.read_meta(Path(args.checkpoint))['step']} of {args.checkpoint})")
+    done = export(args.checkpoint, args.out, args.dtype, args.merge)
+    what = {"full": "model", "adapter": "LoRA adapter", "merged": "merged model and its LoRA adapter"}[done["kind"]]
+    print(f"wrote {args.out}: {what}, {done['dtype']} weights, model card (step {done['step']} of {args.checkpoint})")
+    if args.push_to_hub:
+        print(f"pushed to {push_to_hub(args.out, args.push_to_hub, args.private)}")
+    return 0
+
+
+def _cmd_config(args) -> int:
+    if args.show is None:
+        raise ConfigError("config: nothing to do; use --show [FILE] to list every field (with FILE's values)")
+    cfg = load_config(args.show or None, args.overrides)
+    print(format_text(cfg))
     return 0
 
 
@@ -94,8 +101,9 @@ def _cmd_plot(args) -> int:
 def _cmd_advise(args) -> int:
     from vlm_treegrpo.analysis.advise import advise, format_table
     from vlm_treegrpo.train.preflight import check_inputs
+    from vlm_treegrpo.train.run_name import with_run_name
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = with_run_name(load_config(args.config, args.overrides))
     check_inputs(cfg)
     out = advise(cfg, prompts=args.prompts)
     print(format_table(out))
@@ -136,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="--debug (anywhere): show the traceback of an error instead of its one line")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, help_ in (("train", _cmd_train, "train a policy"), ("eval", _cmd_eval, "held-out accuracy: greedy, and pass@k and maj@n with eval.samples=n")):
-        p = sub.add_parser(name, help=help_)
+        p = sub.add_parser(name, help=help_, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="config fields (section.field (type) = default):\n\n" + format_text() if name == "train" else None)
         p.add_argument("--config", help="YAML config file")
         if name == "eval":
             p.add_argument("--model", help="model to evaluate (default: the config's model.name), e.g. runs/x/model")
@@ -145,7 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="save a training checkpoint's model as a plain model directory")
     p.add_argument("checkpoint", help="a run's checkpoint directory, e.g. runs/x/checkpoint")
     p.add_argument("out", help="directory to write (loadable as model.name or eval --model)")
+    p.add_argument("--dtype", default="auto", help="weights dtype: auto (the run's model.dtype when set, else bfloat16), bfloat16, float16, float32")
+    p.add_argument("--merge", action="store_true", help="LoRA runs: write the model with the adapter merged in (adapter alone in OUT/adapter)")
+    p.add_argument("--push-to-hub", metavar="REPO", help="also upload OUT to this Hugging Face hub repository (needs network and a token)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     p.set_defaults(fn=_cmd_export)
+    p = sub.add_parser("config", help="list every config field with its type, default and docstring")
+    p.add_argument("--show", nargs="?", const="", metavar="FILE",
+                   help="print every field; with FILE (and overrides), the values it sets beside the defaults")
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. rollout.M=4")
+    p.set_defaults(fn=_cmd_config)
     p = sub.add_parser("plot", help="compare runs: curves of their step metrics (PNG) and a table of their summaries")
     p.add_argument("runs", nargs="+", help="run directories, e.g. runs/a runs/b")
     p.add_argument("--metrics", default="reward,eval_accuracy,entropy,zero_std_frac,completion_tokens,grad_norm",

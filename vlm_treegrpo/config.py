@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from vlm_treegrpo.core.advantages import ANSWER_SCOPES, BASELINES, SCALES
-from vlm_treegrpo.core.losses import AGGREGATIONS, KL_KINDS, POLICY_LOSSES
+from vlm_treegrpo.core.losses import AGG_ALIASES, AGGREGATIONS, KL_KINDS, POLICY_LOSSES
 from vlm_treegrpo.data.visual import DIFFICULTIES as VISUAL_DIFFICULTIES
 from vlm_treegrpo.data.visual import KINDS as VISUAL_KINDS
 from vlm_treegrpo.data.visual import MIN_IMAGE_SIZE
@@ -25,6 +25,7 @@ from vlm_treegrpo.data.visual import MIN_IMAGE_SIZE
 CREDITS = ("outcome", "rredcot")
 SEGMENTERS = ("delimiters", "entropy", "hybrid")
 VALUE_ESTIMATORS = ("answer_prob", "importance")
+TRACKER_NAMES = ("tensorboard", "wandb", "trackio", "mlflow")
 
 
 class ConfigError(ValueError):
@@ -62,7 +63,12 @@ class ModelConfig:
     lora_targets: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
-    """Module names that get LoRA adapters."""
+    """Module names that get LoRA adapters: every module whose last name part is one of these (the
+    attention and MLP projections of the language model by default), outside the vision tower
+    unless `lora_vision`."""
+    lora_vision: bool = False
+    """Also put LoRA adapters on the vision tower's modules named in `lora_targets` (which module
+    is the tower, each family's adapter says); false leaves the vision encoder as it is."""
     threads: int = 0
     """torch CPU threads; 0: all cores when the model is on the CPU, 4 when it is on a GPU."""
     cudnn_attention: bool = False
@@ -257,7 +263,9 @@ class AlgoConfig:
     process, where the limit is a signal the function can swallow
     (:mod:`vlm_treegrpo.rewards.workers`)."""
     loss: str = "grpo"
-    """grpo (PPO-clipped ratio) or rgra (REINFORCE with group-relative advantages, no ratio/clip)."""
+    """grpo (PPO-clipped token ratio), gspo (GSPO: clipped sequence ratio), cispo (CISPO: clipped,
+    detached importance weight times log-prob, every token keeps its gradient) or rgra (REINFORCE
+    with group-relative advantages, no ratio/clip); formulas in docs/losses.md."""
     scale: str = "std"
     """std (GRPO's per-prompt std normalization) or none (Dr. GRPO / plain REINFORCE scale)."""
     baseline: str = "mean"
@@ -265,9 +273,19 @@ class AlgoConfig:
     answer_scope: str = "group"
     """Continuation advantages relative to all K*M leaves (group) or within their thought (thought)."""
     clip_eps: float = 0.2
-    """PPO clip range for loss=grpo."""
+    """Clip range of the importance ratio (grpo, gspo, cispo): the ratio is clipped to
+    [1 - clip_eps, 1 + clip_eps_high]."""
+    clip_eps_high: float | None = None
+    """Upper clip range (DAPO's clip-higher, e.g. 0.28 with clip_eps 0.2); null: clip_eps."""
+    tis_cap: float = 0.0
+    """Truncated importance sampling: with updates_per_batch > 1, each token's loss is weighted by
+    min(pi_prox / pi_sampler, tis_cap), pi_prox being the current policy for rgra (whose later
+    passes are otherwise uncorrected) and the ratio's old policy for grpo/gspo/cispo (the
+    sampler's here, so the weight is 1); 0 = off, else >= 1 (e.g. 2)."""
     agg: str = "token_mean"
-    """Token aggregation: token_mean, seq_mean or constant (Dr. GRPO)."""
+    """Token aggregation: token_mean (DAPO), seq_mean (GRPO paper), seq_mean_token_sum or constant
+    (Dr. GRPO); TRL's loss_type names (grpo, dapo, dr_grpo) and verl's loss_agg_mode names
+    (token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm) are accepted."""
     beta: float = 0.0
     """KL coefficient to the reference policy; 0 loads no reference model."""
     kl_kind: str = "k3"
@@ -313,9 +331,16 @@ class AlgoConfig:
         _choice(self.scale, SCALES, "algo.scale")
         _choice(self.baseline, BASELINES, "algo.baseline")
         _choice(self.answer_scope, ANSWER_SCOPES, "algo.answer_scope")
-        _choice(self.agg, AGGREGATIONS, "algo.agg")
+        _choice(self.agg, AGGREGATIONS + tuple(AGG_ALIASES), "algo.agg")
         _choice(self.kl_kind, KL_KINDS, "algo.kl_kind")
         _require(self.clip_eps >= 0, "algo.clip_eps", f"must be >= 0, got {self.clip_eps}")
+        _require(
+            self.clip_eps_high is None or (isinstance(self.clip_eps_high, (int, float)) and not isinstance(self.clip_eps_high, bool)
+                                           and self.clip_eps_high >= 0),
+            "algo.clip_eps_high", f"must be null or a number >= 0, got {self.clip_eps_high!r}",
+        )
+        _require(self.tis_cap == 0 or self.tis_cap >= 1, "algo.tis_cap",
+                 f"must be 0 (off) or >= 1 (a cap below 1 would down-weight on-policy tokens), got {self.tis_cap}")
         _require(self.beta >= 0, "algo.beta", f"must be >= 0, got {self.beta}")
         _require(self.updates_per_batch >= 1, "algo.updates_per_batch", f"must be >= 1, got {self.updates_per_batch}")
         _require(self.eps > 0, "algo.eps", f"must be > 0, got {self.eps}")
@@ -430,8 +455,9 @@ class EvalConfig:
 class LogConfig:
     """Where the run writes."""
 
-    name: str = "run"
-    """Run name; outputs go to <run_dir>/<name>/."""
+    name: str = ""
+    """Run name; outputs go to <run_dir>/<name>/. Empty: a new timestamped name
+    (run-YYYYmmdd-HHMMSS), so runs never write over one another unless given the same name."""
     run_dir: str = "runs"
     """Parent directory of runs."""
     progress: bool = True
@@ -450,12 +476,24 @@ class LogConfig:
     checkpoint_keep: int = 1
     """Checkpoints kept: the newest in <run>/checkpoint, the ``checkpoint_keep - 1`` before it
     in <run>/checkpoint-<step> (:mod:`vlm_treegrpo.train.checkpoint_dir`)."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that get the config, the per-step metrics and the sample completions
+    besides metrics.jsonl: any of tensorboard (event files in <run>/tensorboard), wandb, trackio,
+    mlflow. Each is an optional extra: pip install 'vlm-treegrpo[tensorboard]'."""
+    project: str = "vlm-treegrpo"
+    """Project name for wandb and trackio, experiment name for mlflow."""
     resume: str = "off"
     """``off`` (start afresh, overwriting the run's logs), ``auto`` (go on from <run>/checkpoint
     when there is one, else start) or ``must`` (go on from it; stop if there is none)."""
 
     def __post_init__(self) -> None:
-        _require(bool(self.name) and "/" not in self.name, "log.name", f"must be a non-empty name without '/', got {self.name!r}")
+        _require("/" not in self.name and self.name not in (".", ".."), "log.name", f"must be a name without '/', got {self.name!r}")
+        _require(bool(self.name) or self.resume == "off", "log.resume",
+                 "needs log.name (a run without a name gets a new timestamped directory, so there is nothing to resume)")
+        bad = [t for t in self.report_to if t not in TRACKER_NAMES]
+        _require(not bad, "log.report_to", f"unknown trackers {bad}; known: {list(TRACKER_NAMES)}")
+        _require(len(set(self.report_to)) == len(self.report_to), "log.report_to", f"must not repeat a tracker, got {self.report_to}")
+        _require(bool(self.project), "log.project", "must not be empty")
         _require(self.samples_every >= 0, "log.samples_every", f"must be >= 0, got {self.samples_every}")
         _require(self.checkpoint_every >= 0, "log.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
         _require(self.checkpoint_keep >= 1, "log.checkpoint_keep", f"must be >= 1, got {self.checkpoint_keep}")

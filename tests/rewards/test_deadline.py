@@ -107,7 +107,7 @@ def test_a_training_run_with_a_hanging_reward_goes_on_and_counts_it(tmp_path):
     from vlm_treegrpo.train.loop import train
 
     CALLS["n"] = 0
-    cfg = load_config(None, [f"log.run_dir={tmp_path}", "log.progress=false", "optim.steps=2", "eval.before=false",
+    cfg = load_config(None, [f"log.run_dir={tmp_path}", "log.name=run", "log.progress=false", "optim.steps=2", "eval.before=false",
                              "eval.after=false", "rollout.thought_max_tokens=3", "rollout.answer_max_tokens=3",
                              "algo.rewards=[test_deadline:hangs_every_fourth_call]", "algo.reward_timeout_s=0.2",
                              "algo.reward_workers=0"])  # (the in-process limit; rewards/test_workers.py tests the workers')

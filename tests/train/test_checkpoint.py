@@ -150,7 +150,7 @@ def test_a_checkpoint_evaluates_and_exports_as_the_trained_model(tmp_path, strai
     assert cli_main(["eval", "--config", config, "--model", str(whole / "checkpoint"), *budget]) == 0
     got = json.loads(capsys.readouterr().out)
     assert [s["completion"] for s in got["samples"]] == [s["completion"] for s in whole_summary["eval_after"]["samples"]]
-    assert cli_main(["export", str(whole / "checkpoint"), str(tmp_path / "model")]) == 0
+    assert cli_main(["export", str(whole / "checkpoint"), str(tmp_path / "model"), "--merge", "--dtype", "float32"]) == 0
     exported = make_policy(str(tmp_path / "model"), "cpu", "float32").model.state_dict()
     loaded = load_checkpoint_policy(whole / "checkpoint", "cpu", "float32").model.state_dict()
     assert exported.keys() == loaded.keys() and all(torch.equal(exported[k], loaded[k]) for k in loaded)
@@ -262,3 +262,11 @@ def test_a_run_sigkilled_between_the_renames_of_a_checkpoint_resumes_from_it_exa
     _same_tensors(torch.load(run / "checkpoint" / "model.pt"), torch.load(whole / "checkpoint" / "model.pt"))
     _same_tensors(torch.load(run / "checkpoint" / "optimizer.pt"), torch.load(whole / "checkpoint" / "optimizer.pt"))
     assert sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint"]
+
+
+def test_a_checkpoint_older_than_a_field_resumes_as_if_it_had_its_default(tmp_path):
+    saved = load_config(None, ["model.lora_r=2"]).to_dict()
+    del saved["algo"]["tis_cap"], saved["model"]["lora_vision"]  # (written before these fields existed)
+    checkpoint.check_compatible(saved, load_config(None, ["model.lora_r=2", "model.lora_vision=true"]), tmp_path)
+    with pytest.raises(ConfigError, match=r"^model\.lora_vision: the checkpoint .* was trained with True"):
+        checkpoint.check_compatible(saved, load_config(None, ["model.lora_r=2"]), tmp_path)  # (its LoRA covered the vision tower)

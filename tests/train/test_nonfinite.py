@@ -45,7 +45,7 @@ def _rows(run):
 
 def test_a_step_with_a_nan_gradient_makes_no_update_and_the_run_goes_on(tmp_path, monkeypatch):
     _nan_loss_at(monkeypatch, {2})
-    overrides = [f"log.run_dir={tmp_path}", "optim.steps=3", "optim.lr=3e-4", "optim.schedule=linear", "eval.after=false", *ARGS]
+    overrides = [f"log.run_dir={tmp_path}", "log.name=run", "optim.steps=3", "optim.lr=3e-4", "optim.schedule=linear", "eval.after=false", *ARGS]
     summary = trainer.train(load_config(None, overrides), quiet=True)
     rows = _rows(tmp_path / "run")
     assert [r["skipped_updates"] for r in rows] == [0, 1, 0]
@@ -56,7 +56,7 @@ def test_a_step_with_a_nan_gradient_makes_no_update_and_the_run_goes_on(tmp_path
 
 def test_nan_gradients_in_a_row_stop_the_run_with_the_last_good_weights_checkpointed(tmp_path, monkeypatch, capsys):
     _nan_loss_at(monkeypatch, None)
-    code = cli_main(["train", *[f"log.run_dir={tmp_path}", "optim.steps=5", "optim.max_nonfinite_steps=2", *ARGS]])
+    code = cli_main(["train", *[f"log.run_dir={tmp_path}", "log.name=run", "optim.steps=5", "optim.max_nonfinite_steps=2", *ARGS]])
     assert code == 1
     err = capsys.readouterr().err
     assert "step 2: the gradient was not finite (NaN or inf) in 2 steps in a row, so the weights are those after step 0" in err

@@ -71,7 +71,7 @@ def test_linear_and_cosine_decay_after_the_warm_up():
 def test_the_trainer_logs_the_rate_each_step_used(tmp_path):
     from vlm_treegrpo.train.loop import train
 
-    cfg = load_config(None, [f"log.run_dir={tmp_path}", "log.progress=false", "optim.steps=3", "optim.lr=0.3", "optim.schedule=linear",
+    cfg = load_config(None, [f"log.run_dir={tmp_path}", "log.name=run", "log.progress=false", "optim.steps=3", "optim.lr=0.3", "optim.schedule=linear",
                              "eval.before=false", "eval.after=false", "rollout.thought_max_tokens=3", "rollout.answer_max_tokens=3"])
     train(cfg, quiet=True)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

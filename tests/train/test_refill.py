@@ -91,7 +91,7 @@ def test_refill_is_a_checked_field():
 
 
 def test_a_run_with_refill_logs_the_prompt_each_sample_came_from(tmp_path):
-    cfg = load_config(None, [f"log.run_dir={tmp_path}", "log.progress=false", "optim.steps=2", "eval.before=false",
+    cfg = load_config(None, [f"log.run_dir={tmp_path}", "log.name=run", "log.progress=false", "optim.steps=2", "eval.before=false",
                              "eval.after=false", "rollout.thought_max_tokens=3", "rollout.answer_max_tokens=3",
                              "rollout.refill_rounds=2", "log.samples_every=1", "algo.rewards=[test_refill:even_is_flat]"])
     train(cfg, quiet=True)

@@ -13,6 +13,21 @@ References
   token count (our ``agg="constant"``).
 * RGRA -- arXiv:2603.18756: REINFORCE with group-relative advantages; no importance ratio and no
   clipping (our ``kind="rgra"``). The loss is ``-A * logp`` per token.
+* DAPO clip-higher -- arXiv:2503.14476: separate clip ranges ``[1 - eps_low, 1 + eps_high]``
+  (``clip_eps`` and ``clip_eps_high``), for every ratio-based kind.
+* GSPO -- Zheng et al., arXiv:2507.18071: one importance ratio per sequence, the geometric mean
+  ``s = exp(mean_t (logp - old_logp))``, clipped like PPO's (our ``kind="gspo"``). Implemented as
+  the paper's GSPO-token form ``s_t = sg(s) * exp(logp_t - sg(logp_t))`` (equal value, and equal
+  gradient whenever a sequence's tokens share one advantage), so per-token advantages (a tree's
+  thought and continuation advantages) still apply.
+* CISPO -- MiniMax-M1, arXiv:2506.13585: ``loss = -sg(clip(ratio, 1 - eps_low, 1 + eps_high)) * A
+  * logp``; the importance weight is clipped and detached, so every token keeps its gradient
+  (our ``kind="cispo"``).
+* Truncated importance sampling (TIS) -- Yao et al., "Your efficient RL framework secretly brings
+  you off-policy RL training" (2025): each token's loss is multiplied by
+  ``sg(min(pi_prox / pi_behav, C))``, correcting for samples drawn by a policy (``behav_logp``)
+  other than the one the loss's ratio is taken against (``old_logp``; the current policy for
+  rgra, which has no ratio).
 * KL estimators -- J. Schulman, "Approximating KL Divergence" (2020): k1 = log(p/q),
   k3 = q/p - log(q/p) - 1 >= 0, as used by GRPO for the reference-model penalty.
 
@@ -32,9 +47,27 @@ from torch import Tensor
 
 from vlm_treegrpo.core._checks import check_choice
 
-POLICY_LOSSES = ("grpo", "rgra")
-AGGREGATIONS = ("token_mean", "seq_mean", "constant")
+POLICY_LOSSES = ("grpo", "rgra", "gspo", "cispo")
+AGGREGATIONS = ("token_mean", "seq_mean", "constant", "seq_mean_token_sum")
+AGG_ALIASES = {
+    # TRL GRPOConfig.loss_type
+    "grpo": "seq_mean",
+    "dapo": "token_mean",
+    "dr_grpo": "constant",
+    # verl actor.loss_agg_mode
+    "token-mean": "token_mean",
+    "seq-mean-token-mean": "seq_mean",
+    "seq-mean-token-sum": "seq_mean_token_sum",
+    "seq-mean-token-sum-norm": "constant",
+}
+"""Aggregation names of TRL (``loss_type``) and verl (``loss_agg_mode``) -> ours (:func:`resolve_agg`)."""
 KL_KINDS = ("k1", "k3")
+
+
+def resolve_agg(agg: str) -> str:
+    """One of :data:`AGGREGATIONS`, for ours or a TRL / verl name (:data:`AGG_ALIASES`)."""
+    check_choice("agg", agg, AGGREGATIONS + tuple(AGG_ALIASES))
+    return AGG_ALIASES.get(agg, agg)
 
 
 def _valid_and_weights(mask: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -89,6 +122,56 @@ def _broadcast_advantages(advantages: Tensor, logp: Tensor) -> Tensor:
     )
 
 
+def sequence_log_ratio(log_ratio: Tensor, weights: Tensor, seq_ids: Tensor | None = None) -> Tensor:
+    """Each token's sequence mean of ``log_ratio`` (GSPO's ``log s``), broadcast back to its tokens.
+
+    Args:
+        log_ratio: ``[B, L]`` ``logp - old_logp``, 0 at masked positions.
+        weights: ``[B, L]`` token weights (0 = excluded).
+        seq_ids: ``[B, L]`` non-negative ints: tokens of a row with the same id form one sequence;
+            ``None``: each row is one sequence.
+
+    Returns:
+        ``[B, L]``; 0 for a sequence without weight.
+    """
+    if seq_ids is None:
+        row_w = weights.sum(-1, keepdim=True)  # [B, 1]
+        return ((log_ratio * weights).sum(-1, keepdim=True) / _safe_denominator(row_w)).expand_as(log_ratio)  # [B, L]
+    if seq_ids.shape != log_ratio.shape:
+        raise ValueError(f"seq_ids shape {tuple(seq_ids.shape)} != logp shape {tuple(log_ratio.shape)}")
+    b, _ = log_ratio.shape
+    n_ids = int(seq_ids.max()) + 1 if seq_ids.numel() else 1
+    key = (torch.arange(b, device=seq_ids.device)[:, None] * n_ids + seq_ids.long()).flatten()  # [B*L]
+    num = torch.zeros(b * n_ids, dtype=log_ratio.dtype, device=log_ratio.device)
+    den = torch.zeros_like(num)
+    num = num.index_add(0, key, (log_ratio * weights).flatten())  # [B*n_ids]
+    den = den.index_add(0, key, weights.flatten())  # [B*n_ids]
+    return (num / _safe_denominator(den))[key].view_as(log_ratio)  # [B, L]
+
+
+def _ppo_clip(ratio: Tensor, adv: Tensor, low: float, high: float) -> Tensor:
+    """``-min(ratio * A, clamp(ratio, 1 - low, 1 + high) * A)`` per token."""
+    return -torch.minimum(ratio * adv, torch.clamp(ratio, 1.0 - low, 1.0 + high) * adv)  # [B, L]
+
+
+def _aggregate(weighted: Tensor, weights: Tensor, agg: str, max_len: int | None) -> Tensor:
+    """Scalar from per-token weighted losses ``[B, L]`` (see :func:`policy_loss`)."""
+    b, length = weighted.shape
+    if agg == "token_mean":
+        return weighted.sum() / _safe_denominator(weights.sum())
+    if agg in ("seq_mean", "seq_mean_token_sum"):
+        row_w = weights.sum(dim=-1)  # [B]
+        row = weighted.sum(dim=-1)  # [B]
+        if agg == "seq_mean":
+            row = row / _safe_denominator(row_w)  # [B]
+        has_tokens = (row_w > 0).to(weighted.dtype)  # [B]
+        return (row * has_tokens).sum() / _safe_denominator(has_tokens.sum())
+    norm_len = length if max_len is None else max_len
+    if norm_len <= 0:
+        raise ValueError(f"max_len must be positive, got {norm_len}")
+    return weighted.sum() / (b * norm_len)
+
+
 def policy_loss(
     logp: Tensor,
     old_logp: Tensor | None,
@@ -98,76 +181,98 @@ def policy_loss(
     clip_eps: float = 0.2,
     agg: str = "token_mean",
     max_len: int | None = None,
+    clip_eps_high: float | None = None,
+    behav_logp: Tensor | None = None,
+    tis_cap: float = 0.0,
+    seq_ids: Tensor | None = None,
 ) -> Tensor:
     """Scalar policy-gradient loss, differentiable w.r.t. ``logp``.
 
-    Per token:
+    Per token, with ``ratio = exp(logp - old_logp)`` and the clip range ``[1 - clip_eps, 1 +
+    clip_eps_high]`` (``clip_eps_high=None``: ``clip_eps``, i.e. symmetric):
 
-    * ``kind="grpo"`` (GRPO, arXiv:2402.03300 / PPO clip): ``ratio = exp(logp - old_logp)``,
-      ``loss = -min(ratio * A, clamp(ratio, 1 - clip_eps, 1 + clip_eps) * A)``.
+    * ``kind="grpo"`` (GRPO, arXiv:2402.03300 / PPO clip):
+      ``loss = -min(ratio * A, clip(ratio) * A)``.
+    * ``kind="gspo"`` (arXiv:2507.18071): the same with the sequence ratio
+      ``s = exp(mean over the sequence of (logp - old_logp))`` in GSPO-token form (see the module
+      docstring); the sequences are ``seq_ids``' (rows when ``None``).
+    * ``kind="cispo"`` (arXiv:2506.13585): ``loss = -sg(clip(ratio)) * A * logp``.
     * ``kind="rgra"`` (arXiv:2603.18756): ``loss = -A * logp``; no ratio, no clipping,
-      ``old_logp`` is ignored (may be ``None``). Its gradient equals the grpo gradient at
-      ``old_logp == logp.detach()``.
+      ``old_logp`` is ignored (may be ``None``).
 
-    Aggregation over the batch:
+    On-policy (``old_logp == logp.detach()``) all four have the same gradient, ``-A * grad logp``.
+    With ``tis_cap > 0`` and ``behav_logp`` given, each token's loss is multiplied by
+    ``sg(min(exp(prox - behav_logp), tis_cap))`` (truncated importance sampling), ``prox`` being
+    ``old_logp`` (``logp`` for rgra).
+
+    Aggregation over the batch (``agg``, or a TRL / verl name of :data:`AGG_ALIASES`):
 
     * ``"token_mean"`` (DAPO): ``sum(loss * w) / sum(w)`` over all tokens.
     * ``"seq_mean"`` (GRPO paper): each row's weighted mean; rows without tokens are dropped;
       mean over the remaining rows.
+    * ``"seq_mean_token_sum"`` (verl): each row's weighted sum, mean over rows with tokens.
     * ``"constant"`` (Dr. GRPO): ``sum(loss * w) / (B * max_len)``, ``max_len`` defaulting to L.
 
     Args:
         logp: ``[B, L]`` token log-probs under the current policy.
-        old_logp: ``[B, L]`` token log-probs under the sampling policy (required for grpo).
+        old_logp: ``[B, L]`` token log-probs under the policy the ratio is taken against (required
+            for grpo, gspo, cispo).
         advantages: ``[B]`` (broadcast over tokens) or ``[B, L]``.
         mask: ``[B, L]`` bool, or float per-token weights (0 = excluded).
         kind: one of :data:`POLICY_LOSSES`.
-        clip_eps: PPO clip range (grpo only).
-        agg: one of :data:`AGGREGATIONS`.
+        clip_eps: lower clip range (and upper when ``clip_eps_high`` is None).
+        agg: one of :data:`AGGREGATIONS` or :data:`AGG_ALIASES`.
         max_len: normaliser length for ``agg="constant"``.
+        clip_eps_high: upper clip range (DAPO's clip-higher).
+        behav_logp: ``[B, L]`` log-probs under the policy that sampled the tokens (for TIS).
+        tis_cap: TIS truncation ``C``; 0 = off.
+        seq_ids: ``[B, L]`` sequence of each token within its row (gspo only).
 
     Returns:
         0-dim loss. Masked positions never affect the value or gradient, even if they hold NaN/inf.
     """
     check_choice("kind", kind, POLICY_LOSSES)
-    check_choice("agg", agg, AGGREGATIONS)
+    agg = resolve_agg(agg)
     if logp.dim() != 2:
         raise ValueError(f"logp must be [B, L], got shape {tuple(logp.shape)}")
     if mask.shape != logp.shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} != logp shape {tuple(logp.shape)}")
-    b, length = logp.shape
+    low = clip_eps
+    high = clip_eps if clip_eps_high is None else clip_eps_high
 
     valid, weights = _valid_and_weights(mask, logp.dtype)  # [B, L], [B, L]
     adv = _broadcast_advantages(advantages, logp).to(logp.dtype)  # [B, L]
     adv = _zero_where_invalid(adv, valid)  # [B, L]
     logp_v = _zero_where_invalid(logp, valid)  # [B, L]
 
-    if kind == "grpo":
-        if old_logp is None:
-            raise ValueError("kind='grpo' needs old_logp")
-        if old_logp.shape != logp.shape:
-            raise ValueError(
-                f"old_logp shape {tuple(old_logp.shape)} != logp shape {tuple(logp.shape)}"
-            )
-        old_v = _zero_where_invalid(old_logp.detach().to(logp.dtype), valid)  # [B, L]
-        ratio = torch.exp(logp_v - old_v)  # [B, L]
-        clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)  # [B, L]
-        per_token = -torch.minimum(ratio * adv, clipped * adv)  # [B, L]
-    else:
+    if kind == "rgra":
+        prox = logp_v.detach()  # [B, L]
         per_token = -adv * logp_v  # [B, L]
+    else:
+        if old_logp is None:
+            raise ValueError(f"kind={kind!r} needs old_logp")
+        if old_logp.shape != logp.shape:
+            raise ValueError(f"old_logp shape {tuple(old_logp.shape)} != logp shape {tuple(logp.shape)}")
+        prox = _zero_where_invalid(old_logp.detach().to(logp.dtype), valid)  # [B, L]
+        log_ratio = logp_v - prox  # [B, L]
+        if kind == "grpo":
+            per_token = _ppo_clip(torch.exp(log_ratio), adv, low, high)  # [B, L]
+        elif kind == "gspo":
+            log_s = sequence_log_ratio(log_ratio.detach(), weights, seq_ids)  # [B, L]
+            s_tok = torch.exp(log_s + logp_v - logp_v.detach())  # [B, L] value s, gradient s * grad logp
+            per_token = _ppo_clip(s_tok, adv, low, high)  # [B, L]
+        else:  # cispo
+            w = torch.clamp(torch.exp(log_ratio.detach()), 1.0 - low, 1.0 + high)  # [B, L]
+            per_token = -w * adv * logp_v  # [B, L]
 
-    weighted = per_token * weights  # [B, L]
-    if agg == "token_mean":
-        return weighted.sum() / _safe_denominator(weights.sum())
-    if agg == "seq_mean":
-        row_w = weights.sum(dim=-1)  # [B]
-        row_mean = weighted.sum(dim=-1) / _safe_denominator(row_w)  # [B]
-        has_tokens = (row_w > 0).to(logp.dtype)  # [B]
-        return (row_mean * has_tokens).sum() / _safe_denominator(has_tokens.sum())
-    norm_len = length if max_len is None else max_len
-    if norm_len <= 0:
-        raise ValueError(f"max_len must be positive, got {norm_len}")
-    return weighted.sum() / (b * norm_len)
+    if tis_cap > 0 and behav_logp is not None:
+        if behav_logp.shape != logp.shape:
+            raise ValueError(f"behav_logp shape {tuple(behav_logp.shape)} != logp shape {tuple(logp.shape)}")
+        behav = _zero_where_invalid(behav_logp.detach().to(logp.dtype), valid)  # [B, L]
+        tis = torch.clamp(torch.exp(prox - behav), max=tis_cap)  # [B, L]
+        per_token = per_token * tis  # [B, L]
+
+    return _aggregate(per_token * weights, weights, agg, max_len)
 
 
 @torch.no_grad()
@@ -177,6 +282,7 @@ def policy_loss_metrics(
     advantages: Tensor,
     mask: Tensor,
     clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
 ) -> dict[str, Tensor]:
     """Diagnostics of the clipped surrogate, as detached 0-d tensors (weighted masked means; on a
     GPU they stay there until read, so a caller can read them once, after its step).
@@ -184,8 +290,8 @@ def policy_loss_metrics(
     Returns:
         ``ratio_mean``: mean of ``exp(logp - old_logp)``;
         ``clip_frac``: fraction of unmasked tokens where clipping is active, i.e. the clipped term
-        wins the ``min`` and stops the gradient (``ratio > 1 + eps`` with ``A > 0`` or
-        ``ratio < 1 - eps`` with ``A < 0``, as in TRL);
+        wins the ``min`` and stops the gradient (``ratio > 1 + clip_eps_high`` with ``A > 0`` or
+        ``ratio < 1 - clip_eps`` with ``A < 0``, as in TRL; ``clip_eps_high=None``: ``clip_eps``);
         ``approx_kl``: mean of ``old_logp - logp`` (k1 estimate of KL(old || new)).
         ``old_logp=None`` is read as ``logp`` (ratio 1).
     """
@@ -196,7 +302,8 @@ def policy_loss_metrics(
     adv = _zero_where_invalid(adv, valid)  # [B, L]
     log_ratio = _zero_where_invalid(logp - old_logp, valid)  # [B, L]
     ratio = torch.exp(log_ratio)  # [B, L]
-    high = (ratio > 1.0 + clip_eps) & (adv > 0)  # [B, L]
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    high = (ratio > 1.0 + eps_high) & (adv > 0)  # [B, L]
     low = (ratio < 1.0 - clip_eps) & (adv < 0)  # [B, L]
     clipped = high | low  # [B, L]
     return {

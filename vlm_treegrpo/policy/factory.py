@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 
-from vlm_treegrpo.config import ModelConfig, config_from_dict
+from vlm_treegrpo.config import ConfigError, ModelConfig, config_from_dict
 from vlm_treegrpo.models.loader import BUILTINS, load_policy
 from vlm_treegrpo.policy.base import Policy, PolicyBuilder
 from vlm_treegrpo.policy.text import TextPolicy
-from vlm_treegrpo.policy.vlm import load_vlm_policy, tiny_vlm_policy
+from vlm_treegrpo.policy.vlm import VLMPolicy, load_vlm_policy, tiny_vlm_policy
 from vlm_treegrpo.rollout.attention import enable_activation_checkpointing
-from vlm_treegrpo.train.checkpoint import is_checkpoint, load_params, read_meta
+from vlm_treegrpo.train.checkpoint import is_checkpoint, load_params, read_meta, saved_config
 from vlm_treegrpo.vlm.registry import TINY_NAMES, checkpoint_family, presets
 
 
@@ -58,26 +58,55 @@ def apply_lora(model, r: int, alpha: float, targets: list[str]):
     return get_peft_model(model, lora_config(r, alpha, targets))
 
 
+def vision_tower_prefix(policy: Policy) -> str | None:
+    """The module name of a VLM policy's vision tower (its family adapter says which module that
+    is); None for a text policy."""
+    if not isinstance(policy, VLMPolicy):
+        return None
+    tower = policy.adapter.vision_tower(policy.model)
+    return next(name for name, module in policy.model.named_modules() if module is tower)
+
+
+def lora_target_names(model, targets: list[str], skip_prefix: str | None) -> list[str]:
+    """Full names of the modules LoRA adapts: those whose last name part is in ``targets``,
+    outside ``skip_prefix`` (the vision tower, unless ``model.lora_vision``)."""
+    wanted = set(targets)
+    return [name for name, _ in model.named_modules()
+            if name.rsplit(".", 1)[-1] in wanted and not (skip_prefix and (name == skip_prefix or name.startswith(skip_prefix + ".")))]
+
+
 def build_policy(m: ModelConfig, device, dtype: str, attn_implementation: str) -> Policy:
-    """The policy ``model.*`` describes, in ``dtype``: LoRA adapters when ``lora_r`` > 0, and
-    activation checkpointing when ``gradient_checkpointing`` is on."""
+    """The policy ``model.*`` describes, in ``dtype``: LoRA adapters when ``lora_r`` > 0 (on
+    ``lora_targets``, the vision tower's left alone unless ``lora_vision``), and activation
+    checkpointing when ``gradient_checkpointing`` is on."""
     policy = make_policy(m.name, device, dtype, attn_implementation)
     if m.lora_r > 0:
-        policy.model = apply_lora(policy.model, m.lora_r, m.lora_alpha, m.lora_targets)
+        names = lora_target_names(policy.model, m.lora_targets, None if m.lora_vision else vision_tower_prefix(policy))
+        if not names:
+            raise ConfigError(f"model.lora_targets: no module of {m.name} is named any of {m.lora_targets}"
+                              + ("" if m.lora_vision else " outside its vision tower"))
+        policy.model = apply_lora(policy.model, m.lora_r, m.lora_alpha, names)
     if m.gradient_checkpointing:
         enable_activation_checkpointing(policy.model)
     return policy
 
 
-def load_checkpoint_policy(path, device, dtype: str = "auto", attn_implementation: str = "auto") -> Policy:
+def checkpoint_config(path) -> dict:
+    """The config a training checkpoint was written with, as this version reads it
+    (:func:`~vlm_treegrpo.train.checkpoint.saved_config`)."""
+    return saved_config(read_meta(Path(path))["config"])
+
+
+def load_checkpoint_policy(path, device, dtype: str = "auto", attn_implementation: str = "auto", merge: bool = True) -> Policy:
     """The policy a training checkpoint holds: its config's base model with the trained weights
-    (LoRA adapters merged in). What ``model.name=<run>/checkpoint`` and ``vlm-treegrpo eval --model
-    <run>/checkpoint`` load; ``vlm-treegrpo export`` saves it as a plain model directory."""
+    (LoRA adapters merged in unless ``merge`` is false). What ``model.name=<run>/checkpoint`` and
+    ``vlm-treegrpo eval --model <run>/checkpoint`` load; ``vlm-treegrpo export`` writes it out
+    (:mod:`vlm_treegrpo.train.export`)."""
     path = Path(path)
-    m = dataclasses.replace(config_from_dict(read_meta(path)["config"]).model, gradient_checkpointing=False)
+    m = dataclasses.replace(config_from_dict(checkpoint_config(path)).model, gradient_checkpointing=False)
     policy = build_policy(m, device, dtype, attn_implementation)
     load_params(policy.model, torch.load(path / "model.pt", map_location="cpu", weights_only=True), path / "model.pt")
-    if m.lora_r > 0:
+    if m.lora_r > 0 and merge:
         policy.model = policy.model.merge_and_unload()
     policy.model.eval()
     return policy

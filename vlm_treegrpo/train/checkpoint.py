@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from vlm_treegrpo.config import ConfigError, TrainConfig
+from vlm_treegrpo.config import ConfigError, TrainConfig, config_from_dict
 from vlm_treegrpo.train import checkpoint_dir
 from vlm_treegrpo.train.distributed import Dist
 
@@ -120,10 +120,20 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def saved_config(values: dict) -> dict:
+    """A checkpoint's config as this version reads it. One written before ``model.lora_vision``
+    existed put LoRA on the vision tower too, so it reads as ``lora_vision: true``."""
+    model = values.get("model", {})
+    if "lora_vision" not in model:
+        values = {**values, "model": {**model, "lora_vision": True}}
+    return values
+
+
 def check_compatible(saved: dict, cfg: TrainConfig, where: Path) -> None:
     """Stop (naming the field) when ``cfg`` differs from the checkpoint's config ``saved``
-    outside :data:`MAY_CHANGE`."""
-    old, now = _flat(saved), _flat(cfg.to_dict())
+    outside :data:`MAY_CHANGE`. A field the checkpoint's config lacks (it is older than the field)
+    compares as its default."""
+    old, now = _flat(config_from_dict(saved_config(saved)).to_dict()), _flat(cfg.to_dict())
     for key in sorted(set(old) | set(now)):
         if any(key == m or (m.endswith(".") and key.startswith(m)) for m in MAY_CHANGE):
             continue

@@ -6,7 +6,8 @@ Reads top to bottom. Each step samples a K x M tree per prompt (GRPO-MA, arXiv 2
 flat GRPO when M = 1), scores every leaf with the configured rewards, computes thought and
 continuation advantages with the pure functions of :mod:`vlm_treegrpo.core.advantages`, packs
 each tree into one row (prompt once, each thought once) and applies the policy loss of
-:mod:`vlm_treegrpo.core.losses` (GRPO's clipped surrogate or RGRA's ``-A * logp``).
+:mod:`vlm_treegrpo.core.losses` (GRPO's clipped surrogate, GSPO, CISPO or RGRA's ``-A * logp``;
+docs/losses.md).
 
 Departures from the papers, on purpose:
 - A thought is a prefix cut at a branch delimiter or a token budget, not necessarily a full
@@ -56,6 +57,8 @@ from vlm_treegrpo.policy.factory import build_policy
 from vlm_treegrpo.train.runtime import autocast_ctx, resolve_device, setup
 from vlm_treegrpo.train.sft import warm_start
 from vlm_treegrpo.train.step import gradient_diagnostics, leaf_texts, rollout_step, update_step
+from vlm_treegrpo.train.run_name import with_run_name
+from vlm_treegrpo.train.trackers import Trackers, sample_rows
 from vlm_treegrpo.credit.rredcot import rredcot_for
 
 
@@ -127,7 +130,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     dist, device = from_env(resolve_device(cfg.model.device))
     try:
         with contextlib.ExitStack() as closing:  # (the reward workers end with the run, however it ends)
-            return _train(cfg, quiet, dist, device, t_start, closing)
+            return _train(with_run_name(cfg, dist), quiet, dist, device, t_start, closing)
     finally:
         dist.close()
 
@@ -185,6 +188,7 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
     if dist.main:
         run.mkdir(parents=True, exist_ok=True)
         (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    trackers = Trackers.open(cfg.log.report_to if dist.main else [], run, cfg.log.name, cfg.log.project, cfg.to_dict())
     torch.manual_seed(cfg.optim.seed)
     setup(cfg.model, device)
 
@@ -225,6 +229,7 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
     if cfg.eval.before and resume_from is None and task.test:
         summary["eval_before"] = evaluate_held_out(policy, task, test_prompts, cfg, "before", bar, dist)
         keep_if_best(summary["eval_before"], 0)
+        trackers.log_metrics({"eval_accuracy": summary["eval_before"]["accuracy"]}, 0)
     if cfg.sft.steps > 0 and resume_from is None:
         summary.update(_sft(policy, task, train_prompts, cfg, device, run, bar, dist))
         if task.test:
@@ -305,11 +310,14 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
             if dist.main:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
+                trackers.log_metrics(row, step)
             if cfg.log.samples_every and step % cfg.log.samples_every == 0 and dist.main:
                 texts = leaf_texts(policy, data.trees[:1], cfg.rollout.K, cfg.rollout.M)
                 with samples_path.open("a") as f:
                     f.write(json.dumps({"step": step, "prompt": data.examples[0].prompt, "answer": data.examples[0].answer,
                                         "rewards": data.rewards[0].flatten().tolist(), "completions": texts}) + "\n")
+                trackers.log_samples(sample_rows(step, data.examples[0].prompt, data.examples[0].answer,
+                                                 data.rewards[0].flatten().tolist(), texts), step)
             if bar is not None:
                 bar.update(1)
                 cos = last_diag.get("norm/grad_cosine")
@@ -352,6 +360,7 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
     if cfg.eval.after and stopped_by is None and task.test:
         summary["eval_after"] = evaluate_held_out(policy, task, test_prompts, cfg, "after", bar, dist)
         keep_if_best(summary["eval_after"], steps_run)
+        trackers.log_metrics({"eval_accuracy": summary["eval_after"]["accuracy"]}, steps_run)
     if bar is not None:
         bar.close()
     if dist.active:
@@ -378,4 +387,5 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
         summary["rl_gain"] = summary["eval_after"]["accuracy"] - summary["eval_warm"]["accuracy"]
     if dist.main:
         (run / "summary.json").write_text(json.dumps(summary, indent=2))
+    trackers.close()
     return summary

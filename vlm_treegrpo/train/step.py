@@ -16,7 +16,7 @@ import torch
 from vlm_treegrpo.config import TrainConfig
 from vlm_treegrpo.core.advantages import group_advantages, tree_advantages
 from vlm_treegrpo.core.diagnostics import mean_pairwise_cosine, reward_std_stats, update_norms
-from vlm_treegrpo.core.losses import kl_penalty, masked_mean, policy_loss, policy_loss_metrics
+from vlm_treegrpo.core.losses import kl_penalty, masked_mean, policy_loss, policy_loss_metrics, resolve_agg
 from vlm_treegrpo.train.distributed import Dist
 from vlm_treegrpo.train.optim import clipped_step, weights_finite
 from vlm_treegrpo.policy.base import Policy, TrainBatch
@@ -245,8 +245,10 @@ def update_step(policy: Policy, ref_policy: Policy | None, optimizer, scheduler,
                 logp = policy.logp(mb, cfg.rollout.temperature)  # [n, L]
             entropy += ent or []
             old_logp = old[ci] if old is not None else logp.detach()
-            loss = policy_loss(logp, old_logp, mb.advantages, mb.target_mask, kind=a.loss, clip_eps=a.clip_eps, agg=a.agg, max_len=max_len)
-            if a.agg == "token_mean":
+            loss = policy_loss(logp, old_logp, mb.advantages, mb.target_mask, kind=a.loss, clip_eps=a.clip_eps, agg=a.agg,
+                               max_len=max_len, clip_eps_high=a.clip_eps_high, behav_logp=old[ci] if old is not None else None,
+                               tis_cap=a.tis_cap)
+            if resolve_agg(a.agg) == "token_mean":
                 weight = n_target / total_tokens
             else:
                 weight = float((host.target_mask.sum(-1) > 0).sum()) / rows_with_tokens
@@ -261,7 +263,7 @@ def update_step(policy: Policy, ref_policy: Policy | None, optimizer, scheduler,
             if old is None:  # on-policy: the ratio is exactly 1, nothing is clipped
                 sums["ratio_mean"] += share
             else:
-                m = policy_loss_metrics(logp.detach(), old_logp, mb.advantages, mb.target_mask, a.clip_eps)
+                m = policy_loss_metrics(logp.detach(), old_logp, mb.advantages, mb.target_mask, a.clip_eps, a.clip_eps_high)
                 clipped.append((m["clip_frac"] * share, m["ratio_mean"] * share))
         params = [p for p in model.parameters() if p.requires_grad]
         dist.sum_grads(params)

@@ -1,0 +1,151 @@
+"""Every config field with its type, default and docstring, read from the dataclasses themselves.
+
+One source for ``vlm-treegrpo train --help``, ``vlm-treegrpo config --show [FILE]`` and
+docs/configuration.md (``scripts/gen_config_docs.py``). A field's docstring is the string
+literal under it in the class body (read with :mod:`ast`, since Python keeps no attribute
+docstrings at run time); a field without one is listed with an empty description.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import re
+import textwrap
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from vlm_treegrpo.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class FieldDoc:
+    """One leaf field of the config."""
+
+    path: str
+    """Dotted name, as in an override (``algo.clip_eps``)."""
+    type: str
+    """The annotation as written (``float | None``)."""
+    default: Any
+    """The default value (a default factory's value)."""
+    doc: str
+    """The docstring, as one paragraph."""
+
+
+@dataclass(frozen=True)
+class SectionDoc:
+    """One section (a nested dataclass of :class:`TrainConfig`)."""
+
+    name: str
+    """Its key in the YAML file (``algo``)."""
+    doc: str
+    """The class docstring's first paragraph."""
+    fields: list[FieldDoc]
+    """Its fields, in declaration order."""
+
+
+def _paragraph(doc: str) -> str:
+    return " ".join(textwrap.dedent(doc).split())
+
+
+def attribute_docs(cls: type) -> dict[str, str]:
+    """``{field name: docstring}`` of a dataclass, from the string literal under each field."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # the class's statements
+    docs: dict[str, str] = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[stmt.target.id] = _paragraph(nxt.value.value)
+    return docs
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def sections(root: type = TrainConfig) -> list[SectionDoc]:
+    """The sections of ``root`` and their leaf fields."""
+    hints = typing.get_type_hints(root)
+    out = []
+    for sec in dataclasses.fields(root):
+        cls = hints[sec.name]
+        docs = attribute_docs(cls)
+        annotations = {k: v if isinstance(v, str) else getattr(v, "__name__", str(v)) for k, v in cls.__annotations__.items()}
+        fields = [FieldDoc(f"{sec.name}.{f.name}", annotations[f.name], _default(f), docs.get(f.name, ""))
+                  for f in dataclasses.fields(cls)]
+        out.append(SectionDoc(sec.name, (inspect.getdoc(cls) or "").split("\n\n")[0].replace("\n", " "), fields))
+    return out
+
+
+_ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")
+
+
+def plain(doc: str) -> str:
+    """A docstring without reST markup: ``x`` -> `x`, :func:`~a.b.c` -> `c`."""
+    doc = _ROLE.sub(lambda m: "`" + m.group(1).split(".")[-1] + "`", doc)
+    return doc.replace("``", "`")
+
+
+def yaml_value(value: Any) -> str:
+    """A value as it would be written in the YAML file."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value) if value == "" or value.strip() != value or "\n" in value else value
+    if isinstance(value, list):
+        return "[" + ", ".join(yaml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {yaml_value(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def format_text(cfg: TrainConfig | None = None, width: int = 100) -> str:
+    """Every field as text: ``path (type) = default`` and its docstring, indented. With ``cfg``,
+    a field whose value differs from the default also shows ``-> value``."""
+    lines = []
+    for sec in sections():
+        lines.append(f"{sec.name}: {sec.doc}")
+        for f in sec.fields:
+            head = f"  {f.path} ({f.type}) = {yaml_value(f.default)}"
+            if cfg is not None:
+                value = getattr(getattr(cfg, sec.name), f.path.split(".", 1)[1])
+                if value != f.default:
+                    head += f"  -> {yaml_value(value)}"
+            lines.append(head)
+            if f.doc:
+                lines.extend(textwrap.wrap(plain(f.doc), width, initial_indent="      ", subsequent_indent="      "))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def format_markdown() -> str:
+    """docs/configuration.md: one table per section."""
+    out = [
+        "# Configuration reference",
+        "",
+        "<!-- generated by scripts/gen_config_docs.py from the docstrings in vlm_treegrpo/config.py; do not edit -->",
+        "",
+        "A run is configured by a YAML file with these sections (`vlm-treegrpo train --config FILE`) and",
+        "`section.field=value` overrides on the command line. `vlm-treegrpo config --show [FILE]` prints",
+        "this list with the values a file sets.",
+        "",
+    ]
+    for sec in sections():
+        out += [f"## `{sec.name}`", "", sec.doc, "", "| field | type | default | description |", "| --- | --- | --- | --- |"]
+        for f in sec.fields:
+            name = f.path.split(".", 1)[1]
+            out.append(f"| `{name}` | `{_cell(f.type)}` | `{_cell(yaml_value(f.default))}` | {_cell(plain(f.doc))} |")
+        out.append("")
+    return "\n".join(out)
