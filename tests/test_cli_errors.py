@@ -64,7 +64,7 @@ CASES = {
 
 def _train(tmp_path: Path, files: dict, args: list[str], *extra: str) -> list[str]:
     args = [a.format(**{k: str(v) for k, v in files.items()}) for a in args]
-    return ["train", *extra, *args, f"log.run_dir={tmp_path / 'runs'}", *SMALL]
+    return ["train", *extra, *args, f"log.run_dir={tmp_path / 'runs'}", "log.name=run", *SMALL]
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -89,7 +89,7 @@ def test_a_raise_a_non_number_and_a_dead_worker_fail_their_call_only():
 def test_a_training_run_with_a_reward_that_swallows_its_timeout_goes_on_and_counts_it(tmp_path):
     from vlm_treegrpo.train.loop import train
 
-    cfg = load_config(None, [f"log.run_dir={tmp_path}", "log.progress=false", "optim.steps=1", "eval.before=false",
+    cfg = load_config(None, [f"log.run_dir={tmp_path}", "log.name=run", "log.progress=false", "optim.steps=1", "eval.before=false",
                              "eval.after=false", "rollout.thought_max_tokens=3", "rollout.answer_max_tokens=3",
                              "algo.rewards=[test_workers:hangs_on_every_third]", "algo.reward_timeout_s=0.3"])
     summary = train(cfg, quiet=True)
