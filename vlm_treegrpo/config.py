@@ -17,6 +17,7 @@ import yaml
 
 from vlm_treegrpo.core.advantages import ANSWER_SCOPES, BASELINES, SCALES
 from vlm_treegrpo.core.losses import AGGREGATIONS, KL_KINDS, POLICY_LOSSES
+from vlm_treegrpo.data.columns import FIELDS as DATA_FIELDS
 from vlm_treegrpo.data.visual import DIFFICULTIES as VISUAL_DIFFICULTIES
 from vlm_treegrpo.data.visual import KINDS as VISUAL_KINDS
 from vlm_treegrpo.data.visual import MIN_IMAGE_SIZE
@@ -110,13 +111,26 @@ class DataConfig:
 
     source: str = "arithmetic"
     """'arithmetic' or 'visual' (built-in synthetic tasks; 'visual' has one image per question and
-    needs a vision-language model), a local .jsonl/.json/.parquet file, or a hub dataset id."""
-    format: str = "gsm8k"
+    needs a vision-language model), a local .jsonl/.json/.parquet/.csv file, a folder `datasets`
+    reads (imagefolder with metadata, shards), or a hub dataset id ('id', 'id:config', 'id@split')."""
+    format: str = "auto"
     """Record format of a file or hub source: gsm8k (question/answer '#### N'), math (problem/solution
-    \\boxed{}) or visual (image-question records: Geometry3K / CLEVR / MathVista fields; the default
-    instruction asks for a number, set `instruction` for multiple-choice data)."""
+    \\boxed{}), visual (image-question records: Geometry3K / CLEVR / MathVista fields; the default
+    instruction asks for a number, set `instruction` for multiple-choice data), or auto (told from
+    the columns: an image column is visual, an answer with '####' gsm8k, else math)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Which column holds each field the format reads: {question: ..., answer: ..., solution: ...,
+    image: ..., choices: ...}; unmapped fields are read from their usual names."""
+    train_split: str = "train"
+    """Split of `source` to train on (an 'id@split' source names its own)."""
+    test_split: str = "test"
+    """Split to evaluate on: of `test_source` when set, else of `source`; without it a held-out part
+    of the training split is used (`test_fraction`)."""
     test_source: str = ""
-    """Held-out source for file/hub data; empty uses `source` with split 'test'."""
+    """Evaluation source for file/hub data (same forms as `source`); empty uses `source`'s `test_split`."""
+    test_fraction: float = 0.1
+    """Share of the training split held out (seeded by `seed`, never trained on) when there is no
+    `test_split` in `source` and no `test_source`."""
     n_train: int = 2000
     """Training problems (synthetic) or cap on loaded records (0 = all)."""
     n_test: int = 200
@@ -124,7 +138,7 @@ class DataConfig:
     difficulty: int = 1
     """Synthetic task difficulty (1 easiest)."""
     seed: int = 0
-    """Seed of the synthetic generator."""
+    """Seed of the synthetic generator and of the held-out part of file/hub data."""
     instruction: str = "default"
     """Text appended to every prompt; 'default' uses the task's answer-format instruction, '' adds nothing."""
     skip_bad: bool = False
@@ -136,7 +150,14 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.source), "data.source", "must not be empty")
-        _choice(self.format, ("gsm8k", "math", "visual"), "data.format")
+        _choice(self.format, ("auto", "gsm8k", "math", "visual"), "data.format")
+        _require(isinstance(self.columns, dict), "data.columns", f"must be a mapping of field to column, got {self.columns!r}")
+        for key, column in self.columns.items():
+            _require(key in DATA_FIELDS, f"data.columns.{key}", f"unknown field; the fields are {list(DATA_FIELDS)}")
+            _require(isinstance(column, str) and bool(column), f"data.columns.{key}", f"must be a column name, got {column!r}")
+        _require(bool(self.train_split), "data.train_split", "must not be empty")
+        _require(bool(self.test_split), "data.test_split", "must not be empty")
+        _require(0 < self.test_fraction < 1, "data.test_fraction", f"must be in (0, 1), got {self.test_fraction}")
         _require(self.image_size >= MIN_IMAGE_SIZE, "data.image_size", f"must be >= {MIN_IMAGE_SIZE}, got {self.image_size}")
         _require(
             self.source != "visual" or self.difficulty in VISUAL_DIFFICULTIES,
@@ -244,7 +265,7 @@ class AlgoConfig:
     """The RL objective: rewards, advantages, policy loss, KL."""
 
     rewards: list[Any] = field(default_factory=lambda: ["correctness"])
-    """Reward functions: 'correctness', 'format', 'pkg.module:fn', or {name, weight} mappings."""
+    """Reward functions: 'correctness', 'format', 'digits' (dense shaping for smoke runs), 'pkg.module:fn', or {name, weight} mappings."""
     reward_timeout_s: float = 60.0
     """The time one reward call may take; a call past it is stopped and counted as a failure
     (reward 0.0, ``reward_failures/<fn>``), so a hanging reward cannot stall the run. 0 = none."""

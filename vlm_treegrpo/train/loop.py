@@ -166,6 +166,10 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
         credit = rredcot_for(policy, cfg.algo, cfg.rollout.temperature)
 
     task = task_from_config(cfg.data)
+    if task.held_out and dist.main:  # (no test split: say which training records evaluation holds out)
+        (run / "held_out.json").write_text(json.dumps({"source": cfg.data.source, "records": task.held_out}))
+        if not quiet:
+            print(f"data: {task.note} (all listed in {run / 'held_out.json'})", file=sys.stderr, flush=True)
     reward_set = RewardSet.from_config(cfg.algo.rewards, cfg.algo.reward_timeout_s)
     train_prompts = [policy.encode(ex, task.instruction) for ex in task.train]
     test_prompts = [policy.encode(ex, task.instruction) for ex in task.test]
@@ -181,6 +185,8 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
 
         bar = tqdm(total=cfg.optim.steps, desc="train", dynamic_ncols=True)
     summary: dict = {"run": str(run), "model": cfg.model.name, "K": cfg.rollout.K, "M": cfg.rollout.M, "data_skipped": task.skipped}
+    if task.held_out:
+        summary["data_held_out"] = len(task.held_out)
     if dist.active:
         summary["processes"] = dist.world
     best: dict = {}
