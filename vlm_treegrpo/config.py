@@ -265,7 +265,7 @@ class AlgoConfig:
     """The RL objective: rewards, advantages, policy loss, KL."""
 
     rewards: list[Any] = field(default_factory=lambda: ["correctness"])
-    """Reward functions: 'correctness', 'format', 'digits' (dense shaping for smoke runs), 'pkg.module:fn', or {name, weight} mappings."""
+    """Reward functions: 'correctness', 'format', 'printable' (dense shaping for smoke runs), 'pkg.module:fn', or {name, weight} mappings."""
     reward_timeout_s: float = 60.0
     """The time one reward call may take; a call past it is stopped and counted as a failure
     (reward 0.0, ``reward_failures/<fn>``), so a hanging reward cannot stall the run. 0 = none."""
