@@ -18,6 +18,7 @@ import yaml
 from vlm_treegrpo.core.advantages import ANSWER_SCOPES, BASELINES, SCALES
 from vlm_treegrpo.core.losses import AGGREGATIONS, KL_KINDS, POLICY_LOSSES
 from vlm_treegrpo.data.columns import FIELDS as DATA_FIELDS
+from vlm_treegrpo.data.prompting import DEFAULT_TEMPLATE, template_problem
 from vlm_treegrpo.data.visual import DIFFICULTIES as VISUAL_DIFFICULTIES
 from vlm_treegrpo.data.visual import KINDS as VISUAL_KINDS
 from vlm_treegrpo.data.visual import MIN_IMAGE_SIZE
@@ -141,6 +142,11 @@ class DataConfig:
     """Seed of the synthetic generator and of the held-out part of file/hub data."""
     instruction: str = "default"
     """Text appended to every prompt; 'default' uses the task's answer-format instruction, '' adds nothing."""
+    template: str = DEFAULT_TEMPLATE
+    """The user turn, from the record's question and the instruction: '{question}' is required,
+    '{instruction}' optional (literal braces doubled)."""
+    system_prompt: str = ""
+    """A system turn before every prompt ('' = none; the model's chat template may add its own)."""
     skip_bad: bool = False
     """Skip (and count) records without an answer instead of failing on the first one."""
     image_size: int = 64
@@ -156,6 +162,10 @@ class DataConfig:
             _require(key in DATA_FIELDS, f"data.columns.{key}", f"unknown field; the fields are {list(DATA_FIELDS)}")
             _require(isinstance(column, str) and bool(column), f"data.columns.{key}", f"must be a column name, got {column!r}")
         _require(bool(self.train_split), "data.train_split", "must not be empty")
+        _require(isinstance(self.template, str) and "{question}" in self.template, "data.template",
+                 f"must hold '{{question}}', got {self.template!r}")
+        problem = template_problem(self.template)
+        _require(problem is None, "data.template", f"{problem} in {self.template!r}")
         _require(bool(self.test_split), "data.test_split", "must not be empty")
         _require(0 < self.test_fraction < 1, "data.test_fraction", f"must be in (0, 1), got {self.test_fraction}")
         _require(self.image_size >= MIN_IMAGE_SIZE, "data.image_size", f"must be >= {MIN_IMAGE_SIZE}, got {self.image_size}")

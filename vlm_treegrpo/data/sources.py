@@ -1,10 +1,12 @@
 """Build the train/test example lists a config asks for."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from vlm_treegrpo.data.arithmetic import ANSWER_INSTRUCTION, arithmetic_splits
 from vlm_treegrpo.data.file_task import load_records_task
+from vlm_treegrpo.data.prompting import DEFAULT_TEMPLATE, styled
 from vlm_treegrpo.data.types import Example
 from vlm_treegrpo.data.visual import VISUAL_INSTRUCTION, visual_splits
 
@@ -60,7 +62,12 @@ def _instruction(instruction: str, key: str) -> str:
 
 
 def task_from_config(d) -> Task:
-    """:func:`load_task` for a :class:`~vlm_treegrpo.config.DataConfig` ``d`` (every one of its fields)."""
-    return load_task(d.source, d.format, d.n_train, d.n_test, d.difficulty, d.seed, d.instruction, d.test_source, d.skip_bad,
+    """:func:`load_task` for a :class:`~vlm_treegrpo.config.DataConfig` ``d`` (every one of its fields),
+    its prompts rendered through ``d.template`` with ``d.system_prompt`` when either is set."""
+    task = load_task(d.source, d.format, d.n_train, d.n_test, d.difficulty, d.seed, d.instruction, d.test_source, d.skip_bad,
                      image_size=d.image_size, kinds=d.kinds, train_split=d.train_split, test_split=d.test_split,
                      columns=d.columns, test_fraction=d.test_fraction)
+    if d.template == DEFAULT_TEMPLATE and not d.system_prompt:
+        return task
+    return dataclasses.replace(task, train=styled(task.train, d.template, task.instruction, d.system_prompt),
+                               test=styled(task.test, d.template, task.instruction, d.system_prompt), instruction="")

@@ -195,7 +195,7 @@ class VLMPolicy:
 
     def encode(self, example: Example, instruction: str) -> Encoded:
         """Process the prompt (question + instruction) with the example's images, once."""
-        return self.adapter.encode(self.processor, user_message(example, instruction), list(example.images))
+        return self.adapter.encode(self.processor, user_message(example, instruction), list(example.images), example.system)
 
     def _generate(self, prompts: list[Encoded], n: int, max_new_tokens: int, sampling: SamplingParams, stop_strings=None, keep=None):
         """``n`` samples per prompt (sequence-major). Each prompt, its images included, is

@@ -87,8 +87,9 @@ class VLMAdapter(ABC):
         return model.to(device), processor
 
     @abstractmethod
-    def encode(self, processor, text: str, images: list) -> Encoded:
-        """Chat-format one user turn (text plus images) with the family's template and process it."""
+    def encode(self, processor, text: str, images: list, system: str = "") -> Encoded:
+        """Chat-format one user turn (text plus images; after a ``system`` turn when one is given)
+        with the family's template and process it."""
 
     @abstractmethod
     def collate(self, samples: list[Encoded], pad_id: int) -> dict[str, Tensor]:

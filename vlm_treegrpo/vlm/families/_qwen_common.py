@@ -268,15 +268,16 @@ class QwenVLAdapter(VLMAdapter):
 
     # ---- per-prompt encoding and batching ---------------------------------------------------
 
-    def messages(self, text: str, n_images: int) -> list[dict]:
+    def messages(self, text: str, n_images: int, system: str = "") -> list[dict]:
         """One user turn: the images first, then the text (Qwen's documented layout)."""
         content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
-        return [{"role": "user", "content": content}]
+        turns = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+        return turns + [{"role": "user", "content": content}]
 
-    def encode(self, processor, text: str, images: list) -> Encoded:
+    def encode(self, processor, text: str, images: list, system: str = "") -> Encoded:
         """Render the chat template and run the processor once for this prompt."""
         images = list(images or [])
-        prompt = processor.apply_chat_template(self.messages(text, len(images)), tokenize=False, add_generation_prompt=True)
+        prompt = processor.apply_chat_template(self.messages(text, len(images), system), tokenize=False, add_generation_prompt=True)
         out = processor(text=[prompt], images=images or None, return_tensors="pt")
         ids = out["input_ids"][0]  # [T]
         if "mm_token_type_ids" in out:
