@@ -38,7 +38,7 @@ def _cmd_train(args) -> int:
 def _cmd_eval(args) -> int:
     from vlm_treegrpo.data.sources import task_from_config
     from vlm_treegrpo.train.evaluate import evaluate_held_out
-    from vlm_treegrpo.policy.factory import make_policy
+    from vlm_treegrpo.policy.factory import limit_pixels, make_policy
     from vlm_treegrpo.train.runtime import resolve_device, setup
 
     cfg = load_config(args.config, args.overrides)
@@ -46,6 +46,7 @@ def _cmd_eval(args) -> int:
     setup(cfg.model, device)
     name = args.model or cfg.model.name
     policy = make_policy(name, device, cfg.model.dtype, cfg.model.attn_implementation)
+    limit_pixels(policy, cfg.data.min_pixels, cfg.data.max_pixels, name)
     task = task_from_config(cfg.data)
     prompts = [policy.encode(ex, task.instruction) for ex in task.test]
     res = evaluate_held_out(policy, task, prompts, cfg)

@@ -151,6 +151,11 @@ class DataConfig:
     """Skip (and count) records without an answer instead of failing on the first one."""
     image_size: int = 64
     """Side in pixels of the synthetic visual task's images (source 'visual'; the processor resizes them)."""
+    max_pixels: int = 0
+    """Most pixels the processor resizes an image to (bounds its image tokens and memory; Qwen-VL
+    families); 0 keeps the processor's own bound."""
+    min_pixels: int = 0
+    """Fewest pixels the processor resizes an image to (Qwen-VL families); 0 keeps the processor's own."""
     kinds: list[str] = field(default_factory=list)
     """Question kinds of the synthetic visual task (count, relation, bar_chart, geometry); [] draws all."""
 
@@ -167,6 +172,10 @@ class DataConfig:
         problem = template_problem(self.template)
         _require(problem is None, "data.template", f"{problem} in {self.template!r}")
         _require(bool(self.test_split), "data.test_split", "must not be empty")
+        _require(self.max_pixels >= 0, "data.max_pixels", f"must be >= 0, got {self.max_pixels}")
+        _require(self.min_pixels >= 0, "data.min_pixels", f"must be >= 0, got {self.min_pixels}")
+        _require(not (self.min_pixels and self.max_pixels) or self.min_pixels <= self.max_pixels, "data.min_pixels",
+                 f"must be <= data.max_pixels, got {self.min_pixels} > {self.max_pixels}")
         _require(0 < self.test_fraction < 1, "data.test_fraction", f"must be in (0, 1), got {self.test_fraction}")
         _require(self.image_size >= MIN_IMAGE_SIZE, "data.image_size", f"must be >= {MIN_IMAGE_SIZE}, got {self.image_size}")
         _require(

@@ -42,6 +42,10 @@ class Policy(Protocol):
     def encode(self, example: Example, instruction: str) -> Any:
         """The example as a ready prompt (token ids, or ids plus processed images)."""
 
+    def limit_pixels(self, min_pixels: int, max_pixels: int) -> None:
+        """Bound each image's pixel count where the prompts are processed (0 = no bound of
+        ours); ValueError where that is not possible."""
+
     def sample(self, prompts: list, K: int, M: int, thought_max_tokens: int, answer_max_tokens: int,
                sampling: SamplingParams, branch_delimiters: list[str]) -> list[Tree]:
         """A K x M tree per prompt (batched)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 
-from vlm_treegrpo.config import ModelConfig, config_from_dict
+from vlm_treegrpo.config import ConfigError, ModelConfig, config_from_dict
 from vlm_treegrpo.models.loader import BUILTINS, load_policy
 from vlm_treegrpo.policy.base import Policy, PolicyBuilder
 from vlm_treegrpo.policy.text import TextPolicy
@@ -67,6 +67,17 @@ def build_policy(m: ModelConfig, device, dtype: str, attn_implementation: str) -
     if m.gradient_checkpointing:
         enable_activation_checkpointing(policy.model)
     return policy
+
+
+def limit_pixels(policy: Policy, min_pixels: int, max_pixels: int, model_name: str) -> None:
+    """``data.min_pixels`` / ``data.max_pixels`` (0 = the processor's own) applied to ``policy``'s
+    processor; ConfigError naming the field where the model cannot take them."""
+    if not (min_pixels or max_pixels):
+        return
+    try:
+        policy.limit_pixels(min_pixels, max_pixels)
+    except ValueError as e:
+        raise ConfigError(f"data.{'max' if max_pixels else 'min'}_pixels: model {model_name}: {e}") from e
 
 
 def load_checkpoint_policy(path, device, dtype: str = "auto", attn_implementation: str = "auto") -> Policy:

@@ -193,6 +193,11 @@ class VLMPolicy:
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
 
+    def limit_pixels(self, min_pixels: int, max_pixels: int) -> None:
+        """Bound each image's pixel count in the processor (:meth:`VLMAdapter.limit_pixels`; 0 = the
+        processor's own bound); ValueError for a family whose processor takes no bounds."""
+        self.adapter.limit_pixels(self.processor, min_pixels, max_pixels)
+
     def encode(self, example: Example, instruction: str) -> Encoded:
         """Process the prompt (question + instruction) with the example's images, once."""
         return self.adapter.encode(self.processor, user_message(example, instruction), list(example.images), example.system)

@@ -49,7 +49,7 @@ from vlm_treegrpo.train.interrupt import StopRequests
 from vlm_treegrpo.train.optim import adamw, lr_schedule
 from vlm_treegrpo.policy.base import Policy
 from vlm_treegrpo.rewards.functions import RewardSet
-from vlm_treegrpo.policy.factory import build_policy
+from vlm_treegrpo.policy.factory import build_policy, limit_pixels
 from vlm_treegrpo.train.runtime import autocast_ctx, resolve_device, setup
 from vlm_treegrpo.train.sft import warm_start
 from vlm_treegrpo.train.step import gradient_diagnostics, leaf_texts, rollout_step, update_step
@@ -157,6 +157,7 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
     setup(cfg.model, device)
 
     policy = build_policy(cfg.model, device, cfg.model.training_dtype(device.type), cfg.model.attn_implementation)
+    limit_pixels(policy, cfg.data.min_pixels, cfg.data.max_pixels, cfg.model.name)
     model = policy.model
     dist.broadcast_params(model)
     if dist.rank:

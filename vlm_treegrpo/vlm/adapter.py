@@ -102,6 +102,13 @@ class VLMAdapter(ABC):
 
     # Optional methods: generic defaults that families override where they need to.
 
+    def limit_pixels(self, processor, min_pixels: int, max_pixels: int) -> None:
+        """Have ``processor`` resize every image to at least ``min_pixels`` and at most
+        ``max_pixels`` pixels (0 keeps the processor's own bound). Families whose processor
+        resizes to its own fixed grid or tiles have no such bounds: ValueError by default."""
+        raise ValueError(f"the {self.family} processor resizes images to its own fixed size and takes no pixel bounds "
+                         "(the Qwen-VL families do)")
+
     def placeholder_token_ids(self, model) -> list[int]:
         """Ids of the tokens that stand for image/video features in ``input_ids`` (read from the
         model config). Generation must never emit them: a sampled placeholder has no features
