@@ -141,7 +141,7 @@ def load_records_task(source: str, format: str, n_train: int, n_test: int, seed:
         check_columns(columns, test_found, test_source)
         test_idx: Sequence[int] = range(len(test_rows))
         test_convert, test_name = _converter(format, tspec), test_source
-    elif spec.split is None and test_split != train_name and test_split in splits:
+    elif test_split != train_name and test_split in splits:
         test_rows, test_found, test_idx = splits[test_split], _columns_of(splits[test_split]), range(len(splits[test_split]))
         test_convert, test_name = convert, f"{source}@{test_split}"
     else:
