@@ -163,6 +163,8 @@ class DataConfig:
         _require(bool(self.source), "data.source", "must not be empty")
         _choice(self.format, ("auto", "gsm8k", "math", "visual"), "data.format")
         _require(isinstance(self.columns, dict), "data.columns", f"must be a mapping of field to column, got {self.columns!r}")
+        _require(not self.columns or self.source not in ("arithmetic", "visual"), "data.columns",
+                 f"the synthetic source {self.source!r} has no columns to map")
         for key, column in self.columns.items():
             _require(key in DATA_FIELDS, f"data.columns.{key}", f"unknown field; the fields are {list(DATA_FIELDS)}")
             _require(isinstance(column, str) and bool(column), f"data.columns.{key}", f"must be a column name, got {column!r}")

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from vlm_treegrpo.config import ConfigError, config_from_dict
 from vlm_treegrpo.data.file_task import hold_out, load_records_task
 from vlm_treegrpo.data.loaders import DataError
 from vlm_treegrpo.data.sources import BOXED_INSTRUCTION, load_task
@@ -108,3 +109,10 @@ def test_parquet_with_embedded_images_and_a_test_split_folder(tmp_path):
     got = load_records_task(str(folder), "auto", 0, 10, 0, columns={"image": "img", "question": "q", "answer": "a"})
     assert got.format == "visual" and (len(got.train), len(got.test), got.held_out) == (4, 2, [])
     assert [e.prompt for e in got.test] == ["test 0?", "test 1?"] and got.test[1].images[0].size == (10, 6)
+
+
+def test_columns_of_a_synthetic_source_are_refused():
+    with pytest.raises(ConfigError, match=r"^data.columns: the synthetic source 'arithmetic' has no columns to map$"):
+        config_from_dict({"data": {"columns": {"question": "q"}}})
+    with pytest.raises(ConfigError, match=r"^data.columns.prompt: unknown field; the fields are \['question', 'answer', 'solution', 'image', 'choices'\]$"):
+        config_from_dict({"data": {"source": "x.jsonl", "columns": {"prompt": "q"}}})

@@ -92,3 +92,16 @@ def test_broken_inputs_are_one_line_errors(tmp_path):
     csv = tmp_path / "d.csv"
     csv.write_text("question,answer\nq,1\n")
     assert open_splits(parse_source(str(csv)), str(csv)) == {WHOLE: [{"question": "q", "answer": "1"}]}
+
+
+def test_a_multi_line_hub_error_is_one_line(monkeypatch):
+    def fake(path, name=None):
+        raise ValueError("Config name is missing.\nPlease pick one among the available configs: ['main', 'socratic']\n"
+                         "Example of usage:\n\t`load_dataset('openai/gsm8k', 'main')`")
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    monkeypatch.setattr(splits, "hub_reachable", lambda: True)
+    with pytest.raises(DataError) as err:
+        open_splits(parse_source("openai/gsm8k"), "openai/gsm8k")
+    assert str(err.value) == ("openai/gsm8k: cannot load (ValueError: Config name is missing. Please pick one among the available "
+                              "configs: ['main', 'socratic'] Example of usage: `load_dataset('openai/gsm8k', 'main')`)")

@@ -120,9 +120,13 @@ def _json_splits(path: Path) -> dict[str, list[dict]] | None:
     return named
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+def _first_line(e: BaseException, limit: int = 400) -> str:
+    """``e`` as one line: its type and its message with line breaks and runs of spaces collapsed,
+    cut at ``limit`` characters."""
+    text = " ".join(str(e).split())
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def hub_reachable(timeout_s: float = HUB_TIMEOUT_S) -> bool:
