@@ -13,6 +13,7 @@ from PIL import Image
 
 from vlm_treegrpo.config import ConfigError, config_from_dict
 from vlm_treegrpo.data.file_task import hold_out, load_records_task
+from vlm_treegrpo.data.images import ImageError, ImageRef, decoded
 from vlm_treegrpo.data.loaders import DataError
 from vlm_treegrpo.data.sources import BOXED_INSTRUCTION, load_task
 
@@ -81,7 +82,7 @@ def test_wrong_format_names_the_columns_it_found(tmp_path):
     assert str(err.value) == (f"{src}: record {first}: missing field 'question' (read as data.format=gsm8k; its columns are "
                               "['images', 'problem', 'answer']; map them with data.columns or set data.format)")
     got = load_records_task(str(src), "auto", 0, 1, 0)  # auto: the image column makes it visual
-    assert got.format == "visual" and got.train[0].images[0].size == (8, 8)
+    assert got.format == "visual" and got.train[0].images[0].load().size == (8, 8)
 
 
 def test_missing_files_splits_and_columns_are_one_line_data_errors(tmp_path):
@@ -108,7 +109,7 @@ def test_parquet_with_embedded_images_and_a_test_split_folder(tmp_path):
         pq.write_table(pa.Table.from_pylist(rows), folder / f"{split}-00000-of-00001.parquet")
     got = load_records_task(str(folder), "auto", 0, 10, 0, columns={"image": "img", "question": "q", "answer": "a"})
     assert got.format == "visual" and (len(got.train), len(got.test), got.held_out) == (4, 2, [])
-    assert [e.prompt for e in got.test] == ["test 0?", "test 1?"] and got.test[1].images[0].size == (10, 6)
+    assert [e.prompt for e in got.test] == ["test 0?", "test 1?"] and got.test[1].images[0].load().size == (10, 6)
 
 
 def test_columns_of_a_synthetic_source_are_refused():
@@ -116,3 +117,26 @@ def test_columns_of_a_synthetic_source_are_refused():
         config_from_dict({"data": {"columns": {"question": "q"}}})
     with pytest.raises(ConfigError, match=r"^data.columns.prompt: unknown field; the fields are \['question', 'answer', 'solution', 'image', 'choices'\]$"):
         config_from_dict({"data": {"source": "x.jsonl", "columns": {"prompt": "q"}}})
+
+
+def test_images_are_checked_when_loaded_and_decoded_when_encoded(tmp_path):
+    """Records hold ImageRefs (encoded bytes, no pixels): a header pillow cannot read fails at
+    load time naming the record, a file cut short only when its pixels are decoded."""
+    good = io.BytesIO()
+    Image.effect_noise((64, 48), 60).convert("RGB").save(good, format="PNG")
+    first_pixel = Image.open(io.BytesIO(good.getvalue())).getpixel((0, 0))
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    rows = [{"image": {"bytes": good.getvalue(), "path": None}, "question": f"q{i}", "answer": "1"} for i in range(4)]
+    rows[3]["image"] = {"bytes": good.getvalue()[:200], "path": None}  # header intact, pixels cut short
+    pq.write_table(pa.Table.from_pylist(rows), folder / "train-00000-of-00001.parquet")
+    got = load_records_task(str(folder), "auto", 0, 4, 0, test_fraction=0.25)
+    refs = [e.images[0] for e in got.train + got.test]
+    assert all(isinstance(r, ImageRef) and r.value[:8] == b"\x89PNG\r\n\x1a\n" for r in refs)
+    assert decoded([r for r in refs if r.index != 3])[0].getpixel((0, 0)) == first_pixel
+    with pytest.raises(ImageError, match=r"^record 3: field 'image': cannot decode image"):
+        next(r for r in refs if r.index == 3).load()
+    rows[3]["image"] = {"bytes": b"not an image", "path": None}
+    pq.write_table(pa.Table.from_pylist(rows), folder / "train-00000-of-00001.parquet")
+    with pytest.raises(DataError, match=r"shards: record 3: field 'image': cannot decode image"):
+        load_records_task(str(folder), "auto", 0, 4, 0, test_fraction=0.25)

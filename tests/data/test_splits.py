@@ -77,7 +77,7 @@ def test_imagefolder_with_metadata(tmp_path):
     assert list(got) == ["train"] and sorted(got["train"].column_names) == ["image", "problem", "solution"]
     task = load_records_task(str(folder), "auto", 0, 5, 0, columns={"answer": "solution"})
     assert task.format == "visual" and len(task.train) == 2 and len(task.test) == 1
-    assert {e.images[0].size for e in task.train + task.test} == {(6, 5), (7, 5), (8, 5)}
+    assert {e.images[0].load().size for e in task.train + task.test} == {(6, 5), (7, 5), (8, 5)}
 
 
 def test_broken_inputs_are_one_line_errors(tmp_path):

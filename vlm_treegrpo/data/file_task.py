@@ -16,7 +16,7 @@ from typing import Callable
 
 from vlm_treegrpo.data.columns import check_columns, detect_format, remap, unused_fields
 from vlm_treegrpo.data.loaders import DataError, from_gsm8k_record, from_math_record
-from vlm_treegrpo.data.splits import WHOLE, SourceSpec, open_splits, parse_source
+from vlm_treegrpo.data.splits import WHOLE, SourceSpec, open_splits, parse_source, undecoded
 from vlm_treegrpo.data.types import Example
 from vlm_treegrpo.data.visual_loaders import from_visual_record
 
@@ -79,9 +79,9 @@ def _pick(splits: dict, name: str, source: str, only_if_single: bool) -> Sequenc
 
 
 def _converter(format: str, spec: SourceSpec) -> Callable[[dict, int], Example]:
-    if format == "visual":
+    if format == "visual":  # (images checked now, decoded when their prompt is encoded)
         base = Path(spec.path).parent if spec.local and Path(spec.path).is_file() else None
-        return lambda rec, index: from_visual_record(rec, index, base)
+        return lambda rec, index: from_visual_record(rec, index, base, lazy=True)
     return {"gsm8k": from_gsm8k_record, "math": from_math_record}[format]
 
 
@@ -118,7 +118,7 @@ def load_records_task(source: str, format: str, n_train: int, n_test: int, seed:
     (:mod:`vlm_treegrpo.data.columns`). Every failure is one DataError naming the source."""
     columns = dict(columns or {})
     spec = parse_source(source)
-    splits = open_splits(spec, source)
+    splits = {name: undecoded(rows) for name, rows in open_splits(spec, source).items()}
     train_name = spec.split or train_split
     rows = _pick(splits, train_name, source, only_if_single=False)
     found = _columns_of(rows)
@@ -136,7 +136,8 @@ def load_records_task(source: str, format: str, n_train: int, n_test: int, seed:
     note = ""
     if test_source:
         tspec = parse_source(test_source)
-        test_rows = _pick(open_splits(tspec, test_source), tspec.split or test_split, test_source, only_if_single=True)
+        test_splits = {name: undecoded(rows) for name, rows in open_splits(tspec, test_source).items()}
+        test_rows = _pick(test_splits, tspec.split or test_split, test_source, only_if_single=True)
         test_found = _columns_of(test_rows)
         check_columns(columns, test_found, test_source)
         test_idx: Sequence[int] = range(len(test_rows))

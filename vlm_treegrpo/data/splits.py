@@ -31,7 +31,7 @@ from urllib.parse import urlparse
 
 from vlm_treegrpo.data.loaders import DataError, _read_json, _read_jsonl, _read_parquet
 
-__all__ = ["SourceSpec", "WHOLE", "hub_reachable", "open_splits", "parse_source"]
+__all__ = ["SourceSpec", "WHOLE", "hub_reachable", "open_splits", "parse_source", "undecoded"]
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 """File endings read as one local file."""
@@ -199,3 +199,23 @@ def open_splits(spec: SourceSpec, source: str) -> dict[str, Sequence[dict]]:
             return _load_dataset(source, str(path))
         return _open_file(path)
     return _load_dataset(source, spec.path, spec.config, offline=not hub_reachable())
+
+
+def undecoded(rows: Sequence[dict]) -> Sequence[dict]:
+    """``rows`` with every image column of a ``datasets.Dataset`` (an ``Image`` feature, or a
+    list of them) cast to give ``{"bytes", "path"}`` instead of a decoded image; other rows as
+    they are. Indexing a record then decodes no pixels."""
+    features = getattr(rows, "features", None)
+    if features is None:
+        return rows
+    import datasets
+
+    for name, feature in features.items():
+        if isinstance(feature, datasets.Image) and feature.decode:
+            rows = rows.cast_column(name, datasets.Image(decode=False))
+        elif isinstance(feature, (datasets.List, datasets.Sequence, datasets.LargeList, list)):
+            inner = feature[0] if isinstance(feature, list) else feature.feature
+            if isinstance(inner, datasets.Image) and inner.decode:
+                rows = rows.cast_column(name, type(feature)(datasets.Image(decode=False)) if not isinstance(feature, list)
+                                        else [datasets.Image(decode=False)])
+    return rows

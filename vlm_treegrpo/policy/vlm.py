@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from vlm_treegrpo.data.images import decoded
 from vlm_treegrpo.data.types import Example
 from vlm_treegrpo.models.loader import pick_attn_implementation, pick_dtype, save_weights
 from vlm_treegrpo.rollout.kv_cache import continuation_cache
@@ -200,7 +201,7 @@ class VLMPolicy:
 
     def encode(self, example: Example, instruction: str) -> Encoded:
         """Process the prompt (question + instruction) with the example's images, once."""
-        return self.adapter.encode(self.processor, user_message(example, instruction), list(example.images), example.system)
+        return self.adapter.encode(self.processor, user_message(example, instruction), decoded(example.images), example.system)
 
     def _generate(self, prompts: list[Encoded], n: int, max_new_tokens: int, sampling: SamplingParams, stop_strings=None, keep=None):
         """``n`` samples per prompt (sequence-major). Each prompt, its images included, is

@@ -47,6 +47,7 @@ from vlm_treegrpo.train.distributed import Dist, from_env, pool_metrics
 from vlm_treegrpo.train.evaluate import SAMPLED, evaluate_held_out
 from vlm_treegrpo.train.interrupt import StopRequests
 from vlm_treegrpo.train.optim import adamw, lr_schedule
+from vlm_treegrpo.train.prompts import EncodedPrompts
 from vlm_treegrpo.policy.base import Policy
 from vlm_treegrpo.rewards.functions import RewardSet
 from vlm_treegrpo.policy.factory import build_policy, limit_pixels
@@ -172,8 +173,8 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
         if not quiet:
             print(f"data: {task.note} (all listed in {run / 'held_out.json'})", file=sys.stderr, flush=True)
     reward_set = RewardSet.from_config(cfg.algo.rewards, cfg.algo.reward_timeout_s)
-    train_prompts = [policy.encode(ex, task.instruction) for ex in task.train]
-    test_prompts = [policy.encode(ex, task.instruction) for ex in task.test]
+    train_prompts = EncodedPrompts(policy, task.train, task.instruction)  # (encoded when drawn: images decoded then)
+    test_prompts = EncodedPrompts(policy, task.test, task.instruction)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
