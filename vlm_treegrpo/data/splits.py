@@ -11,8 +11,8 @@ A source string is one of:
 * a hub dataset id, with an optional config after ``:`` and split after ``@``:
   ``openai/gsm8k:main``, ``AI4Math/MathVista@testmini``, ``openai/gsm8k:main@test``.
 
-Splits opened through ``datasets`` stay arrow-backed: a record (and its image) is decoded only
-when it is indexed. Every failure is a one-line :class:`~vlm_treegrpo.data.loaders.DataError`
+Splits opened through ``datasets`` stay arrow-backed: a record is read only when it is indexed,
+and :func:`undecoded` has its images come as encoded bytes. Every failure is a one-line :class:`~vlm_treegrpo.data.loaders.DataError`
 naming the source (and the file, split or hub error). A hub id is loaded from the local cache
 alone, at once, when the hub does not answer a single connection attempt (or ``HF_HUB_OFFLINE=1``),
 rather than after ``datasets``' retries.
