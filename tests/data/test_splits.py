@@ -105,3 +105,18 @@ def test_a_multi_line_hub_error_is_one_line(monkeypatch):
         open_splits(parse_source("openai/gsm8k"), "openai/gsm8k")
     assert str(err.value) == ("openai/gsm8k: cannot load (ValueError: Config name is missing. Please pick one among the available "
                               "configs: ['main', 'socratic'] Example of usage: `load_dataset('openai/gsm8k', 'main')`)")
+
+
+def test_the_error_behind_a_generic_one_is_named(monkeypatch):
+    def fake(path, name=None):
+        try:
+            raise KeyError("column 'img' has mixed types")
+        except KeyError as inner:
+            raise RuntimeError("An error occurred while generating the dataset") from inner
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    monkeypatch.setattr(splits, "hub_reachable", lambda: True)
+    with pytest.raises(DataError) as err:
+        open_splits(parse_source("someone/mixed"), "someone/mixed")
+    assert str(err.value) == ("someone/mixed: cannot load (RuntimeError: An error occurred while generating the dataset: "
+                              "KeyError: \"column 'img' has mixed types\")")

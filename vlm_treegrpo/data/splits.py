@@ -177,8 +177,12 @@ def _load_dataset(source: str, *args, offline: bool = False) -> dict[str, Sequen
 
 
 def _hint(e: BaseException) -> str:
-    """The reason of a ``load_dataset`` failure, with what to do where that is known."""
+    """The reason of a ``load_dataset`` failure (and of the error behind it, which a generic
+    ``DatasetGenerationError`` hides), with what to do where that is known."""
     reason = _first_line(e)
+    cause = e.__cause__ or e.__context__
+    if cause is not None and str(cause).strip() and str(cause) not in str(e):
+        reason = f"{reason}: {_first_line(cause, 300)}"
     name = type(e).__name__
     if name in ("OfflineModeIsEnabled", "ConnectionError", "ConnectTimeout", "ReadTimeout", "LocalEntryNotFoundError") \
             or "offline" in reason.lower() or "connection" in reason.lower():
