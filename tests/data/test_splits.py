@@ -120,3 +120,11 @@ def test_the_error_behind_a_generic_one_is_named(monkeypatch):
         open_splits(parse_source("someone/mixed"), "someone/mixed")
     assert str(err.value) == ("someone/mixed: cannot load (RuntimeError: An error occurred while generating the dataset: "
                               "KeyError: \"column 'img' has mixed types\")")
+
+
+def test_a_mistyped_local_folder_is_named_as_such(monkeypatch, tmp_path):
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(splits, "hub_reachable", lambda: False)
+    with pytest.raises(DataError, match=rf"^data/geo: cannot load \(.*\); nor is there a local file or folder data/geo \(in {tmp_path / 'data'}\)$"):
+        open_splits(parse_source("data/geo"), "data/geo")

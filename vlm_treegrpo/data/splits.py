@@ -202,7 +202,13 @@ def open_splits(spec: SourceSpec, source: str) -> dict[str, Sequence[dict]]:
         if path.is_dir():
             return _load_dataset(source, str(path))
         return _open_file(path)
-    return _load_dataset(source, spec.path, spec.config, offline=not hub_reachable())
+    try:
+        return _load_dataset(source, spec.path, spec.config, offline=not hub_reachable())
+    except DataError as e:
+        top = Path(spec.path.split("/")[0])
+        if top.is_dir():  # (most likely a local path with a typo, read as a hub id)
+            raise DataError(f"{e}; nor is there a local file or folder {spec.path} (in {top.resolve()})") from e
+        raise
 
 
 def undecoded(rows: Sequence[dict]) -> Sequence[dict]:
