@@ -169,10 +169,8 @@ class DataConfig:
             _require(key in DATA_FIELDS, f"data.columns.{key}", f"unknown field; the fields are {list(DATA_FIELDS)}")
             _require(isinstance(column, str) and bool(column), f"data.columns.{key}", f"must be a column name, got {column!r}")
         _require(bool(self.train_split), "data.train_split", "must not be empty")
-        _require(isinstance(self.template, str) and "{question}" in self.template, "data.template",
-                 f"must hold '{{question}}', got {self.template!r}")
-        problem = template_problem(self.template)
-        _require(problem is None, "data.template", f"{problem} in {self.template!r}")
+        problem = template_problem(self.template) if isinstance(self.template, str) else "must be a string"
+        _require(problem is None, "data.template", f"{problem}, got {self.template!r}")
         _require(bool(self.test_split), "data.test_split", "must not be empty")
         _require(self.max_pixels >= 0, "data.max_pixels", f"must be >= 0, got {self.max_pixels}")
         _require(self.min_pixels >= 0, "data.min_pixels", f"must be >= 0, got {self.min_pixels}")

@@ -31,6 +31,7 @@ def test_template_and_system_prompt_reach_every_example():
 
 @pytest.mark.parametrize("template, message", [
     ("no question", r"must hold '\{question\}'"),
+    ("{{question}} {instruction}", r"must hold '\{question\}'"),
     ("{question} {answer}", r"unknown placeholder \{answer\}"),
     ("{question} }", r"cannot be parsed"),
 ])

@@ -23,14 +23,17 @@ PLACEHOLDERS = ("question", "instruction")
 
 
 def template_problem(template: str) -> str | None:
-    """What is wrong with ``template`` (an unknown placeholder, a stray brace), else None."""
+    """What is wrong with ``template`` (no ``{question}``, an unknown placeholder, a stray
+    brace), else None."""
     try:
-        fields = [name for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as e:
         return f"cannot be parsed ({e}; write a literal brace as '{{{{' or '}}}}')"
     unknown = [f for f in fields if f not in PLACEHOLDERS]
     if unknown:
         return f"unknown placeholder {{{unknown[0]}}} (known: {', '.join('{' + p + '}' for p in PLACEHOLDERS)})"
+    if "question" not in fields:
+        return "must hold '{question}'"
     return None
 
 
