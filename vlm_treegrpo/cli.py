@@ -45,7 +45,7 @@ def _cmd_train(args) -> int:
 def _cmd_eval(args) -> int:
     from vlm_treegrpo.data.sources import task_from_config
     from vlm_treegrpo.train.evaluate import evaluate_held_out
-    from vlm_treegrpo.policy.factory import make_policy
+    from vlm_treegrpo.policy.factory import limit_pixels, make_policy
     from vlm_treegrpo.train.runtime import resolve_device, setup
     from vlm_treegrpo.train.preflight import check_inputs, data_fits_model
     from vlm_treegrpo.policy.base import encode_all
@@ -60,6 +60,7 @@ def _cmd_eval(args) -> int:
     device = resolve_device(cfg.model.device)
     setup(cfg.model, device)
     policy = make_policy(name, device, cfg.model.dtype, cfg.model.attn_implementation)
+    limit_pixels(policy, cfg.data.min_pixels, cfg.data.max_pixels, name)
     prompts = encode_all(policy, task.test, task.instruction, "test")
     res = evaluate_held_out(policy, task, prompts, cfg)
     print(json.dumps({"model": name, **res}, indent=2))

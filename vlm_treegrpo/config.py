@@ -18,6 +18,8 @@ import yaml
 
 from vlm_treegrpo.core.advantages import ANSWER_SCOPES, BASELINES, SCALES
 from vlm_treegrpo.core.losses import AGG_ALIASES, AGGREGATIONS, KL_KINDS, POLICY_LOSSES
+from vlm_treegrpo.data.columns import FIELDS as DATA_FIELDS
+from vlm_treegrpo.data.prompting import DEFAULT_TEMPLATE, template_problem
 from vlm_treegrpo.data.visual import DIFFICULTIES as VISUAL_DIFFICULTIES
 from vlm_treegrpo.data.visual import KINDS as VISUAL_KINDS
 from vlm_treegrpo.data.visual import MIN_IMAGE_SIZE
@@ -117,13 +119,26 @@ class DataConfig:
 
     source: str = "arithmetic"
     """'arithmetic' or 'visual' (built-in synthetic tasks; 'visual' has one image per question and
-    needs a vision-language model), a local .jsonl/.json/.parquet file, or a hub dataset id."""
-    format: str = "gsm8k"
+    needs a vision-language model), a local .jsonl/.json/.parquet/.csv file, a folder `datasets`
+    reads (imagefolder with metadata, shards), or a hub dataset id ('id', 'id:config', 'id@split')."""
+    format: str = "auto"
     """Record format of a file or hub source: gsm8k (question/answer '#### N'), math (problem/solution
-    \\boxed{}) or visual (image-question records: Geometry3K / CLEVR / MathVista fields; the default
-    instruction asks for a number, set `instruction` for multiple-choice data)."""
+    \\boxed{}), visual (image-question records: Geometry3K / CLEVR / MathVista fields; the default
+    instruction asks for a number, set `instruction` for multiple-choice data), or auto (told from
+    the columns: an image column is visual, an answer with '####' gsm8k, else math)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Which column holds each field the format reads: {question: ..., answer: ..., solution: ...,
+    image: ..., choices: ...}; unmapped fields are read from their usual names."""
+    train_split: str = "train"
+    """Split of `source` to train on (an 'id@split' source names its own)."""
+    test_split: str = "test"
+    """Split to evaluate on: of `test_source` when set, else of `source`; without it a held-out part
+    of the training split is used (`test_fraction`)."""
     test_source: str = ""
-    """Held-out source for file/hub data; empty uses `source` with split 'test'."""
+    """Evaluation source for file/hub data (same forms as `source`); empty uses `source`'s `test_split`."""
+    test_fraction: float = 0.1
+    """Share of the training split held out (seeded by `seed`, never trained on) when there is no
+    `test_split` in `source` and no `test_source`."""
     n_train: int = 2000
     """Training problems (synthetic) or cap on loaded records (0 = all)."""
     n_test: int = 200
@@ -131,19 +146,44 @@ class DataConfig:
     difficulty: int = 1
     """Synthetic task difficulty (1 easiest)."""
     seed: int = 0
-    """Seed of the synthetic generator."""
+    """Seed of the synthetic generator and of the held-out part of file/hub data."""
     instruction: str = "default"
     """Text appended to every prompt; 'default' uses the task's answer-format instruction, '' adds nothing."""
+    template: str = DEFAULT_TEMPLATE
+    """The user turn, from the record's question and the instruction: '{question}' is required,
+    '{instruction}' optional (literal braces doubled)."""
+    system_prompt: str = ""
+    """A system turn before every prompt ('' = none; the model's chat template may add its own)."""
     skip_bad: bool = False
     """Skip (and count) records without an answer instead of failing on the first one."""
     image_size: int = 64
     """Side in pixels of the synthetic visual task's images (source 'visual'; the processor resizes them)."""
+    max_pixels: int = 0
+    """Most pixels the processor resizes an image to (bounds its image tokens and memory; Qwen-VL
+    families); 0 keeps the processor's own bound."""
+    min_pixels: int = 0
+    """Fewest pixels the processor resizes an image to (Qwen-VL families); 0 keeps the processor's own."""
     kinds: list[str] = field(default_factory=list)
     """Question kinds of the synthetic visual task (count, relation, bar_chart, geometry); [] draws all."""
 
     def __post_init__(self) -> None:
         _require(bool(self.source), "data.source", "must not be empty")
-        _choice(self.format, ("gsm8k", "math", "visual"), "data.format")
+        _choice(self.format, ("auto", "gsm8k", "math", "visual"), "data.format")
+        _require(isinstance(self.columns, dict), "data.columns", f"must be a mapping of field to column, got {self.columns!r}")
+        _require(not self.columns or self.source not in ("arithmetic", "visual"), "data.columns",
+                 f"the synthetic source {self.source!r} has no columns to map")
+        for key, column in self.columns.items():
+            _require(key in DATA_FIELDS, f"data.columns.{key}", f"unknown field; the fields are {list(DATA_FIELDS)}")
+            _require(isinstance(column, str) and bool(column), f"data.columns.{key}", f"must be a column name, got {column!r}")
+        _require(bool(self.train_split), "data.train_split", "must not be empty")
+        problem = template_problem(self.template) if isinstance(self.template, str) else "must be a string"
+        _require(problem is None, "data.template", f"{problem}, got {self.template!r}")
+        _require(bool(self.test_split), "data.test_split", "must not be empty")
+        _require(self.max_pixels >= 0, "data.max_pixels", f"must be >= 0, got {self.max_pixels}")
+        _require(self.min_pixels >= 0, "data.min_pixels", f"must be >= 0, got {self.min_pixels}")
+        _require(not (self.min_pixels and self.max_pixels) or self.min_pixels <= self.max_pixels, "data.min_pixels",
+                 f"must be <= data.max_pixels, got {self.min_pixels} > {self.max_pixels}")
+        _require(0 < self.test_fraction < 1, "data.test_fraction", f"must be in (0, 1), got {self.test_fraction}")
         _require(self.image_size >= MIN_IMAGE_SIZE, "data.image_size", f"must be >= {MIN_IMAGE_SIZE}, got {self.image_size}")
         _require(
             self.source != "visual" or self.difficulty in VISUAL_DIFFICULTIES,
@@ -252,7 +292,7 @@ class AlgoConfig:
     """The RL objective: rewards, advantages, policy loss, KL."""
 
     rewards: list[Any] = field(default_factory=lambda: ["correctness"])
-    """Reward functions: 'correctness', 'format', 'pkg.module:fn', or {name, weight} mappings."""
+    """Reward functions: 'correctness', 'format', 'printable' (dense shaping for smoke runs), 'pkg.module:fn', or {name, weight} mappings."""
     reward_timeout_s: float = 60.0
     """The time one reward call may take; a call past it is stopped and counted as a failure
     (reward 0.0, ``reward_failures/<fn>``), so a hanging reward cannot stall the run. 0 = none."""

@@ -29,7 +29,7 @@ def test_visual_format_loads_local_image_records(tmp_path: Path):
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     task = load_task(str(tmp_path / "data.jsonl"), "visual", 2, 1, 1, 0)
     assert len(task.train) == 2 and len(task.test) == 1 and task.instruction == VISUAL_INSTRUCTION
-    assert task.train[0].answer == "1" and task.train[0].images[0].size == (12, 10)
+    assert task.train[0].answer == "1" and task.train[0].images[0].load().size == (12, 10)
 
 
 def test_data_config_visual_fields():

@@ -14,11 +14,16 @@ set), raw encoded bytes, or a file path.  Every mode comes out as ``RGB``:
 
 Any failure raises :class:`ImageError`, a :class:`~vlm_treegrpo.data.loaders.DataError`,
 with the message ``record {index}: field '{field}': <why>``.
+
+:func:`image_ref` defers the decoding: it checks the value (the file is there, the header names
+a format pillow reads) without decoding pixels and returns an :class:`ImageRef` that decodes
+when the prompt is encoded, so a dataset's images are never all decoded at once.
 """
 from __future__ import annotations
 
 import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +32,7 @@ from PIL import Image
 
 from vlm_treegrpo.data.loaders import DataError
 
-__all__ = ["ImageError", "load_image", "to_rgb"]
+__all__ = ["ImageError", "ImageRef", "decoded", "image_ref", "load_image", "to_rgb"]
 
 _WHITE = (255, 255, 255, 255)
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -134,3 +139,73 @@ def load_image(value: Any, index: int, field: str,
     raise ImageError(
         f"record {index}: field '{field}': unsupported image value of type {type(value).__name__}"
     )
+
+
+@dataclass(frozen=True, eq=False)
+class ImageRef:
+    """An image checked but not decoded yet; :meth:`load` decodes it (as :func:`load_image`)."""
+
+    value: Any
+    """Encoded bytes, a ``{"bytes": ..., "path": ...}`` dict or a path."""
+    index: int
+    """Record index (error messages)."""
+    field: str
+    """Record field (error messages)."""
+    base_dir: str | None = None
+    """Directory a relative path is resolved against."""
+
+    def load(self) -> Image.Image:
+        """The fully loaded RGB image."""
+        return load_image(self.value, self.index, self.field, self.base_dir)
+
+
+def _check_header(source: Any, index: int, field: str) -> None:
+    """Read just the header of ``source`` (a path or a buffer): a format pillow knows, a size."""
+    try:
+        with Image.open(source) as img:
+            w, h = img.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"record {index}: field '{field}': cannot decode image ({type(e).__name__}: {e})") from e
+    if w <= 0 or h <= 0:
+        raise ImageError(f"record {index}: field '{field}': zero-size image ({w}x{h})")
+
+
+def image_ref(value: Any, index: int, field: str, base_dir: str | os.PathLike | None = None) -> Image.Image | ImageRef:
+    """``value`` checked without decoding its pixels: an :class:`ImageRef` for bytes, an image
+    dict or a path; a PIL image (already decoded) as :func:`load_image` gives it. Raises
+    :class:`ImageError` as :func:`load_image` would for a missing file, empty bytes or a header
+    pillow cannot read (a file cut short is only found when it is decoded)."""
+    if isinstance(value, Image.Image):
+        return load_image(value, index, field, base_dir)
+    if isinstance(value, dict):
+        data, path = value.get("bytes"), value.get("path")
+        if data is None and path is None:
+            raise ImageError(f"record {index}: field '{field}': image dict has neither 'bytes' nor 'path'")
+        inner = data if data is not None else path
+        image_ref(inner, index, field, base_dir)
+        return ImageRef(inner, index, field, None if base_dir is None else os.fspath(base_dir))
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+        if not data:
+            raise ImageError(f"record {index}: field '{field}': empty image bytes")
+        _check_header(io.BytesIO(data), index, field)
+        return ImageRef(data, index, field)
+    if isinstance(value, (str, os.PathLike)):
+        text = os.fspath(value)
+        if not text.strip():
+            raise ImageError(f"record {index}: field '{field}': empty image path")
+        if text.startswith(("http://", "https://")):
+            raise ImageError(f"record {index}: field '{field}': URLs are not fetched ({text})")
+        path = Path(os.path.expanduser(text))
+        if not path.is_absolute() and base_dir is not None:
+            path = Path(base_dir) / path
+        if not path.is_file():
+            raise ImageError(f"record {index}: field '{field}': image file not found: {path}")
+        _check_header(path, index, field)
+        return ImageRef(str(path), index, field)
+    raise ImageError(f"record {index}: field '{field}': unsupported image value of type {type(value).__name__}")
+
+
+def decoded(images) -> list[Image.Image]:
+    """``images`` with every :class:`ImageRef` decoded (PIL images pass through)."""
+    return [im.load() if isinstance(im, ImageRef) else im for im in images]

@@ -129,13 +129,15 @@ def from_gsm8k_record(rec: dict, index: int) -> Example:
 
 
 def from_math_record(rec: dict, index: int) -> Example:
-    r"""Convert a MATH record (``problem``, ``solution``; optional ``answer``).
+    r"""Convert a MATH record (``problem``, or ``question`` when there is no ``problem``;
+    ``solution``; optional ``answer``).
 
     An explicit non-empty ``answer`` field wins; otherwise the answer is the content
     of the last ``\boxed{...}`` in ``solution``.
     """
     _no_images(rec, index)
-    problem = _require_str(rec, "problem", index)
+    key = "question" if isinstance(rec, dict) and "problem" not in rec and "question" in rec else "problem"
+    problem = _require_str(rec, key, index)
     explicit = rec.get("answer")
     if explicit is not None and str(explicit).strip():
         final = str(explicit).strip()

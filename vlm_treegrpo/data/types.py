@@ -17,3 +17,5 @@ class Example:
     """PIL images that go with the prompt (empty for the text path)."""
     meta: dict[str, Any] = field(default_factory=dict)
     """Free-form provenance (source, index, difficulty); never read by the algorithm."""
+    system: str = ""
+    """A system turn placed before the user turn by the chat template ('' = none)."""

@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from vlm_treegrpo.data.images import load_image
+from vlm_treegrpo.data.images import image_ref, load_image
 from vlm_treegrpo.data.loaders import LOCAL_SUFFIXES, DataError, convert_records, load_records
 from vlm_treegrpo.data.types import Example
 
@@ -69,14 +69,15 @@ def _answer(rec: dict, index: int) -> str:
     return text
 
 
-def _images(rec: dict, index: int, base_dir: str | os.PathLike | None) -> tuple:
+def _images(rec: dict, index: int, base_dir: str | os.PathLike | None, lazy: bool) -> tuple:
+    load = image_ref if lazy else load_image
     for key in ("decoded_image", "images", "image"):
         value = rec.get(key)
         if value is None:
             continue
         if isinstance(value, (list, tuple)):  # (an empty list: a text-only prompt, as a mixed batch has)
-            return tuple(load_image(v, index, f"{key}[{i}]", base_dir) for i, v in enumerate(value))
-        return (load_image(value, index, key, base_dir),)
+            return tuple(load(v, index, f"{key}[{i}]", base_dir) for i, v in enumerate(value))
+        return (load(value, index, key, base_dir),)
     raise DataError(f"record {index}: missing field 'image' or 'images'")
 
 
@@ -85,10 +86,12 @@ def _choices_text(choices: list) -> str:
     return "Choices: " + " ".join(f"({letters[i]}) {c}" for i, c in enumerate(choices))
 
 
-def from_visual_record(rec: dict, index: int, base_dir: str | os.PathLike | None = None) -> Example:
+def from_visual_record(rec: dict, index: int, base_dir: str | os.PathLike | None = None, lazy: bool = False) -> Example:
     """Convert one image-question record (see the module docstring for the fields read).
 
-    Relative image paths are resolved against ``base_dir`` when given.
+    Relative image paths are resolved against ``base_dir`` when given. With ``lazy`` the images
+    are checked but not decoded (:func:`~vlm_treegrpo.data.images.image_ref`): the example holds
+    :class:`~vlm_treegrpo.data.images.ImageRef` s that decode when the prompt is encoded.
     """
     if not isinstance(rec, dict):
         raise DataError(f"record {index}: expected a dict, got {type(rec).__name__}")
@@ -103,7 +106,7 @@ def from_visual_record(rec: dict, index: int, base_dir: str | os.PathLike | None
         raise DataError(f"record {index}: field 'choices' has {len(choices)} entries (at most 26)")
     if choices:
         prompt = f"{prompt}\n{_choices_text(list(choices))}"
-    images = _images(rec, index, base_dir)
+    images = _images(rec, index, base_dir, lazy)
     meta: dict[str, Any] = {"source": "visual_record", "index": index}
     for key in _META_KEYS:
         if rec.get(key) is not None:

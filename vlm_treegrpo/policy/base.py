@@ -43,6 +43,10 @@ class Policy(Protocol):
     def encode(self, example: Example, instruction: str) -> Any:
         """The example as a ready prompt (token ids, or ids plus processed images)."""
 
+    def limit_pixels(self, min_pixels: int, max_pixels: int) -> None:
+        """Bound each image's pixel count where the prompts are processed (0 = no bound of
+        ours); ValueError where that is not possible."""
+
     def sample(self, prompts: list, K: int, M: int, thought_max_tokens: int, answer_max_tokens: int,
                sampling: SamplingParams, branch_delimiters: list[str]) -> list[Tree]:
         """A K x M tree per prompt (batched)."""
@@ -74,10 +78,13 @@ PolicyBuilder = Callable[[torch.device | str, str, str], Policy]
 def encode_all(policy: Policy, examples: list[Example], instruction: str, split: str) -> list:
     """``policy.encode`` of every example; an example the policy cannot take (images for a text
     model) raises :class:`DataError` naming the split and the example's index."""
-    out = []
-    for i, example in enumerate(examples):
-        try:
-            out.append(policy.encode(example, instruction))
-        except ValueError as err:
-            raise DataError(f"data: {split} example {i}: {err}") from err
-    return out
+    return [encode_one(policy, example, instruction, split, i) for i, example in enumerate(examples)]
+
+
+def encode_one(policy: Policy, example: Example, instruction: str, split: str, index: int) -> Any:
+    """``policy.encode`` of one example; one it cannot take raises :class:`DataError` naming the
+    split and the example's index."""
+    try:
+        return policy.encode(example, instruction)
+    except ValueError as err:
+        raise DataError(f"data: {split} example {index}: {err}") from err

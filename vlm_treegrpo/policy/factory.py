@@ -91,6 +91,17 @@ def build_policy(m: ModelConfig, device, dtype: str, attn_implementation: str) -
     return policy
 
 
+def limit_pixels(policy: Policy, min_pixels: int, max_pixels: int, model_name: str) -> None:
+    """``data.min_pixels`` / ``data.max_pixels`` (0 = the processor's own) applied to ``policy``'s
+    processor; ConfigError naming the field where the model cannot take them."""
+    if not (min_pixels or max_pixels):
+        return
+    try:
+        policy.limit_pixels(min_pixels, max_pixels)
+    except ValueError as e:
+        raise ConfigError(f"data.{'max' if max_pixels else 'min'}_pixels: model {model_name}: {e}") from e
+
+
 def checkpoint_config(path) -> dict:
     """The config a training checkpoint was written with, as this version reads it
     (:func:`~vlm_treegrpo.train.checkpoint.saved_config`)."""

@@ -19,6 +19,9 @@ class TextPolicy:
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
 
+    def limit_pixels(self, min_pixels: int, max_pixels: int) -> None:
+        raise ValueError("a text-only causal LM takes no images")
+
     def encode(self, example: Example, instruction: str) -> list[int]:
         if example.images:
             raise ValueError("this example has images but the model is a text-only causal LM")

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from vlm_treegrpo.data.images import decoded
 from vlm_treegrpo.data.types import Example
 from vlm_treegrpo.models.loader import pick_attn_implementation, pick_dtype, save_weights
 from vlm_treegrpo.rollout.kv_cache import continuation_cache
@@ -193,9 +194,14 @@ class VLMPolicy:
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
 
+    def limit_pixels(self, min_pixels: int, max_pixels: int) -> None:
+        """Bound each image's pixel count in the processor (:meth:`VLMAdapter.limit_pixels`; 0 = the
+        processor's own bound); ValueError for a family whose processor takes no bounds."""
+        self.adapter.limit_pixels(self.processor, min_pixels, max_pixels)
+
     def encode(self, example: Example, instruction: str) -> Encoded:
         """Process the prompt (question + instruction) with the example's images, once."""
-        return self.adapter.encode(self.processor, user_message(example, instruction), list(example.images))
+        return self.adapter.encode(self.processor, user_message(example, instruction), decoded(example.images), example.system)
 
     def _generate(self, prompts: list[Encoded], n: int, max_new_tokens: int, sampling: SamplingParams, stop_strings=None, keep=None):
         """``n`` samples per prompt (sequence-major). Each prompt, its images included, is

@@ -27,6 +27,7 @@ from vlm_treegrpo.data.loaders import last_boxed
 from vlm_treegrpo.data.types import Example
 from vlm_treegrpo.rewards.deadline import CallTimeout, Deadlines
 from vlm_treegrpo.rewards.workers import RewardWorkers, import_path
+from vlm_treegrpo.rewards.shaping import printable_reward
 
 __all__ = [
     "BUILTIN_REWARDS",
@@ -142,6 +143,7 @@ def format_reward(completion: str, example: Example) -> float:
 BUILTIN_REWARDS: dict[str, RewardFn] = {
     "correctness": correctness_reward,
     "format": format_reward,
+    "printable": printable_reward,
 }
 """Reward functions available by short name."""
 

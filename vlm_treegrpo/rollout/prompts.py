@@ -10,7 +10,9 @@ def user_message(example: Example, instruction: str) -> str:
 
 
 def prompt_ids(tokenizer, example: Example, instruction: str) -> list[int]:
-    """Chat-template the example as one user turn plus the generation prompt; return ids."""
-    messages = [{"role": "user", "content": user_message(example, instruction)}]
+    """Chat-template the example as one user turn (after its system turn, if any) plus the
+    generation prompt; return ids."""
+    messages = [{"role": "system", "content": example.system}] if example.system else []
+    messages.append({"role": "user", "content": user_message(example, instruction)})
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]

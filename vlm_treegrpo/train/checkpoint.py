@@ -25,7 +25,6 @@ as is ``<run>/best``, the weights of the best evaluation so far (``log.save_best
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random

@@ -51,9 +51,10 @@ from vlm_treegrpo.train.evaluate import SAMPLED, evaluate_held_out
 from vlm_treegrpo.train.interrupt import StopRequests
 from vlm_treegrpo.train.optim import adamw, lr_schedule
 from vlm_treegrpo.train.preflight import check_inputs, data_fits_model
-from vlm_treegrpo.policy.base import Policy, encode_all
+from vlm_treegrpo.train.prompts import EncodedPrompts
+from vlm_treegrpo.policy.base import Policy
 from vlm_treegrpo.rewards.functions import RewardSet
-from vlm_treegrpo.policy.factory import build_policy
+from vlm_treegrpo.policy.factory import build_policy, limit_pixels
 from vlm_treegrpo.train.runtime import autocast_ctx, resolve_device, setup
 from vlm_treegrpo.train.sft import warm_start
 from vlm_treegrpo.train.step import gradient_diagnostics, leaf_texts, rollout_step, update_step
@@ -193,6 +194,7 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
     setup(cfg.model, device)
 
     policy = build_policy(cfg.model, device, cfg.model.training_dtype(device.type), cfg.model.attn_implementation)
+    limit_pixels(policy, cfg.data.min_pixels, cfg.data.max_pixels, cfg.model.name)
     model = policy.model
     dist.broadcast_params(model)
     if dist.rank:
@@ -201,8 +203,12 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
     if cfg.algo.credit == "rredcot":
         credit = rredcot_for(policy, cfg.algo, cfg.rollout.temperature)
 
-    train_prompts = encode_all(policy, task.train, task.instruction, "train")
-    test_prompts = encode_all(policy, task.test, task.instruction, "test")
+    if task.held_out and dist.main:  # (no test split: say which training records evaluation holds out)
+        (run / "held_out.json").write_text(json.dumps({"source": cfg.data.source, "records": task.held_out}))
+        if not quiet:
+            print(f"data: {task.note} (all listed in {run / 'held_out.json'})", file=sys.stderr, flush=True)
+    train_prompts = EncodedPrompts(policy, task.train, task.instruction, "train")  # (encoded when drawn: images decoded then)
+    test_prompts = EncodedPrompts(policy, task.test, task.instruction, "test")
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
@@ -215,6 +221,8 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
 
         bar = tqdm(total=cfg.optim.steps, desc="train", dynamic_ncols=True)
     summary: dict = {"run": str(run), "model": cfg.model.name, "K": cfg.rollout.K, "M": cfg.rollout.M, "data_skipped": task.skipped}
+    if task.held_out:
+        summary["data_held_out"] = len(task.held_out)
     if dist.active:
         summary["processes"] = dist.world
     best: dict = {}

@@ -87,8 +87,9 @@ class VLMAdapter(ABC):
         return model.to(device), processor
 
     @abstractmethod
-    def encode(self, processor, text: str, images: list) -> Encoded:
-        """Chat-format one user turn (text plus images) with the family's template and process it."""
+    def encode(self, processor, text: str, images: list, system: str = "") -> Encoded:
+        """Chat-format one user turn (text plus images; after a ``system`` turn when one is given)
+        with the family's template and process it."""
 
     @abstractmethod
     def collate(self, samples: list[Encoded], pad_id: int) -> dict[str, Tensor]:
@@ -100,6 +101,13 @@ class VLMAdapter(ABC):
         """The module that encodes pixels (used to count/cached image encodings)."""
 
     # Optional methods: generic defaults that families override where they need to.
+
+    def limit_pixels(self, processor, min_pixels: int, max_pixels: int) -> None:
+        """Have ``processor`` resize every image to at least ``min_pixels`` and at most
+        ``max_pixels`` pixels (0 keeps the processor's own bound). Families whose processor
+        resizes to its own fixed grid or tiles have no such bounds: ValueError by default."""
+        raise ValueError(f"the {self.family} processor resizes images to its own fixed size and takes no pixel bounds "
+                         "(the Qwen-VL families do)")
 
     def placeholder_token_ids(self, model) -> list[int]:
         """Ids of the tokens that stand for image/video features in ``input_ids`` (read from the

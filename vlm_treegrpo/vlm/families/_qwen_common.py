@@ -268,15 +268,30 @@ class QwenVLAdapter(VLMAdapter):
 
     # ---- per-prompt encoding and batching ---------------------------------------------------
 
-    def messages(self, text: str, n_images: int) -> list[dict]:
+    def limit_pixels(self, processor, min_pixels: int, max_pixels: int) -> None:
+        """Set the image processor's pixel bounds (``size.shortest_edge`` / ``longest_edge``, which
+        its ``smart_resize`` keeps each image's pixel count between, in multiples of the patch grid)."""
+        ip = processor.image_processor
+        size = dict(ip.size)
+        if min_pixels:
+            size["shortest_edge"] = min_pixels
+        if max_pixels:
+            size["longest_edge"] = max_pixels
+        if size["shortest_edge"] > size["longest_edge"]:
+            raise ValueError(f"the bounds would be min {size['shortest_edge']} > max {size['longest_edge']} pixels "
+                             "(the processor's own bound fills the one not set)")
+        ip.size = type(ip.size)(**size)
+
+    def messages(self, text: str, n_images: int, system: str = "") -> list[dict]:
         """One user turn: the images first, then the text (Qwen's documented layout)."""
         content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
-        return [{"role": "user", "content": content}]
+        turns = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+        return turns + [{"role": "user", "content": content}]
 
-    def encode(self, processor, text: str, images: list) -> Encoded:
+    def encode(self, processor, text: str, images: list, system: str = "") -> Encoded:
         """Render the chat template and run the processor once for this prompt."""
         images = list(images or [])
-        prompt = processor.apply_chat_template(self.messages(text, len(images)), tokenize=False, add_generation_prompt=True)
+        prompt = processor.apply_chat_template(self.messages(text, len(images), system), tokenize=False, add_generation_prompt=True)
         out = processor(text=[prompt], images=images or None, return_tensors="pt")
         ids = out["input_ids"][0]  # [T]
         if "mm_token_type_ids" in out:

@@ -153,19 +153,20 @@ class SiglipFamilyAdapter(VLMAdapter):
 
     # ---- per-prompt encoding and batching ---------------------------------------------------
 
-    def messages(self, text: str, n_images: int) -> list[dict]:
+    def messages(self, text: str, n_images: int, system: str = "") -> list[dict]:
         """One user turn: the images first, then the text."""
         content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
-        return [{"role": "user", "content": content}]
+        turns = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+        return turns + [{"role": "user", "content": content}]
 
-    def process(self, processor, text: str, images: list) -> dict[str, Tensor]:
+    def process(self, processor, text: str, images: list, system: str = "") -> dict[str, Tensor]:
         """Render the chat template and run the processor once on this prompt (batch of 1)."""
-        prompt = processor.apply_chat_template(self.messages(text, len(images)), tokenize=False, add_generation_prompt=True)
+        prompt = processor.apply_chat_template(self.messages(text, len(images), system), tokenize=False, add_generation_prompt=True)
         return processor(text=[prompt], images=[images] if images else None, return_tensors="pt", add_special_tokens=False)
 
-    def encode(self, processor, text: str, images: list) -> Encoded:
+    def encode(self, processor, text: str, images: list, system: str = "") -> Encoded:
         images = list(images or [])
-        out = self.process(processor, text, images)
+        out = self.process(processor, text, images, system)
         return Encoded(
             input_ids=out["input_ids"][0],  # [T]
             image_inputs=self.sample_image_inputs(out) if images else {},
