@@ -49,7 +49,7 @@ CASES = {
     "unknown dataset": (["data.source=nobody/no-such-dataset"],
                         r"data\.source: 'nobody/no-such-dataset' is not a local file; as a hub dataset id it is not in the local hub cache"),
     "missing data file": (["data.source=/nonexistent/train.jsonl"], r"data\.source: file not found: /nonexistent/train\.jsonl"),
-    "empty training file": (["data.source={empty}"], r"data\.source: the training set of '.*empty\.jsonl' is empty"),
+    "empty training file": (["data.source={empty}"], r"/.*empty\.jsonl: the split 'train' has no records$"),
     "empty test set": (["data.source={gsm8k}", "data.test_source={empty}"], r"data: the test set of '.*empty\.jsonl' is empty"),
     "unknown reward name": (["algo.rewards=[correctnes]"], r"algo\.rewards: unknown reward 'correctnes'"),
     "unimportable reward": (["algo.rewards=[no_such_module:fn]"], r"algo\.rewards: reward 'no_such_module:fn': cannot import module"),
@@ -57,7 +57,7 @@ CASES = {
     "visual data on a text model": (["data.source={visual}", "data.format=visual"],
                                     r"data: train example 0 has 1 image\(s\), but model\.name='tiny-llama' is a text model"),
     "visual records read as math": (["data.source={visual}", "data.format=math"],
-                                    r"record 0: has images \(field 'images'\) that a text format would drop"),
+                                    r"/.*geometry\.jsonl: record 0: has images \(field 'images'\) that a text format would drop"),
     "negative checkpoint_keep": (["log.checkpoint_keep=0"], r"log\.checkpoint_keep: must be >= 1"),
 }
 

@@ -79,7 +79,8 @@ def test_wrong_format_names_the_columns_it_found(tmp_path):
     with pytest.raises(DataError) as err:
         load_records_task(str(src), "gsm8k", 0, 1, 0)
     first = hold_out(3, 0.1, 0)[0][0]  # the first training record (record 0 may be held out)
-    assert str(err.value) == (f"{src}: record {first}: missing field 'question' (read as data.format=gsm8k; its columns are "
+    assert str(err.value) == (f"{src}: record {first}: has images (field 'images') that a text format would drop; read it with data.format=visual "
+                              "and a vision-language model (read as data.format=gsm8k; its columns are "
                               "['images', 'problem', 'answer']; map them with data.columns or set data.format)")
     got = load_records_task(str(src), "auto", 0, 1, 0)  # auto: the image column makes it visual
     assert got.format == "visual" and got.train[0].images[0].load().size == (8, 8)
