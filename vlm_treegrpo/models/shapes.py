@@ -78,6 +78,17 @@ def load_shape(name: str) -> Shape:
     return Shape(d["name"], d["family"], d["hub_id"], d["source"], d["config"], d.get("processor", {}))
 
 
+def shape_for(name: str) -> Shape:
+    """The shape of a ``random:<preset>`` name, a preset name or the hub id a shape transcribes;
+    ConfigError listing the valid presets otherwise."""
+    if not is_random_name(name) and "/" in name:
+        for preset in shape_names():
+            shape = load_shape(preset)
+            if shape.hub_id == name:
+                return shape
+    return load_shape(name)
+
+
 def _keep_indices(indices: list[int], layers: int) -> list[int]:
     """Block indices below ``layers``; the last block when none is (so the feature survives)."""
     kept = [i for i in indices if i < layers]
