@@ -97,10 +97,11 @@ def _cmd_prepare(args) -> int:
 
 
 def _cmd_presets(args) -> int:
+    from vlm_treegrpo.analysis.memory_plan import random_rows
     from vlm_treegrpo.models.loader import list_builtins
     from vlm_treegrpo.vlm.registry import vlm_builtins
 
-    rows = list_builtins() + vlm_builtins()
+    rows = list_builtins() + vlm_builtins() + random_rows()
     width = max(len(r["name"]) for r in rows)
     fam = max(len(r["family"]) for r in rows)
     for r in rows:

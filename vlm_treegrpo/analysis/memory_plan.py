@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import AutoModelForCausalLM
 
-from vlm_treegrpo.models.shapes import Shape, text_config_object
+from vlm_treegrpo.models.shapes import PREFIX, Shape, load_shape, shape_names, text_config_object
 from vlm_treegrpo.vlm.registry import get_adapter
 
 GIB = 1024**3
@@ -72,6 +72,17 @@ def model_size(shape: Shape, lora_r: int = 16, lora_targets: list[str] | None = 
         kv_dim=text.num_key_value_heads * head_dim,
         vocab=text.vocab_size,
     )
+
+
+def random_rows() -> list[dict[str, str]]:
+    """The ``random:<preset>`` builds as ``{"name", "family", "params", "source"}`` rows (for ``presets``)."""
+    rows = []
+    for name in shape_names():
+        shape = load_shape(name)
+        params = model_size(shape).params
+        rows.append({"name": PREFIX + name, "family": shape.family or "text", "params": f"{params / 1e9:.2f}B",
+                     "source": f"random weights at {shape.hub_id}'s shape (models/shapes/{name}.json)"})
+    return rows
 
 
 @dataclass(frozen=True)
