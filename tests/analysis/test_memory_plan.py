@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from vlm_treegrpo.cli import main
 from vlm_treegrpo.analysis.memory_plan import GIB, ModelSize, Workload, lora_param_count, model_size, plan_rows, verdict
 from vlm_treegrpo.models.shapes import build_random_text, load_shape
 from vlm_treegrpo.policy.factory import apply_lora
@@ -90,3 +91,13 @@ def test_plan_command_says_what_fits_and_what_makes_it_fit(tmp_path):
     assert "LoRA, not sharded" in tight.stdout.splitlines()[-1]
     bad = subprocess.run(_cli() + ["plan", "--model", "random:nope"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "random:qwen2.5-vl-3b" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_plan_from_a_training_config_asks_about_its_own_setting(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("model: {name: 'random:qwen2.5-vl-3b', lora_r: 8, gradient_checkpointing: true}\n"
+                      "rollout: {K: 4, M: 2, thought_max_tokens: 128, answer_max_tokens: 64, prompts_per_step: 4}\n")
+    assert main(["plan", "--config", str(config), "--gpu-memory", "24"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1].startswith("fits: LoRA, not sharded, checkpointing needs")
+    assert "1536 tokens per tree, 4 prompts per GPU" in out  # 512 prompt + 4 x 128 thought + 8 x 64 answer
