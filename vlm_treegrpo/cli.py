@@ -45,7 +45,8 @@ def _cmd_eval(args) -> int:
     device = resolve_device(cfg.model.device)
     setup(cfg.model, device)
     name = args.model or cfg.model.name
-    policy = make_policy(name, device, cfg.model.dtype, cfg.model.attn_implementation)
+    layers = cfg.model.layers if name == cfg.model.name else 0  # (a random:<preset> build's depth)
+    policy = make_policy(name, device, cfg.model.dtype, cfg.model.attn_implementation, layers or None)
     task = task_from_config(cfg.data)
     prompts = [policy.encode(ex, task.instruction) for ex in task.test]
     res = evaluate_held_out(policy, task, prompts, cfg)

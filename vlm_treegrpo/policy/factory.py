@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 
-from vlm_treegrpo.config import ModelConfig, config_from_dict
+from vlm_treegrpo.config import ConfigError, ModelConfig, config_from_dict
 from vlm_treegrpo.models.loader import BUILTINS, load_policy, pick_dtype
 from vlm_treegrpo.models.shapes import PREFIX, build_random_text, is_random_name, load_shape, shape_names
 from vlm_treegrpo.policy.base import Policy, PolicyBuilder
@@ -61,6 +61,8 @@ def make_policy(name: str, device: torch.device | str, dtype: str = "auto", attn
     ``layers`` cuts the depth of a ``random:<preset>`` build; an unknown preset lists the valid ones."""
     if is_random_name(name):
         return random_policy(name, device, dtype, attn_implementation, layers)
+    if layers:
+        raise ConfigError(f"model.layers: only applies to random:<preset> names, got {name!r}")
     if is_checkpoint(name):
         return load_checkpoint_policy(name, device, dtype, attn_implementation)
     build = named_policies().get(name)
