@@ -21,14 +21,14 @@ from vlm_treegrpo.models.shapes import shape_for
 from vlm_treegrpo.policy.factory import make_policy
 from vlm_treegrpo.train.loop import train
 
-ROLLOUT = {"K": 4, "M": 2, "thought_max_tokens": 32, "answer_max_tokens": 32, "prompts_per_step": 4}
+ROLLOUT = {"K": 2, "M": 2, "thought_max_tokens": 8, "answer_max_tokens": 8, "prompts_per_step": 2}
 
 
 def _config(model: str, ckpt: bool, run_dir: str):
     return config_from_dict(
         {"model": {"name": model, "gradient_checkpointing": ckpt, "threads": 2}, "data": {"n_train": 16, "n_test": 1},
          "rollout": ROLLOUT},
-        ["optim.steps=1", "optim.micro_batch=4", "algo.beta=0.01", "eval.before=false", "eval.after=false",
+        ["optim.steps=1", "optim.micro_batch=2", "algo.beta=0.01", "eval.before=false", "eval.after=false",
          "log.progress=false", f"log.run_dir={run_dir}", "log.name=plan-check"],
     )
 
@@ -65,7 +65,7 @@ def main() -> None:
     size = model_size(shape_for(args.model))
     workload = Workload(gpus=1, gpu_memory_gib=24, prompt_tokens=prompt_tokens, prompts_per_step=ROLLOUT["prompts_per_step"],
                         K=ROLLOUT["K"], M=ROLLOUT["M"], thought_tokens=ROLLOUT["thought_max_tokens"],
-                        answer_tokens=ROLLOUT["answer_max_tokens"], micro_batch=4, reference=True, act_bytes=4)
+                        answer_tokens=ROLLOUT["answer_max_tokens"], micro_batch=2, reference=True, act_bytes=4)
     rows = {r["checkpointing"]: r for r in plan_rows(size, workload) if not r["lora"]}
     figures = {"params": size.params, "prompt_tokens": prompt_tokens, "tree_tokens": workload.tree_tokens}
     for setting, ckpt in (("full", False), ("ckpt", True)):
