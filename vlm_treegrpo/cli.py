@@ -1,4 +1,4 @@
-"""The ``vlm-treegrpo`` command line: train, eval, export, config, plot, advise, bench, prepare, presets.
+"""The ``vlm-treegrpo`` command line: train, eval, export, config, plot, advise, plan, bench, prepare, presets.
 
 Every error a user can cause (a config field, a data file or record, a model name, the hub or
 the network, a full disk) exits with status 2 and one line naming what is wrong
@@ -12,6 +12,7 @@ import errno
 import json
 import signal
 import sys
+from pathlib import Path
 
 from vlm_treegrpo.config import ConfigError, load_config
 from vlm_treegrpo.config_fields import format_text
@@ -59,7 +60,8 @@ def _cmd_eval(args) -> int:
     data_fits_model(task, name)
     device = resolve_device(cfg.model.device)
     setup(cfg.model, device)
-    policy = make_policy(name, device, cfg.model.dtype, cfg.model.attn_implementation)
+    layers = cfg.model.layers if name == cfg.model.name else 0  # (a random:<preset> build's depth)
+    policy = make_policy(name, device, cfg.model.dtype, cfg.model.attn_implementation, layers or None)
     limit_pixels(policy, cfg.data.min_pixels, cfg.data.max_pixels, name)
     prompts = encode_all(policy, task.test, task.instruction, "test")
     res = evaluate_held_out(policy, task, prompts, cfg)
@@ -122,15 +124,55 @@ def _cmd_prepare(args) -> int:
 
 
 def _cmd_presets(args) -> int:
+    from vlm_treegrpo.analysis.memory_plan import random_rows
     from vlm_treegrpo.models.loader import list_builtins
     from vlm_treegrpo.vlm.registry import vlm_builtins
 
-    rows = list_builtins() + vlm_builtins()
+    rows = list_builtins() + vlm_builtins() + random_rows()
     width = max(len(r["name"]) for r in rows)
     fam = max(len(r["family"]) for r in rows)
     for r in rows:
         print(f"{r['name']:<{width}}  {r['family']:<{fam}} {r['params']:>6}  {r['source']}")
     return 0
+
+
+def _plan_inputs(args):
+    """``(shape, size, workload, lora, sharded, checkpointing)`` of the ``plan`` command: the
+    config's model and sizes (defaults without ``--config``), flags over them."""
+    from vlm_treegrpo.analysis.memory_plan import Workload, model_size
+    from vlm_treegrpo.models.shapes import shape_for
+
+    cfg = load_config(args.config, args.overrides)
+    if args.gpus < 1:
+        raise ConfigError(f"plan: --gpus must be >= 1, got {args.gpus}")
+    if args.gpu_memory <= 0:
+        raise ConfigError(f"plan: --gpu-memory must be > 0 GiB, got {args.gpu_memory}")
+    if args.prompt_tokens < 1:
+        raise ConfigError(f"plan: --prompt-tokens must be >= 1, got {args.prompt_tokens}")
+    shape = shape_for(args.model or cfg.model.name)
+    m, r = cfg.model, cfg.rollout
+    lora = m.lora_r > 0 or args.lora
+    size = model_size(shape, m.lora_r or 16, m.lora_targets, m.layers or None)
+    workload = Workload(
+        gpus=args.gpus, gpu_memory_gib=args.gpu_memory, prompt_tokens=args.prompt_tokens,
+        prompts_per_step=r.prompts_per_step, K=r.K, M=r.M, thought_tokens=r.thought_max_tokens,
+        answer_tokens=r.answer_max_tokens, micro_batch=cfg.optim.micro_batch, reference=cfg.algo.beta > 0,
+        act_bytes=4 if m.autocast == "none" else 2,
+    )
+    return shape, size, workload, lora, args.gpus > 1, m.gradient_checkpointing
+
+
+def _cmd_plan(args) -> int:
+    from vlm_treegrpo.analysis.memory_plan import as_record, format_plan, plan_rows, verdict
+
+    shape, size, workload, lora, sharded, ckpt = _plan_inputs(args)
+    rows = plan_rows(size, workload)
+    v = verdict(rows, lora, sharded, ckpt)
+    print(format_plan(shape, size, workload, rows, v))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": shape.name, **as_record(size, workload, rows), "verdict": v}, indent=2))
+        print(f"wrote {args.json}")
+    return 0 if v["fits"] else 1
 
 
 def _cmd_bench(args) -> int:
@@ -187,6 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     p.set_defaults(fn=_cmd_bench)
+    p = sub.add_parser("plan", help="memory per GPU of a run before loading anything; exit 1 when it does not fit")
+    p.add_argument("--config", help="YAML training config (its model, rollout sizes, micro_batch, LoRA, checkpointing)")
+    p.add_argument("--model", help="a random:<preset>, preset name or the hub id of one (default: the config's model.name)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs; more than one plans data parallel, sharded and not")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU")
+    p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length in tokens, image tokens included")
+    p.add_argument("--lora", action="store_true", help="ask about LoRA even when the config trains all weights")
+    p.add_argument("--json", help="also write the plan as JSON here")
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. rollout.K=8")
+    p.set_defaults(fn=_cmd_plan)
     p = sub.add_parser("presets", help="list built-in models and presets")
     p.set_defaults(fn=_cmd_presets)
     return parser

@@ -89,8 +89,16 @@ class ModelConfig:
     none on the CPU), none or bfloat16 (weights and optimizer state stay in `dtype`; evaluation
     always runs in `dtype`)."""
 
+    layers: int = 0
+    """Keep only the first N blocks of the LLM and of the vision tower (0: all). Only for
+    ``random:<preset>`` names, whose widths, vocabulary and image limits stay the released
+    model's: a depth-2 build of a 7B preset tests the real shapes in a few GiB."""
+
     def __post_init__(self) -> None:
         _require(bool(self.name), "model.name", "must not be empty")
+        _require(self.layers >= 0, "model.layers", f"must be >= 0, got {self.layers}")
+        _require(self.layers == 0 or self.name.startswith("random:"), "model.layers",
+                 f"only applies to random:<preset> names, got model.name={self.name!r}")
         _choice(self.dtype, ("auto", "float32", "bfloat16", "float16"), "model.dtype")
         _choice(self.attn_implementation, ("auto", "sdpa", "eager", "flash_attention_2"), "model.attn_implementation")
         _require(self.lora_r >= 0, "model.lora_r", f"must be >= 0, got {self.lora_r}")

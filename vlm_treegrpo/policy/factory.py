@@ -11,13 +11,14 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from vlm_treegrpo.config import ConfigError, ModelConfig, config_from_dict
-from vlm_treegrpo.models.loader import BUILTINS, load_policy
+from vlm_treegrpo.models.loader import BUILTINS, load_policy, pick_dtype
+from vlm_treegrpo.models.shapes import PREFIX, build_random_text, is_random_name, load_shape, shape_names
 from vlm_treegrpo.policy.base import Policy, PolicyBuilder
 from vlm_treegrpo.policy.text import TextPolicy
-from vlm_treegrpo.policy.vlm import VLMPolicy, load_vlm_policy, tiny_vlm_policy
+from vlm_treegrpo.policy.vlm import VLMPolicy, load_vlm_policy, random_vlm_policy, tiny_vlm_policy
 from vlm_treegrpo.rollout.attention import enable_activation_checkpointing
 from vlm_treegrpo.train.checkpoint import is_checkpoint, load_params, read_meta, saved_config
-from vlm_treegrpo.vlm.registry import TINY_NAMES, checkpoint_family, presets
+from vlm_treegrpo.vlm.registry import TINY_NAMES, checkpoint_family, get_adapter, presets
 
 
 def _text_policy(name: str, device, dtype: str, attn_implementation: str) -> TextPolicy:
@@ -25,20 +26,43 @@ def _text_policy(name: str, device, dtype: str, attn_implementation: str) -> Tex
     return TextPolicy(model, tokenizer)
 
 
+def random_policy(preset: str, device, dtype: str = "auto", attn_implementation: str = "auto", layers: int | None = None) -> Policy:
+    """``random:<preset>``: the released architecture of ``preset`` (:mod:`vlm_treegrpo.models.shapes`)
+    with seeded random weights and a stand-in tokenizer of the real vocabulary size, depth cut to
+    ``layers``; a VLM through its family adapter's ``build_random``, a text LM otherwise."""
+    shape = load_shape(preset)
+    if shape.family is not None:
+        return random_vlm_policy(get_adapter(shape.family), shape, device, dtype, attn_implementation, layers)
+    model, tokenizer = build_random_text(shape, layers)
+    model = model.to(device=device, dtype=pick_dtype(device, dtype))
+    if attn_implementation != "auto":
+        model.set_attn_implementation(attn_implementation)
+    tokenizer.padding_side = "left"
+    return TextPolicy(model, tokenizer)
+
+
 def named_policies() -> dict[str, PolicyBuilder]:
-    """Every model known by name: the text built-ins, the tiny VLMs (``tiny-<family>``) and the
-    VLM presets (short name and hub id)."""
+    """Every model known by name: the text built-ins, the tiny VLMs (``tiny-<family>``), the
+    VLM presets (short name and hub id) and the random-weight builds of the shape presets
+    (``random:<preset>``)."""
     out: dict[str, PolicyBuilder] = {name: partial(_text_policy, name) for name in BUILTINS}
     out.update({name: partial(tiny_vlm_policy, family) for name, family in TINY_NAMES.items()})
     out.update({name: partial(load_vlm_policy, family, p.hub_id) for name, (family, p) in presets().items()})
+    out.update({PREFIX + name: partial(random_policy, name) for name in shape_names()})
     return out
 
 
-def make_policy(name: str, device: torch.device | str, dtype: str = "auto", attn_implementation: str = "auto") -> Policy:
+def make_policy(name: str, device: torch.device | str, dtype: str = "auto", attn_implementation: str = "auto",
+                layers: int | None = None) -> Policy:
     """The policy for a model name. The config boundary: a known name (:func:`named_policies`),
     a training checkpoint directory (:func:`load_checkpoint_policy`), else a local
     directory or hub id, a :class:`~vlm_treegrpo.policy.vlm.VLMPolicy` when its config has a
-    ``vision_config`` (family from ``model_type``), a :class:`TextPolicy` otherwise."""
+    ``vision_config`` (family from ``model_type``), a :class:`TextPolicy` otherwise.
+    ``layers`` cuts the depth of a ``random:<preset>`` build; an unknown preset lists the valid ones."""
+    if is_random_name(name):
+        return random_policy(name, device, dtype, attn_implementation, layers)
+    if layers:
+        raise ConfigError(f"model.layers: only applies to random:<preset> names, got {name!r}")
     if is_checkpoint(name):
         return load_checkpoint_policy(name, device, dtype, attn_implementation)
     build = named_policies().get(name)
@@ -79,7 +103,7 @@ def build_policy(m: ModelConfig, device, dtype: str, attn_implementation: str) -
     """The policy ``model.*`` describes, in ``dtype``: LoRA adapters when ``lora_r`` > 0 (on
     ``lora_targets``, the vision tower's left alone unless ``lora_vision``), and activation
     checkpointing when ``gradient_checkpointing`` is on."""
-    policy = make_policy(m.name, device, dtype, attn_implementation)
+    policy = make_policy(m.name, device, dtype, attn_implementation, m.layers or None)
     if m.lora_r > 0:
         names = lora_target_names(policy.model, m.lora_targets, None if m.lora_vision else vision_tower_prefix(policy))
         if not names:

@@ -334,6 +334,16 @@ def tiny_vlm_policy(family: str, device, dtype: str = "auto", attn_implementatio
     return _ready(model, processor, adapter, device)
 
 
+def random_vlm_policy(adapter: VLMAdapter, shape, device, dtype: str = "auto", attn_implementation: str = "auto",
+                      layers: int | None = None, seed: int = 0) -> VLMPolicy:
+    """A released VLM architecture with seeded random weights (``adapter.build_random``), offline."""
+    model, processor = adapter.build_random(shape, layers, seed=seed)
+    model = model.to(pick_dtype(device, dtype))
+    if attn_implementation != "auto":
+        model.set_attn_implementation(attn_implementation)
+    return _ready(model, processor, adapter, device)
+
+
 def load_vlm_policy(family: str, name_or_path: str, device, dtype: str = "auto", attn_implementation: str = "auto") -> VLMPolicy:
     """A real checkpoint (hub id or local directory) through the family adapter's ``load``."""
     adapter = get_adapter(family)

@@ -47,6 +47,7 @@ from vlm_treegrpo.config import ConfigError, TrainConfig
 from vlm_treegrpo.data.loaders import DataError
 from vlm_treegrpo.data.sources import Task, task_from_config
 from vlm_treegrpo.train.distributed import Dist, from_env, pool_metrics
+from vlm_treegrpo.train.throughput import device_peak, throughput
 from vlm_treegrpo.train.evaluate import SAMPLED, evaluate_held_out
 from vlm_treegrpo.train.interrupt import StopRequests
 from vlm_treegrpo.train.optim import adamw, lr_schedule
@@ -223,6 +224,9 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
     summary: dict = {"run": str(run), "model": cfg.model.name, "K": cfg.rollout.K, "M": cfg.rollout.M, "data_skipped": task.skipped}
     if task.held_out:
         summary["data_held_out"] = len(task.held_out)
+    n_params = sum(p.numel() for p in model.parameters())
+    peak = device_peak(device)
+    summary["throughput_peak"] = {**peak, "params": n_params}  # (what update_mfu divides by)
     if dist.active:
         summary["processes"] = dist.world
     best: dict = {}
@@ -295,12 +299,15 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
     with StopRequests() as stop:
         for step in range(state.step + 1, last + 1):
             idx = dist.shard(sampler.take(cfg.rollout.prompts_per_step))  # (every process draws the same, keeps its share)
+            t_step = time.time()
             data = rollout_step(policy, [task.train[i] for i in idx], [train_prompts[i] for i in idx], reward_set, cfg, credit, draw)
             diag = {}
             if cfg.algo.diag_every and (step - 1) % cfg.algo.diag_every == 0 and dist.main:  # (on process 0's share)
                 diag = gradient_diagnostics(policy, data, cfg, device)
                 last_diag.update(diag)
             stats = update_step(policy, ref_policy, optimizer, scheduler, data, cfg, device, dist)
+            stats.update(throughput(data.metrics["unpacked_tokens"], data.metrics["generated_tokens"], stats["update_tokens"],
+                                    time.time() - t_step, data.metrics["time_generate"], stats["time_update"], n_params, peak["peak_tflops"]))
             updates_skipped += stats["skipped_updates"]
             nonfinite_in_a_row = nonfinite_in_a_row + 1 if stats["skipped_updates"] == cfg.algo.updates_per_batch else 0
             diverged = bool(cfg.optim.max_nonfinite_steps) and nonfinite_in_a_row >= cfg.optim.max_nonfinite_steps

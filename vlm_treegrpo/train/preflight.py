@@ -17,6 +17,7 @@ from vlm_treegrpo.config import ConfigError, TrainConfig, config_from_dict
 from vlm_treegrpo.data.loaders import LOCAL_SUFFIXES, DataError
 from vlm_treegrpo.data.sources import SYNTHETIC, Task
 from vlm_treegrpo.models.loader import BUILTINS
+from vlm_treegrpo.models.shapes import is_random_name, load_shape
 from vlm_treegrpo.train import checkpoint_dir
 from vlm_treegrpo.vlm.registry import TINY_NAMES, checkpoint_family, presets
 
@@ -59,6 +60,9 @@ def model_is_known(name: str) -> None:
     """``model.name`` names something loadable: a built-in, a checkpoint, a local model
     directory, or a hub id that is cached or on the hub. Else a ConfigError saying which."""
     if name in BUILTINS or name in TINY_NAMES or name in presets():
+        return
+    if is_random_name(name):
+        load_shape(name)  # (an unknown preset: a ConfigError listing the valid ones)
         return
     path = Path(os.path.expanduser(name))
     builtins = ", ".join([*BUILTINS, *TINY_NAMES])
@@ -106,6 +110,8 @@ def sees_images(name: str) -> bool | None:
         return False
     if name in TINY_NAMES or name in presets():
         return True
+    if is_random_name(name):
+        return load_shape(name).family is not None
     path = Path(os.path.expanduser(name))
     if (path / checkpoint_dir.META).is_file():
         meta = checkpoint_dir.read_whole(path)

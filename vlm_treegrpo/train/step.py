@@ -137,6 +137,7 @@ def rollout_step(policy: Policy, examples, prompts, reward_set: RewardSet, cfg: 
         "thoughts_finished_frac": sum(sum(t.thought_done) for t in trees) / (N * K) if M > 1 else 1.0,
         "packed_tokens": int(packed.input_ids.numel()),
         "unpacked_tokens": sum(len(t.prompt_ids) for t in trees for _ in range(K * M)) + sum(leaf_lens),
+        "generated_tokens": sum(thought_lens) + sum(len(a) for t in trees for answers in t.answers for a in answers),
         "time_generate": t_gen,
         "time_reward": t_reward,
         **credit_metrics,
@@ -210,6 +211,7 @@ def update_step(policy: Policy, ref_policy: Policy | None, optimizer, scheduler,
     if a.beta == 0:
         batch = batch.rows(live)
     N = batch.input_ids.shape[0]
+    update_tokens = int(batch.input_ids.numel()) * a.updates_per_batch  # (what the forward computes, padding included)
     total_tokens, rows_with_tokens, live_tokens = (max(x, 1.0) for x in dist.sum([*counts, batch.target_mask.sum()]))
     chunks = [slice(i, i + o.micro_batch) for i in range(0, N, o.micro_batch)]
 
@@ -283,4 +285,5 @@ def update_step(policy: Policy, ref_policy: Policy | None, optimizer, scheduler,
     if skipped < a.updates_per_batch:  # (the schedule counts the updates made, as transformers' Trainer does)
         scheduler.step()
     stats["time_update"] = time.time() - t0
+    stats["update_tokens"] = update_tokens
     return stats

@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from transformers import GenerationConfig
 
+from vlm_treegrpo.models.shapes import Shape, truncate_config, widen_vocab
 from vlm_treegrpo.rollout.kv_cache import RowState
 
 
@@ -76,6 +78,62 @@ class VLMAdapter(ABC):
     @abstractmethod
     def build_tiny(self, seed: int = 0) -> tuple[Any, Any]:
         """A random-init tiny model of this family and its real processor class, built offline."""
+
+    # Random weights at a released shape (``random:<preset>``, :mod:`vlm_treegrpo.models.shapes`).
+
+    config_cls: type
+    """The family's top-level transformers config class."""
+    model_cls: type
+    """The ``*ForConditionalGeneration`` class the random builds instantiate."""
+    token_fields: dict[str, str] = {}
+    """Config keys holding a special token's id -> that token: a random build takes the ids from
+    its stand-in tokenizer, not from the released vocabulary."""
+
+    def standin_tokenizer(self):
+        """The family's offline tokenizer (special tokens, chat template), before widening."""
+        raise NotImplementedError(f"{self.family}: no random build")
+
+    def random_processor(self, tokenizer, spec: dict):
+        """The family's real processor class over ``tokenizer`` with the released image limits
+        ``spec`` (``{"image_processor": {...}, "processor": {...}}`` from the shape file)."""
+        raise NotImplementedError(f"{self.family}: no random build")
+
+    def stop_ids(self, tokenizer) -> list[int]:
+        """Token ids that end a generation (the chat template's end of turn)."""
+        return [tokenizer.eos_token_id]
+
+    def post_init_random(self, model) -> None:
+        """Re-initialise weights the family's ``_init_weights`` zeroes (random models only)."""
+
+    def random_config(self, shape: Shape, layers: int | None = None, tokenizer=None):
+        """The config object of ``shape`` truncated to ``layers`` blocks; with ``tokenizer`` the
+        special-token ids (:attr:`token_fields`, the text model's pad/bos/eos) are its ids."""
+        config = truncate_config(shape.config, layers)
+        if tokenizer is not None:
+            config.update({key: tokenizer.convert_tokens_to_ids(token) for key, token in self.token_fields.items()})
+            config["text_config"].update(
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
+            )
+        return self.config_cls(**config)
+
+    def build_random(self, shape: Shape, layers: int | None = None, seed: int = 0) -> tuple[Any, Any]:
+        """``(model, processor)`` at ``shape``'s released architecture (depth cut to ``layers``):
+        seeded random fp32 weights on the CPU in eval mode, the stand-in tokenizer of the real
+        vocabulary size and the family's processor with the real image limits. Offline."""
+        tokenizer = widen_vocab(self.standin_tokenizer(), shape.vocab_size)
+        processor = self.random_processor(tokenizer, shape.processor)
+        config = self.random_config(shape, layers, tokenizer)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = self.model_cls(config)
+            self.post_init_random(model)
+        model = model.to(torch.float32)
+        stop = self.stop_ids(tokenizer)
+        model.generation_config = GenerationConfig(
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=stop if len(stop) > 1 else stop[0]
+        )
+        model.eval()
+        return model, processor
 
     def load(self, name_or_path: str, dtype: torch.dtype, attn_implementation: str, device: str) -> tuple[Any, Any]:
         """A real checkpoint from the hub or a local directory (needs network for hub ids)."""

@@ -266,6 +266,34 @@ class QwenVLAdapter(VLMAdapter):
         model.eval()
         return model, processor
 
+    # ---- random weights at a released shape --------------------------------------------------
+
+    token_fields = {
+        "image_token_id": "<|image_pad|>",
+        "video_token_id": "<|video_pad|>",
+        "vision_start_token_id": "<|vision_start|>",
+        "vision_end_token_id": "<|vision_end|>",
+    }
+
+    def standin_tokenizer(self):
+        return self.tiny_tokenizer()
+
+    def random_processor(self, tokenizer, spec: dict):
+        """The family's processor with the released ``min_pixels`` / ``max_pixels`` (as the
+        processor's ``size``), patch, merge and temporal patch sizes and normalisation."""
+        ip = dict(spec["image_processor"])
+        kwargs = dict(
+            size={"shortest_edge": ip.pop("min_pixels"), "longest_edge": ip.pop("max_pixels")},
+            **ip,
+        )
+        return self.processor_cls(
+            image_processor=self.image_processor_cls(**kwargs),
+            tokenizer=tokenizer,
+            video_processor=self.video_processor_cls(**kwargs),
+            chat_template=self.chat_template,
+            **spec.get("processor", {}),
+        )
+
     # ---- per-prompt encoding and batching ---------------------------------------------------
 
     def limit_pixels(self, processor, min_pixels: int, max_pixels: int) -> None:

@@ -151,6 +151,19 @@ class SiglipFamilyAdapter(VLMAdapter):
         model.eval()
         return model, processor
 
+    # ---- random weights at a released shape (processor: each family's ``random_processor``) ----
+
+    def standin_tokenizer(self):
+        return self.tiny_parts()[1].tokenizer
+
+    def stop_ids(self, tokenizer) -> list[int]:
+        """The tiny build's stop tokens (the same strings, looked up in ``tokenizer``)."""
+        _, processor, eos_ids = self.tiny_parts()
+        return [tokenizer.convert_tokens_to_ids(processor.tokenizer.convert_ids_to_tokens(i)) for i in eos_ids]
+
+    def post_init_random(self, model) -> None:
+        self._post_init_tiny(model)
+
     # ---- per-prompt encoding and batching ---------------------------------------------------
 
     def messages(self, text: str, n_images: int, system: str = "") -> list[dict]:

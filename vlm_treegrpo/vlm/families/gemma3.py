@@ -107,6 +107,8 @@ class Gemma3Adapter(SiglipFamilyAdapter):
         Preset("gemma3-12b", "google/gemma-3-12b-it", "12B", attn_implementation="sdpa", notes=_NOTES.format(w=24.4, full=195, lora=30)),
     )
     model_cls = Gemma3ForConditionalGeneration
+    config_cls = Gemma3Config
+    token_fields = {"boi_token_index": "<start_of_image>", "eoi_token_index": "<end_of_image>", "image_token_index": "<image_soft_token>"}
     image_input_names = ("pixel_values",)
     flash_attention = False
     tree_packing = False  # its forward builds the bidirectional image-block mask itself
@@ -155,6 +157,15 @@ class Gemma3Adapter(SiglipFamilyAdapter):
         )
         eos_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
         return config, processor, eos_ids
+
+    def random_processor(self, tokenizer, spec: dict):
+        """Gemma3's processor with the released 896 px view and 256 soft tokens per image."""
+        return Gemma3Processor(
+            image_processor=Gemma3ImageProcessor(**spec["image_processor"]),
+            tokenizer=tokenizer,
+            chat_template=GEMMA3_CHAT_TEMPLATE,
+            **spec.get("processor", {}),
+        )
 
     def _post_init_tiny(self, model) -> None:
         # Gemma3 zero-initialises the image projection (it is always loaded from a checkpoint);

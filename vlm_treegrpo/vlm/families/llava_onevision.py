@@ -79,6 +79,8 @@ class LlavaOneVisionAdapter(SiglipFamilyAdapter):
         Preset("llava-onevision-7b", "llava-hf/llava-onevision-qwen2-7b-ov-hf", "8B", notes=_NOTES.format(w=16.1, full=130, lora=22)),
     )
     model_cls = LlavaOnevisionForConditionalGeneration
+    config_cls = LlavaOnevisionConfig
+    token_fields = {"image_token_index": "<image>", "video_token_index": "<video>"}
     image_input_names = ("pixel_values", "image_sizes", "batch_num_images")
 
     def tiny_parts(self):
@@ -126,6 +128,17 @@ class LlavaOneVisionAdapter(SiglipFamilyAdapter):
             tie_word_embeddings=False,
         )
         return config, processor, [tokenizer.eos_token_id]
+
+    def random_processor(self, tokenizer, spec: dict):
+        """LLaVA-OneVision's processor with the released 384 px views and anyres pinpoints."""
+        ip = spec["image_processor"]
+        return LlavaOnevisionProcessor(
+            image_processor=LlavaOnevisionImageProcessor(**ip),
+            tokenizer=tokenizer,
+            video_processor=LlavaOnevisionVideoProcessor(size=ip["size"], image_mean=ip["image_mean"], image_std=ip["image_std"]),
+            chat_template=LLAVA_ONEVISION_CHAT_TEMPLATE,
+            **spec.get("processor", {}),
+        )
 
     def collate_images(self, samples: list[Encoded]) -> dict[str, Tensor]:
         """Images of all samples in order; crops padded to the batch's largest count."""

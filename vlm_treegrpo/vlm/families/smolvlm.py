@@ -85,6 +85,8 @@ class SmolVLMAdapter(SiglipFamilyAdapter):
         ),
     )
     model_cls = Idefics3ForConditionalGeneration
+    config_cls = Idefics3Config
+    token_fields = {"image_token_id": "<image>", "pad_token_id": "<|im_end|>"}
     image_input_names = ("pixel_values", "pixel_attention_mask")
     core_vision_attr = "vision_model"
 
@@ -125,6 +127,15 @@ class SmolVLMAdapter(SiglipFamilyAdapter):
             pad_token_id=tokenizer.pad_token_id,
         )
         return config, processor, [tokenizer.eos_token_id]
+
+    def random_processor(self, tokenizer, spec: dict):
+        """Idefics3's processor with the released tile size, longest edge and tokens per tile."""
+        return Idefics3Processor(
+            image_processor=Idefics3ImageProcessor(**spec["image_processor"]),
+            tokenizer=tokenizer,
+            chat_template=SMOLVLM_CHAT_TEMPLATE,
+            **spec.get("processor", {}),
+        )
 
     def sample_image_inputs(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
         return {
