@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from vlm_treegrpo.analysis.records import write_record
+from vlm_treegrpo.analysis.records import git_state, write_record
 from vlm_treegrpo.config import load_config
 
 EVAL_KEYS = ("accuracy", "format_rate", "mean_completion_tokens", "n", "pass_at_k", "maj_at_n")
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     cmd = [sys.executable, "-m", "vlm_treegrpo.cli", "train", "--config", args.config, *args.overrides]
+    git = git_state()  # (the code that runs: later commits do not change it)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd)
     wall = time.perf_counter() - t0
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return proc.returncode or 1
     command = "vlm-treegrpo train --config " + " ".join(shlex.quote(a) for a in [args.config, *args.overrides])
     path = write_record(args.workload or Path(args.config).stem, figures_of(json.loads(summary_path.read_text()), wall),
-                        command=command, extra={"config": cfg.to_dict()})
+                        command=command, extra={"config": cfg.to_dict()}, git=git)
     print(f"record: {path}")
     return 0
 

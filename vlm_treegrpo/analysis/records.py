@@ -80,15 +80,16 @@ def _slug(text: str) -> str:
 
 
 def write_record(workload: str, figures: dict, command: list[str] | str | None = None, machine: dict | None = None,
-                 extra: dict | None = None, records_dir: Path | None = None) -> Path:
+                 extra: dict | None = None, records_dir: Path | None = None, git: dict | None = None) -> Path:
     """Write ``figures`` (what was measured) as the record of ``workload`` on this machine.
 
     ``command`` is the exact command that measured it (default: this process's argv).
-    Older records of the same workload and device label are removed; the index is rewritten."""
+    ``git`` is the repository's state when the measurement started (:func:`git_state`; default:
+    now). Older records of the same workload and device label are removed; the index is rewritten."""
     records_dir = Path(records_dir or RECORDS_DIR)
     records_dir.mkdir(parents=True, exist_ok=True)
     machine = machine or machine_info()
-    git = git_state()
+    git = git or git_state()
     device = device_label(machine)
     workload = _slug(workload)
     if command is None:
