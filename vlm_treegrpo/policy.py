@@ -117,15 +117,17 @@ def _text_policy(name: str, device, dtype: str, attn_implementation: str) -> Tex
 
 
 def named_policies() -> dict[str, PolicyBuilder]:
-    """Every model known by name: the text built-ins, the tiny VLMs (``tiny-<family>``) and the
-    VLM presets (short name and hub id)."""
+    """Every model known by name: the text built-ins, the tiny VLMs (``tiny-<family>``), the
+    VLM presets (short name and hub id) and ``smolvlm-smollm2`` (aligned on first use)."""
     from vlm_treegrpo.models.loader import BUILTINS
+    from vlm_treegrpo.train.align import ALIGNED_VLM, aligned_vlm_policy
     from vlm_treegrpo.vlm.policy import load_vlm_policy, tiny_vlm_policy
     from vlm_treegrpo.vlm.registry import TINY_NAMES, presets
 
     out: dict[str, PolicyBuilder] = {name: partial(_text_policy, name) for name in BUILTINS}
     out.update({name: partial(tiny_vlm_policy, family) for name, family in TINY_NAMES.items()})
     out.update({name: partial(load_vlm_policy, family, p.hub_id) for name, (family, p) in presets().items()})
+    out[ALIGNED_VLM] = aligned_vlm_policy
     return out
 
 

@@ -8,16 +8,18 @@ from vlm_treegrpo.data.loaders import load_examples
 from vlm_treegrpo.data.types import Example
 from vlm_treegrpo.data.visual import VISUAL_INSTRUCTION, visual_splits
 from vlm_treegrpo.data.visual_loaders import load_visual_examples
+from vlm_treegrpo.data.visual_math import VISUAL_MATH_INSTRUCTION, visual_math_splits
 
 BOXED_INSTRUCTION = "Solve step by step and put the final answer in \\boxed{}."
 DEFAULT_INSTRUCTIONS = {
     "arithmetic": ANSWER_INSTRUCTION,
     "visual": VISUAL_INSTRUCTION,
+    "visual_math": VISUAL_MATH_INSTRUCTION,
     "gsm8k": ANSWER_INSTRUCTION,
     "math": BOXED_INSTRUCTION,
 }
 """Default answer-format instruction by synthetic source, else by record format."""
-SYNTHETIC = ("arithmetic", "visual")
+SYNTHETIC = ("arithmetic", "visual", "visual_math")
 """Sources generated in-process (``format`` and ``test_source`` do not apply)."""
 
 
@@ -49,6 +51,9 @@ def load_task(source: str, format: str, n_train: int, n_test: int, difficulty: i
         return Task(train, test, instr)
     if source == "visual":
         train, test = visual_splits(n_train, n_test, seed, difficulty, image_size, kinds or None)
+        return Task(train, test, instr)
+    if source == "visual_math":  # (64 x 64 images: one cell per image token of smolvlm-smollm2)
+        train, test = visual_math_splits(n_train, n_test, seed, difficulty, kinds or None)
         return Task(train, test, instr)
     train, skipped_train = _load(source, format, "train", n_train or None, skip_bad)
     test, skipped_test = _load(test_source or source, format, "test", n_test, skip_bad)
