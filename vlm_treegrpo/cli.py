@@ -88,12 +88,13 @@ def _cmd_advise(args) -> int:
 
 
 def _cmd_prepare(args) -> int:
-    from vlm_treegrpo.models import smollm2
+    from vlm_treegrpo.models import smollm2, smolvlm_smollm2
 
-    if args.model == "smolvlm-smollm2":  # (SmolLM2 first, then the alignment stage)
+    if args.model == smolvlm_smollm2.NAME:  # (SmolLM2 first, then the alignment stage)
         from vlm_treegrpo.train import align
 
-        smollm2.prepare(source=args.source)
+        if args.force or not smolvlm_smollm2.is_prepared():
+            smollm2.prepare(source=args.source)
         settings = align.AlignSettings() if args.align_steps is None else align.AlignSettings(steps=args.align_steps)
         print(align.prepare(force=args.force, settings=settings))
         return 0

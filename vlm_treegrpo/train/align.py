@@ -44,21 +44,21 @@ from vlm_treegrpo.vlm.registry import get_adapter
 class AlignSettings:
     """How the alignment stage runs (defaults: the cached ``smolvlm-smollm2``)."""
 
-    ground_steps: int = 300
+    ground_steps: int = 150
     """Steps of the grounding warm-up (:func:`ground`; milliseconds each)."""
     ground_batch_size: int = 32
     """Images per grounding step."""
     ground_lr: float = 2e-3
     """AdamW learning rate of the grounding warm-up."""
-    steps: int = 100
+    steps: int = 60
     """Optimizer steps of the description stage (through the frozen language model)."""
-    batch_size: int = 32
+    batch_size: int = 16
     """Descriptions per step."""
     lr: float = 1e-3
     """AdamW learning rate of the encoder and connector (constant)."""
-    n_train: int = 6000
+    n_train: int = 2000
     """Distinct training images (cycled through in a seeded order)."""
-    n_test: int = 90
+    n_test: int = 60
     """Held-out images whose greedy descriptions are scored after training."""
     seed: int = 0
     """Seed of the images, the draw order and the encoder's initialisation."""
@@ -230,4 +230,7 @@ ALIGNED_VLM = smolvlm_smollm2.NAME
 
 def aligned_vlm_policy(device, dtype: str = "auto", attn_implementation: str = "auto") -> VLMPolicy:
     """The cached aligned ``smolvlm-smollm2`` (aligned first when it is not cached)."""
-    return load_vlm_policy("smolvlm", str(prepare()), device, dtype, attn_implementation)
+    path = prepare()
+    policy = load_vlm_policy("smolvlm", str(path), device, dtype, attn_implementation)
+    policy.warm_start = f"alignment stage of {ALIGNED_VLM} ({path / 'alignment.json'})"
+    return policy
