@@ -36,8 +36,9 @@ from transformers import (
 from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
 
 from vlm_treegrpo.models import smollm2
+from vlm_treegrpo.vlm.registry import ALIGNED_NAME
 
-NAME = "smolvlm-smollm2"
+NAME = ALIGNED_NAME
 IMAGE_SIZE = 64
 PATCH = 8
 SCALE = 2
