@@ -12,11 +12,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from vlm_treegrpo.analysis.records import write_record
 from vlm_treegrpo.models import smolvlm_smollm2
+
+
+def branching(samples: list[dict], K: int, M: int) -> dict:
+    """How much the saved trees branch: the share of thoughts whose M continuations are not all
+    the same text, and the mean number of distinct thoughts per tree (a thought: the longest
+    common prefix of its M leaves, so two thoughts that differ only after the cut count as one)."""
+    siblings_differ, distinct = [], []
+    for row in samples:
+        leaves = row["completions"]  # K*M texts, thought-major
+        thoughts = []
+        for k in range(K):
+            group = leaves[k * M : (k + 1) * M]
+            siblings_differ.append(len(set(group)) > 1)
+            thoughts.append(os.path.commonprefix(group))
+        distinct.append(len(set(thoughts)))
+    return {"trees_saved": len(samples), "siblings_differ_frac": round(sum(siblings_differ) / max(1, len(siblings_differ)), 3),
+            "distinct_thoughts_per_tree": round(sum(distinct) / max(1, len(distinct)), 2)}
 
 
 def figures(summary: dict, alignment: dict, wall_minutes: float | None) -> dict:
@@ -49,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     summary = json.loads((Path(args.run) / "summary.json").read_text())
     alignment = json.loads((smolvlm_smollm2.model_dir() / "alignment.json").read_text())
-    path = write_record("demo-vlm", figures(summary, alignment, args.wall_minutes),
+    samples = [json.loads(line) for line in (Path(args.run) / "samples.jsonl").read_text().splitlines() if line.strip()]
+    measured = {**figures(summary, alignment, args.wall_minutes), **branching(samples, summary["K"], summary["M"])}
+    path = write_record("demo-vlm", measured,
                         command="make demo-vlm (an uncached alignment, then configs/demo-vlm.yaml)",
                         extra={"alignment_settings": alignment.get("settings")})
     print(path, file=sys.stderr)

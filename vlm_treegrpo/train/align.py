@@ -44,13 +44,13 @@ from vlm_treegrpo.vlm.registry import get_adapter
 class AlignSettings:
     """How the alignment stage runs (defaults: the cached ``smolvlm-smollm2``)."""
 
-    ground_steps: int = 150
+    ground_steps: int = 120
     """Steps of the grounding warm-up (:func:`ground`; milliseconds each)."""
     ground_batch_size: int = 32
     """Images per grounding step."""
     ground_lr: float = 2e-3
     """AdamW learning rate of the grounding warm-up."""
-    steps: int = 60
+    steps: int = 30
     """Optimizer steps of the description stage (through the frozen language model)."""
     batch_size: int = 16
     """Descriptions per step."""
@@ -62,8 +62,9 @@ class AlignSettings:
     """Held-out images whose greedy descriptions are scored after training."""
     seed: int = 0
     """Seed of the images, the draw order and the encoder's initialisation."""
-    threads: int = 0
-    """torch CPU threads (0: leave torch's default)."""
+    threads: int = 1
+    """torch CPU threads (0: leave torch's default). One: on a shared 2-core CPU, a step with two
+    threads took 3-4x longer than with one (thread barriers wait on descheduled threads)."""
     autocast: bool = True
     """bf16 autocast for the forward and backward (about 2x on CPUs with AVX512-BF16)."""
 
