@@ -44,13 +44,13 @@ from vlm_treegrpo.vlm.registry import get_adapter
 class AlignSettings:
     """How the alignment stage runs (defaults: the cached ``smolvlm-smollm2``)."""
 
-    ground_steps: int = 120
+    ground_steps: int = 300
     """Steps of the grounding warm-up (:func:`ground`; milliseconds each)."""
     ground_batch_size: int = 32
     """Images per grounding step."""
     ground_lr: float = 2e-3
     """AdamW learning rate of the grounding warm-up."""
-    steps: int = 30
+    steps: int = 200
     """Optimizer steps of the description stage (through the frozen language model)."""
     batch_size: int = 16
     """Descriptions per step."""
