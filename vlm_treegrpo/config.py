@@ -155,7 +155,7 @@ class DataConfig:
             f"must be in {min(VISUAL_MATH_LEVELS)}..{max(VISUAL_MATH_LEVELS)} for the visual_math task, got {self.difficulty}",
         )
         kinds = {"visual": VISUAL_KINDS, "visual_math": VISUAL_MATH_KINDS}
-        _require(not self.kinds or self.source in kinds, "data.kinds", f"only the {list(kinds)} sources have kinds, source is {self.source!r}")
+        _require(not self.kinds or self.source in kinds, "data.kinds", f"only the 'visual' source (and 'visual_math') has kinds, source is {self.source!r}")
         bad = [k for k in self.kinds if k not in kinds.get(self.source, ())]
         _require(not bad, "data.kinds", f"unknown kinds {bad}; the {self.source} task has {list(kinds.get(self.source, ()))}")
         _require(len(set(self.kinds)) == len(self.kinds), "data.kinds", f"must not repeat a kind, got {self.kinds}")
