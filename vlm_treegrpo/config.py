@@ -23,6 +23,8 @@ from vlm_treegrpo.data.prompting import DEFAULT_TEMPLATE, template_problem
 from vlm_treegrpo.data.visual import DIFFICULTIES as VISUAL_DIFFICULTIES
 from vlm_treegrpo.data.visual import KINDS as VISUAL_KINDS
 from vlm_treegrpo.data.visual import MIN_IMAGE_SIZE
+from vlm_treegrpo.data.visual_math import KINDS as VISUAL_MATH_KINDS
+from vlm_treegrpo.data.visual_math import LEVELS as VISUAL_MATH_LEVELS
 
 CREDITS = ("outcome", "rredcot")
 SEGMENTERS = ("delimiters", "entropy", "hybrid")
@@ -126,9 +128,10 @@ class DataConfig:
     """Where prompts and reference answers come from."""
 
     source: str = "arithmetic"
-    """'arithmetic' or 'visual' (built-in synthetic tasks; 'visual' has one image per question and
-    needs a vision-language model), a local .jsonl/.json/.parquet/.csv file, a folder `datasets`
-    reads (imagefolder with metadata, shards), or a hub dataset id ('id', 'id:config', 'id@split')."""
+    """'arithmetic', 'visual' or 'visual_math' (built-in synthetic tasks; 'visual' and 'visual_math'
+    have one image per question and need a vision-language model), a local .jsonl/.json/.parquet/.csv
+    file, a folder `datasets` reads (imagefolder with metadata, shards), or a hub dataset id ('id',
+    'id:config', 'id@split')."""
     format: str = "auto"
     """Record format of a file or hub source: gsm8k (question/answer '#### N'), math (problem/solution
     \\boxed{}), visual (image-question records: Geometry3K / CLEVR / MathVista fields; the default
@@ -172,7 +175,8 @@ class DataConfig:
     min_pixels: int = 0
     """Fewest pixels the processor resizes an image to (Qwen-VL families); 0 keeps the processor's own."""
     kinds: list[str] = field(default_factory=list)
-    """Question kinds of the synthetic visual task (count, relation, bar_chart, geometry); [] draws all."""
+    """Question kinds of a synthetic visual task ('visual': count, relation, bar_chart, geometry;
+    'visual_math': cards, shapes, bars); [] draws all."""
 
     def __post_init__(self) -> None:
         _require(bool(self.source), "data.source", "must not be empty")
@@ -201,9 +205,15 @@ class DataConfig:
         _require(self.n_train >= 0, "data.n_train", f"must be >= 0, got {self.n_train}")
         _require(self.n_test >= 1, "data.n_test", f"must be >= 1, got {self.n_test}")
         _require(self.difficulty >= 1, "data.difficulty", f"must be >= 1, got {self.difficulty}")
-        _require(not self.kinds or self.source == "visual", "data.kinds", f"only the 'visual' source has kinds, source is {self.source!r}")
-        bad = [k for k in self.kinds if k not in VISUAL_KINDS]
-        _require(not bad, "data.kinds", f"unknown kinds {bad}; the visual task has {list(VISUAL_KINDS)}")
+        _require(
+            self.source != "visual_math" or self.difficulty in VISUAL_MATH_LEVELS,
+            "data.difficulty",
+            f"must be in {min(VISUAL_MATH_LEVELS)}..{max(VISUAL_MATH_LEVELS)} for the visual_math task, got {self.difficulty}",
+        )
+        kinds = {"visual": VISUAL_KINDS, "visual_math": VISUAL_MATH_KINDS}
+        _require(not self.kinds or self.source in kinds, "data.kinds", f"only the 'visual' source (and 'visual_math') has kinds, source is {self.source!r}")
+        bad = [k for k in self.kinds if k not in kinds.get(self.source, ())]
+        _require(not bad, "data.kinds", f"unknown kinds {bad}; the {self.source} task has {list(kinds.get(self.source, ()))}")
         _require(len(set(self.kinds)) == len(self.kinds), "data.kinds", f"must not repeat a kind, got {self.kinds}")
 
 

@@ -9,7 +9,7 @@ import torch
 
 from vlm_treegrpo.config import ConfigError, SFTConfig, config_from_dict
 from vlm_treegrpo.data.sources import load_task
-from vlm_treegrpo.policy.factory import make_policy
+from vlm_treegrpo.policy.text.factory import make_policy
 from vlm_treegrpo.train.sft import sft_batch, sft_loss, target_ids, warm_start
 from vlm_treegrpo.train.loop import PromptSampler, train
 
@@ -122,12 +122,12 @@ def test_data_kinds_validation_and_effect():
     assert {ex.meta["kind"] for ex in task.train + task.test} == {"bar_chart"}
 
 
-def test_demo_vlm_config_runs_on_a_tiny_budget(tmp_path):
+def test_smoke_vlm_config_runs_on_a_tiny_budget(tmp_path):
     from pathlib import Path
 
     from vlm_treegrpo.config import load_config
 
-    path = Path(__file__).resolve().parents[2] / "configs" / "demo-vlm.yaml"
+    path = Path(__file__).resolve().parents[2] / "configs" / "smoke-vlm.yaml"
     cfg = load_config(path, ["data.n_train=8", "data.n_test=2", "sft.steps=2", "sft.batch_size=4", "optim.steps=1",
                              "rollout.prompts_per_step=2", "eval.every=0", "log.progress=false", f"log.run_dir={tmp_path}"])
     threads = torch.get_num_threads()

@@ -9,16 +9,18 @@ from vlm_treegrpo.data.file_task import load_records_task
 from vlm_treegrpo.data.prompting import DEFAULT_TEMPLATE, styled
 from vlm_treegrpo.data.types import Example
 from vlm_treegrpo.data.visual import VISUAL_INSTRUCTION, visual_splits
+from vlm_treegrpo.data.visual_math import VISUAL_MATH_INSTRUCTION, visual_math_splits
 
 BOXED_INSTRUCTION = "Solve step by step and put the final answer in \\boxed{}."
 DEFAULT_INSTRUCTIONS = {
     "arithmetic": ANSWER_INSTRUCTION,
     "visual": VISUAL_INSTRUCTION,
+    "visual_math": VISUAL_MATH_INSTRUCTION,
     "gsm8k": ANSWER_INSTRUCTION,
     "math": BOXED_INSTRUCTION,
 }
 """Default answer-format instruction by synthetic source, else by record format."""
-SYNTHETIC = ("arithmetic", "visual")
+SYNTHETIC = ("arithmetic", "visual", "visual_math")
 """Sources generated in-process (``format`` and ``test_source`` do not apply)."""
 
 
@@ -50,6 +52,9 @@ def load_task(source: str, format: str, n_train: int, n_test: int, difficulty: i
         return Task(train, test, _instruction(instruction, source))
     if source == "visual":
         train, test = visual_splits(n_train, n_test, seed, difficulty, image_size, kinds or None)
+        return Task(train, test, _instruction(instruction, source))
+    if source == "visual_math":  # (64 x 64 images: one cell per image token of smolvlm-smollm2)
+        train, test = visual_math_splits(n_train, n_test, seed, difficulty, kinds or None)
         return Task(train, test, _instruction(instruction, source))
     got = load_records_task(source, format, n_train, n_test, seed, test_source, skip_bad, train_split, test_split,
                             columns, test_fraction)

@@ -17,6 +17,7 @@ from vlm_treegrpo.policy.base import Policy, PolicyBuilder
 from vlm_treegrpo.policy.text import TextPolicy
 from vlm_treegrpo.policy.vlm import VLMPolicy, load_vlm_policy, random_vlm_policy, tiny_vlm_policy
 from vlm_treegrpo.rollout.attention import enable_activation_checkpointing
+from vlm_treegrpo.train.align import ALIGNED_VLM, aligned_vlm_policy
 from vlm_treegrpo.train.checkpoint import is_checkpoint, load_params, read_meta, saved_config
 from vlm_treegrpo.vlm.registry import TINY_NAMES, checkpoint_family, get_adapter, presets
 
@@ -43,12 +44,13 @@ def random_policy(preset: str, device, dtype: str = "auto", attn_implementation:
 
 def named_policies() -> dict[str, PolicyBuilder]:
     """Every model known by name: the text built-ins, the tiny VLMs (``tiny-<family>``), the
-    VLM presets (short name and hub id) and the random-weight builds of the shape presets
-    (``random:<preset>``)."""
+    VLM presets (short name and hub id), the random-weight builds of the shape presets
+    (``random:<preset>``) and ``smolvlm-smollm2`` (aligned on first use)."""
     out: dict[str, PolicyBuilder] = {name: partial(_text_policy, name) for name in BUILTINS}
     out.update({name: partial(tiny_vlm_policy, family) for name, family in TINY_NAMES.items()})
     out.update({name: partial(load_vlm_policy, family, p.hub_id) for name, (family, p) in presets().items()})
     out.update({PREFIX + name: partial(random_policy, name) for name in shape_names()})
+    out[ALIGNED_VLM] = aligned_vlm_policy
     return out
 
 

@@ -189,6 +189,9 @@ class VLMPolicy:
         self.tokenizer = processor.tokenizer
         self.reuse_thought_cache = True
         """Continuations resume the thought pass's KV cache (off: prompt + thought prefilled again)."""
+        self.warm_start: str | None = None
+        """What warm-started this model before the run (an alignment stage), if anything: the
+        trainer then also reports its ``eval_before`` as ``eval_warm``."""
 
     @property
     def pad_id(self) -> int:

@@ -247,6 +247,9 @@ def _train(cfg: TrainConfig, quiet: bool, dist: Dist, device: torch.device, t_st
         if task.test:
             summary["eval_warm"] = evaluate_held_out(policy, task, test_prompts, cfg, "warm", bar, dist)
             keep_if_best(summary["eval_warm"], 0)
+    elif getattr(policy, "warm_start", None) and "eval_before" in summary and resume_from is None:
+        summary["warm_start"] = policy.warm_start  # (warm-started before this run, e.g. an aligned VLM: GRPO starts here)
+        summary["eval_warm"] = summary["eval_before"]
     ref_policy = None  # the KL reference: the policy GRPO starts from (after any warm start)
     if cfg.algo.beta > 0 and cfg.model.lora_r == 0:  # LoRA: the base model, adapters disabled
         ref_policy = copy.copy(policy)

@@ -19,7 +19,7 @@ from vlm_treegrpo.data.sources import SYNTHETIC, Task
 from vlm_treegrpo.models.loader import BUILTINS
 from vlm_treegrpo.models.shapes import is_random_name, load_shape
 from vlm_treegrpo.train import checkpoint_dir
-from vlm_treegrpo.vlm.registry import TINY_NAMES, checkpoint_family, presets
+from vlm_treegrpo.vlm.registry import ALIGNED_NAME, TINY_NAMES, checkpoint_family, presets
 
 HUB_ID = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$")
 """What a hub repository id looks like (``name`` or ``org/name``); anything else is taken for a path."""
@@ -59,7 +59,7 @@ def hub_problem(repo_id: str, repo_type: str) -> str | None:
 def model_is_known(name: str) -> None:
     """``model.name`` names something loadable: a built-in, a checkpoint, a local model
     directory, or a hub id that is cached or on the hub. Else a ConfigError saying which."""
-    if name in BUILTINS or name in TINY_NAMES or name in presets():
+    if name in BUILTINS or name in TINY_NAMES or name == ALIGNED_NAME or name in presets():
         return
     if is_random_name(name):
         load_shape(name)  # (an unknown preset: a ConfigError listing the valid ones)
@@ -108,7 +108,7 @@ def sees_images(name: str) -> bool | None:
     cannot be told without loading it."""
     if name in BUILTINS:
         return False
-    if name in TINY_NAMES or name in presets():
+    if name in TINY_NAMES or name == ALIGNED_NAME or name in presets():
         return True
     if is_random_name(name):
         return load_shape(name).family is not None

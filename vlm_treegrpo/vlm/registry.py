@@ -49,6 +49,10 @@ TINY_PARAMS: dict[str, str] = {
 """Parameter count of each tiny build (checked by the tests)."""
 
 
+ALIGNED_NAME = "smolvlm-smollm2"
+"""The SmolVLM-architecture model on the real SmolLM2 (:mod:`vlm_treegrpo.models.smolvlm_smollm2`)."""
+
+
 def get_adapter(family: str) -> VLMAdapter:
     """The adapter instance for a family name (ValueError naming the known families)."""
     if family not in _FAMILY_MODULES:
@@ -103,12 +107,15 @@ def checkpoint_family(name: str) -> str | None:
 
 
 def vlm_builtins() -> list[dict[str, str]]:
-    """Tiny VLMs and presets as ``{"name", "family", "params", "source"}`` rows (for ``presets``)."""
+    """Tiny VLMs, ``smolvlm-smollm2`` and presets as ``{"name", "family", "params", "source"}`` rows (for ``presets``)."""
     rows = [
         {"name": name, "family": family, "params": TINY_PARAMS[family],
          "source": "random init (seeded), offline tokenizer + the family's real processor class; for tests and smoke runs"}
         for name, family in TINY_NAMES.items()
     ]
+    rows.append({"name": ALIGNED_NAME, "family": "smolvlm", "params": "136M",
+                 "source": "SmolLM2-135M-Instruct (pretrained) behind a SigLIP encoder + connector aligned here "
+                           "(`vlm-treegrpo prepare smolvlm-smollm2`, cached)"})
     for family in FAMILIES:
         for p in get_adapter(family).presets:
             rows.append({"name": p.name, "family": family, "params": p.params, "source": f"hub {p.hub_id} ({p.dtype}, {p.attn_implementation})"})
