@@ -160,7 +160,7 @@ def _plan_inputs(args):
     shape = shape_for(args.model or cfg.model.name)
     m, r = cfg.model, cfg.rollout
     lora = m.lora_r > 0 or args.lora
-    size = model_size(shape, m.lora_r or 16, m.lora_targets, m.layers or None)
+    size = model_size(shape, m.lora_r or 16, m.lora_targets, m.layers or None, m.lora_vision)
     workload = Workload(
         gpus=args.gpus, gpu_memory_gib=args.gpu_memory, prompt_tokens=args.prompt_tokens,
         prompts_per_step=r.prompts_per_step, K=r.K, M=r.M, thought_tokens=r.thought_max_tokens,

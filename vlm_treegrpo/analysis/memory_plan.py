@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from vlm_treegrpo.models.shapes import PREFIX, Shape, load_shape, shape_names, text_config_object
+from vlm_treegrpo.policy.factory import lora_target_names
 from vlm_treegrpo.vlm.registry import get_adapter
 
 GIB = 1024**3
@@ -48,24 +49,29 @@ def _meta_model(shape: Shape, layers: int | None):
         return adapter.model_cls(adapter.random_config(shape, layers))
 
 
-def lora_param_count(model, r: int, targets: list[str]) -> int:
-    """``r x (in + out)`` over every ``nn.Linear`` whose name ends in one of ``targets``."""
-    return sum(
-        r * (m.in_features + m.out_features)
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets
-    )
+def lora_param_count(model, r: int, targets: list[str], skip_prefix: str | None = None) -> int:
+    """``r x (in + out)`` over every ``nn.Linear`` LoRA adapts: its name ends in one of ``targets``
+    and it lies outside ``skip_prefix`` (:func:`~vlm_treegrpo.policy.factory.lora_target_names`)."""
+    names = set(lora_target_names(model, targets, skip_prefix))
+    return sum(r * (m.in_features + m.out_features) for name, m in model.named_modules()
+               if name in names and isinstance(m, torch.nn.Linear))
 
 
-def model_size(shape: Shape, lora_r: int = 16, lora_targets: list[str] | None = None, layers: int | None = None) -> ModelSize:
-    """The exact sizes of ``shape`` (depth cut to ``layers``) from a meta-device build."""
+def model_size(shape: Shape, lora_r: int = 16, lora_targets: list[str] | None = None, layers: int | None = None,
+               lora_vision: bool = False) -> ModelSize:
+    """The exact sizes of ``shape`` (depth cut to ``layers``) from a meta-device build; the LoRA
+    adapters leave the vision tower alone unless ``lora_vision`` (as ``model.lora_vision``)."""
     targets = lora_targets or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = _meta_model(shape, layers)
+    skip = None
+    if shape.family is not None and not lora_vision:
+        tower = get_adapter(shape.family).vision_tower(model)
+        skip = next(name for name, module in model.named_modules() if module is tower)
     text = model.config.get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     return ModelSize(
         params=sum(p.numel() for p in model.parameters()),
-        lora_params=lora_param_count(model, lora_r, targets),
+        lora_params=lora_param_count(model, lora_r, targets, skip),
         layers=text.num_hidden_layers,
         hidden=text.hidden_size,
         intermediate=text.intermediate_size,
