@@ -57,6 +57,7 @@ def machine_info() -> dict:
         info["cpu_bf16"] = any(f in flags for f in ("avx512_bf16", "amx_bf16"))
     if "torch" in sys.modules:  # (only when the caller already paid for importing torch)
         torch = sys.modules["torch"]
+        info["torch"] = torch.__version__  # (the build as well: 2.14.1+cu130)
         info["torch_threads"] = torch.get_num_threads()
         info["cuda"] = torch.cuda.is_available()
         if info["cuda"]:
