@@ -23,6 +23,10 @@ import sys
 import time
 from pathlib import Path
 
+import torch  # (imported here so the record names the GPU, where there is one)
+
+from vlm_treegrpo.analysis.records import script_command, write_record
+
 ROOT = Path(__file__).resolve().parents[1]
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 """glibc hands every block of 64 KiB or more back to the system when it is freed, so the
@@ -38,8 +42,6 @@ def _rss_mib(field: str) -> float:
 
 
 def worker(config: str | None, overrides: list[str], updates: int) -> dict:
-    import torch
-
     from vlm_treegrpo.config import load_config
     from vlm_treegrpo.data.sources import task_from_config
     from vlm_treegrpo.train.optim import adamw, warmup_constant
@@ -93,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="YAML config (default: the built-in defaults)")
     p.add_argument("--updates", type=int, default=3, help="measured updates per setting (after one warm-up)")
     p.add_argument("--out", default="runs/activation_memory.json")
+    p.add_argument("--no-record", action="store_true", help="write no record under benchmarks/records/")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="section.field=value overrides")
     args = p.parse_args(argv)
@@ -124,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"config": args.config, "overrides": args.overrides, "results": results}, indent=2))
     print(f"wrote {args.out}")
+    if not args.no_record:
+        figures = {"config": args.config, "overrides": args.overrides, "results": results}
+        record = write_record("activation-memory", figures, command=script_command(__file__, argv))
+        print(f"wrote {record}")
     return 0
 
 

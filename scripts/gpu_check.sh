@@ -26,7 +26,7 @@ set -u
 OUT=${1:-runs/gpu-check}
 PARTS=,${2:-proxy,tests,bench-vlm,bench-text,eager,profile,compiled},
 PY=${PYTHON:-python3}
-LEN=(--reward vlm_treegrpo.bench.run:length_signal_reward --lr 1e-12 --sample-stacks 10)  # (stacks: where a slow step's time went)
+LEN=(--reward vlm_treegrpo.bench.spec:length_signal_reward --lr 1e-12 --sample-stacks 10)  # (stacks: where a slow step's time went)
 want() { [[ "$PARTS" == *",$1,"* ]]; }
 mkdir -p "$OUT"
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check: no CUDA device')" || exit 2
@@ -48,6 +48,7 @@ done
 if want eager; then  # ours with generate's decode (rollout.decode_graphs=false): the A/B of the benches' graphs
     for w in text vlm; do
         "$PY" -m vlm_treegrpo.cli bench --workload "$w" --trainers ours --decode-graphs off "${LEN[@]}" --warmup 2 --steps 10 \
+            --record-name "bench-$w-eager" \
             --out "$OUT/bench-$w-eager.json" || failed=$((failed + 1))
     done
 fi
@@ -60,6 +61,7 @@ fi
 if want compiled; then  # compilation takes minutes: 2 warm-up steps
     for w in vlm text; do
         "$PY" -m vlm_treegrpo.cli bench --workload "$w" --trainers ours --compile-decode "${LEN[@]}" --warmup 2 --steps 10 \
+            --record-name "bench-$w-compiled" \
             --out "$OUT/bench-$w-compiled.json" || failed=$((failed + 1))
     done
 fi
@@ -71,12 +73,14 @@ fi
 if want keep; then
     for w in vlm text; do
         "$PY" -m vlm_treegrpo.cli bench --workload "$w" --trainers ours --keep-finished --decode-graphs off "${LEN[@]}" --steps 10 \
+            --record-name "bench-$w-keep" \
             --out "$OUT/bench-$w-keep.json" || failed=$((failed + 1))
     done
 fi
 if want cudnn; then
     for w in vlm text; do
         "$PY" -m vlm_treegrpo.cli bench --workload "$w" --trainers ours --cudnn-attention "${LEN[@]}" --warmup 2 --steps 10 \
+            --record-name "bench-$w-cudnn" \
             --out "$OUT/bench-$w-cudnn.json" || failed=$((failed + 1))
     done
 fi

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_step import OpCount  # noqa: E402
 
 from vlm_treegrpo.models.tokenizer import build_local_tokenizer  # noqa: E402
+from vlm_treegrpo.analysis.records import script_command, write_record  # noqa: E402
 from vlm_treegrpo.rollout import graphs  # noqa: E402
 from vlm_treegrpo.rollout.tree import SamplingParams, left_pad, sample_trees  # noqa: E402
 
@@ -132,6 +133,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: each op costs about its dispatch)")
     p.add_argument("--only", default="", help="comma list of case names (default: all)")
     p.add_argument("--out", help="JSON path")
+    p.add_argument("--no-record", action="store_true", help="write no record under benchmarks/records/")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tok = build(args.device)
@@ -148,6 +150,10 @@ def main(argv=None) -> int:
               "threads": torch.get_num_threads(), "torch": torch.__version__, "layers": model.config.num_hidden_layers,
               "prompts": len(PROMPTS), "samples": SAMPLES, "new_tokens": NEW_TOKENS, "cases": rows}
     write_report(report, args.out)
+    if not args.no_record:
+        name = "launch-proxy" + ("-" + args.only.replace(",", "+") if args.only else "")  # (a subset of the cases: its own record)
+        record = write_record(name, report, command=script_command(__file__, argv))
+        print(f"wrote {record}")
     return 0
 
 

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from vlm_treegrpo.config import load_config
+from vlm_treegrpo.analysis.records import script_command, write_record
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = {"grpo": ["algo.loss=grpo", "algo.scale=std"], "reinforce": ["algo.loss=rgra", "algo.scale=none"]}
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arms", default="grpo,reinforce", help=f"comma list of {list(ARMS)}")
     ap.add_argument("--quick", action="store_true", help="3 steps of 2 small trees, diagnostics every step, no evaluation")
     ap.add_argument("--out", default="runs/normalization_study")
+    ap.add_argument("--no-record", action="store_true", help="write no record under benchmarks/records/")
     ap.add_argument("overrides", nargs="*", help="config overrides for both arms, section.field=value")
     args = ap.parse_args(argv)
     if args.quick:
@@ -129,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     plot(result, out / "normalization_study.png", window=max(1, min(5, args.steps // 4)))
     print(json.dumps(result["comparison"], indent=2))
     print(f"wrote {out / 'normalization_study.json'} and {out / 'normalization_study.png'} in {result['seconds']:.0f}s")
+    if not args.no_record:
+        name = "normalization-study" + ("-quick" if args.quick else "")
+        record = write_record(name, result, command=script_command(__file__, argv))
+        print(f"wrote {record}")
     return 0
 
 

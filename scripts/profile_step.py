@@ -34,6 +34,10 @@ from pathlib import Path
 
 import torch
 
+from vlm_treegrpo.analysis.records import script_command, write_record
+from vlm_treegrpo.bench.probes import sync
+from vlm_treegrpo.bench.spec import WORKLOADS, bench_task, make_spec, reshaped
+
 
 def random_weights_if_missing(model: str) -> None:
     """A directory with a config but no weights gets seeded random fp32 weights, saved there."""
@@ -50,22 +54,19 @@ class Step:
     """Our trainer's rollout and update (as the bench runs them) on the bench's text prompts."""
 
     def __init__(self, workload: str, model: str, prompts_per_step: int, G: int, max_new_tokens: int):
-        from vlm_treegrpo.bench.run import BenchSpec, bench_task
-        from vlm_treegrpo.bench.ours import ours_config
         from vlm_treegrpo.train.optim import adamw, warmup_constant
         from vlm_treegrpo.policy.factory import make_policy
         from vlm_treegrpo.rewards.functions import RewardSet
         from vlm_treegrpo.train.runtime import resolve_device, setup
 
-        self.spec = dict(workload=workload, model=model, model_dir=model, G=G, max_new_tokens=max_new_tokens,
-                         thought_tokens=max(1, max_new_tokens * 2 // 5), prompts_per_step=prompts_per_step,
-                         micro_batch=prompts_per_step, steps=8, warmup=0, lr=1e-12, reward="vlm_treegrpo.bench.run:length_signal_reward")
-        self.BenchSpec, self.ours_config = BenchSpec, ours_config
-        cfg = ours_config(BenchSpec(K=G, M=1, **self.spec))
+        self.spec = make_spec(workload, model, steps=8, warmup=0, K=G, M=1, max_new_tokens=max_new_tokens, micro_prompts=prompts_per_step,
+                              overrides=[f"rollout.prompts_per_step={prompts_per_step}", "optim.lr=1e-12",
+                                         "algo.rewards=[vlm_treegrpo.bench.spec:length_signal_reward]"])
+        cfg = self.spec.train
         self.device = resolve_device(cfg.model.device)
         setup(cfg.model, self.device)
         self.policy = make_policy(model, self.device, cfg.model.dtype, cfg.model.attn_implementation)
-        self.examples, instruction = bench_task(BenchSpec(K=G, M=1, **self.spec))
+        self.examples, instruction = bench_task(self.spec)
         self.prompts = [self.policy.encode(ex, instruction) for ex in self.examples]
         self.rewards = RewardSet.from_config(cfg.algo.rewards, cfg.algo.reward_timeout_s)
         params = [p for p in self.policy.model.parameters() if p.requires_grad]
@@ -74,11 +75,9 @@ class Step:
         self.P, self.n = prompts_per_step, 0
 
     def config(self, K: int, M: int):
-        return self.ours_config(self.BenchSpec(K=K, M=M, **self.spec))
+        return reshaped(self.spec, K, M).train
 
     def _sync(self) -> None:
-        from vlm_treegrpo.bench.run import sync
-
         sync(self.device)
 
     def rollout(self, cfg):
@@ -239,13 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", default="", help="comma list of torch thread counts to time the step with")
     p.add_argument("--top", type=int, default=14, help="cProfile lines shown")
     p.add_argument("--out", help="JSON path")
+    p.add_argument("--no-record", action="store_true", help="write no record under benchmarks/records/")
     args = p.parse_args(argv)
     K, M = (int(x) for x in args.tree.lower().split("x"))
     if K * M != args.G:
         p.error(f"--tree {args.tree} must have K*M = G = {args.G}")
     t0 = time.time()
-    from vlm_treegrpo.bench.run import WORKLOADS
-
     model = args.model or WORKLOADS[args.workload][0]
     random_weights_if_missing(model)
     step = Step(args.workload, model, args.prompts_per_step, args.G, args.max_new_tokens)
@@ -278,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({**head, "shapes": shapes}, indent=2))
         print(f"wrote {args.out}")
+    if not args.no_record:
+        record = write_record(f"profile-step-{args.workload}", {**head, "shapes": shapes}, command=script_command(__file__, argv))
+        print(f"wrote {record}")
     return 0
 
 

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from vlm_treegrpo.config import load_config
+from vlm_treegrpo.analysis.records import machine_info, script_command, write_record
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["model.name=tiny-llama", "data.n_train=32", "data.n_test=4", "rollout.prompts_per_step=2", "rollout.K=2", "rollout.M=2",
@@ -48,7 +49,7 @@ def _eval(config: str, overrides: list[str], model_dir: str, log: Path) -> dict:
 
 
 def race(config: str, overrides: list[str], budget: float, workdir: Path, skip_start: bool) -> dict:
-    from vlm_treegrpo.bench.run import machine_info, prepare_model_dir
+    from vlm_treegrpo.bench.run import prepare_model_dir
 
     cfg = load_config(config, overrides)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-start", action="store_true", help="do not evaluate the start model")
     p.add_argument("--workdir", default=str(ROOT / "runs" / "race"))
     p.add_argument("--out", help="JSON path (default <workdir>/race.json)")
+    p.add_argument("--no-record", action="store_true", help="write no record under benchmarks/records/")
     p.add_argument("overrides", nargs="*", help="config overrides for both trainers, e.g. optim.lr=1e-5")
     args = p.parse_args(argv)
     overrides = [*(QUICK if args.quick else []), *args.overrides]
@@ -117,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(report, indent=2))
     print(format_table(report))
     print(f"wrote {out}")
+    if not args.no_record:
+        name = "race-vs-trl" + ("-quick" if args.quick else "")
+        record = write_record(name, report, command=script_command(__file__, argv))
+        print(f"wrote {record}")
     return 0
 
 

@@ -40,9 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from launch_proxy import build, write_report  # noqa: E402
 from profile_step import OpCount, Step  # noqa: E402
 
-from vlm_treegrpo.bench.run import BenchSpec  # noqa: E402
+from vlm_treegrpo.bench.probes import sync  # noqa: E402
+from vlm_treegrpo.analysis.records import script_command, write_record  # noqa: E402
+from vlm_treegrpo.bench.spec import make_spec  # noqa: E402
 
-REWARD = "vlm_treegrpo.bench.run:length_signal_reward"
+REWARD = "vlm_treegrpo.bench.spec:length_signal_reward"
 
 
 class KernelProfile:
@@ -115,9 +117,8 @@ def trl(model_dir: str, kernels: int = 0) -> dict:
 
     from vlm_treegrpo.bench.trl import grpo_args, reward_for_trl, trl_dataset
 
-    spec = BenchSpec(workload="text", model="update-proxy", model_dir=model_dir, G=16, K=16, M=1, max_new_tokens=40,
-                     thought_tokens=16, prompts_per_step=4, micro_batch=4, steps=2 if kernels else 1, warmup=1, lr=1e-12,
-                     autocast="bfloat16", threads=1, reward=REWARD)
+    spec = make_spec("text", model_dir, steps=2 if kernels else 1, warmup=1, K=16, M=1, max_new_tokens=40, micro_prompts=4,
+                     overrides=["rollout.prompts_per_step=4", "optim.lr=1e-12", "model.threads=1", f"algo.rewards=[{REWARD}]"])
     dataset, _, _ = trl_dataset(spec)
     count = OpCount()
     seen: dict = {"forwards": 0}
@@ -132,8 +133,6 @@ def trl(model_dir: str, kernels: int = 0) -> dict:
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 2:
-                from vlm_treegrpo.bench.run import sync
-
                 sync(args.device)
                 seen["ms"] = round((time.perf_counter() - seen["t0"]) * 1000, 1)
                 count.__exit__(None, None, None)
@@ -174,6 +173,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", help="a model directory to run the cases on (default: the proxy model, on the CPU)")
     p.add_argument("--kernels", type=int, default=0, metavar="N", help="profile each case's update once: device time and the top N ops")
     p.add_argument("--out", help="JSON path")
+    p.add_argument("--no-record", action="store_true", help="write no record under benchmarks/records/")
     args = p.parse_args(argv)
     if args.model is None:
         torch.set_num_threads(1)
@@ -207,6 +207,10 @@ def main(argv=None) -> int:
     report = {"threads": torch.get_num_threads(), "torch": torch.__version__, "model": args.model or "proxy (30 layers, width 48)",
               "device": "cuda" if args.model and torch.cuda.is_available() else "cpu", "prompts": 4, "G": 16, "new_tokens": 40, "cases": rows}
     write_report(report, args.out)
+    if not args.no_record:
+        name = "update-proxy" + ("-" + args.only.replace(",", "+") if args.only else "")  # (a subset of the cases: its own record)
+        record = write_record(name, report, command=script_command(__file__, argv))
+        print(f"wrote {record}")
     return 0
 
 

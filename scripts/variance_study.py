@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from vlm_treegrpo.config import load_config
+from vlm_treegrpo.analysis.records import script_command, write_record
 from vlm_treegrpo.core.advantages import tree_advantages
 from vlm_treegrpo.analysis.variance_sim import delta_method_prediction, simulate_thought_advantage_error
 
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-real", action="store_true", help="simulation only")
     ap.add_argument("--quick", action="store_true", help="few trials, 2 prompts, 4 x 4 trees, short budgets")
     ap.add_argument("--out", default="runs/variance_study")
+    ap.add_argument("--no-record", action="store_true", help="write no record under benchmarks/records/")
     ap.add_argument("overrides", nargs="*", help="config overrides section.field=value")
     args = ap.parse_args(argv)
     if args.quick:
@@ -195,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"real K={r['K']} M={r['M']}: boot_var={r['boot_var']:.4f} (unscaled {r['boot_var_unscaled']:.4f}) "
               f"mse_vs_all={r['mse_vs_all_continuations']:.4f}")
     print(f"wrote {out / 'variance_study.json'} and {out / 'variance_study.png'} in {result['seconds']:.0f}s")
+    if not args.no_record:
+        name = "variance-study" + ("-quick" if args.quick else "")
+        record = write_record(name, result, command=script_command(__file__, argv))
+        print(f"wrote {record}")
     return 0
 
 

@@ -100,7 +100,7 @@ def test_activation_memory_compares_both_settings(tmp_path, monkeypatch):
     assert res[0]["updates"][0]["packed_tokens"] == res[1]["updates"][0]["packed_tokens"]  # the same batch both ways
 
 
-def test_stop_and_resume_sigterms_the_cli_and_the_resumed_run_matches_a_run_never_stopped(tmp_path):
+def test_stop_and_resume_sigterms_the_cli_and_the_resumed_run_matches_a_run_never_stopped(tmp_path, records_dir):
     """The real CLI in its own process, stopped from outside with SIGTERM, then resumed."""
     import os
     import shutil
@@ -121,6 +121,10 @@ def test_stop_and_resume_sigterms_the_cli_and_the_resumed_run_matches_a_run_neve
     assert "steps matching the reference: 30 of 30 (resumed run logged 30)" in proc.stdout
     summary = json.loads((tmp_path / "runs/stopped/summary.json").read_text())
     assert summary["resumed_from_step"] >= 2 and summary["steps"] == 30
+    (record,) = [json.loads(p.read_text()) for p in records_dir.glob("*_stop-and-resume-stopped_*.json")]
+    assert record["command"].startswith("scripts/stop_and_resume.sh ") and record["command"].endswith(" ".join(args))
+    f = record["figures"]
+    assert (f["first_exit"], f["second_exit"], f["steps_matching_reference"], f["reference_steps"]) == (143, 0, 30, 30)
 
 
 def test_update_proxy_counts_one_update_of_each_trainer(tmp_path):
@@ -145,16 +149,23 @@ def test_update_proxy_counts_one_update_of_each_trainer(tmp_path):
         assert trl["forwards"] >= 1 and trl["compute_ops"] > 30 * 40 and trl["median_ms"] > 0
 
 
-def test_launch_proxy_counts_ops_inside_and_outside_the_forwards(tmp_path):
+def test_launch_proxy_counts_ops_inside_and_outside_the_forwards_and_writes_its_record(tmp_path, records_dir):
     import torch
 
     out = tmp_path / "lp.json"
     threads = torch.get_num_threads()
+    argv = ["--only", "hf-generate,ours 16x1 graphs", "--repeats", "1", "--out", str(out)]
     try:
-        assert _script("launch_proxy").main(["--only", "hf-generate,ours 16x1 graphs", "--repeats", "1", "--out", str(out)]) == 0
+        assert _script("launch_proxy").main(argv) == 0
     finally:
         torch.set_num_threads(threads)
-    cases = json.loads(out.read_text())["cases"]
+    report = json.loads(out.read_text())
+    (path,) = records_dir.glob("*_cpu_launch-proxy-hf-generate+ours-16x1-graphs_*.json")
+    record = json.loads(path.read_text())
+    assert record["command"] == "python scripts/launch_proxy.py " + " ".join(argv) and record["figures"] == report
+    assert len(record["commit"]) == 40 and isinstance(record["dirty"], bool) and record["machine"]["torch"] == torch.__version__
+    assert path.name in (records_dir / "INDEX.md").read_text()
+    cases = report["cases"]
     hf, graphs = cases["hf-generate"], cases["ours 16x1 graphs"]
     assert hf["forwards"] == 40 and graphs["forwards"] == 41  # (ours: one shared prefill, then 40 decode steps)
     for r in (hf, graphs):

@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--align-steps", type=int, help="smolvlm-smollm2: alignment steps (default: the cached model's)")
     p.set_defaults(fn=_cmd_prepare)
     p = sub.add_parser("bench", help="throughput against TRL's GRPOTrainer on identical work (or --scaling)")
-    from vlm_treegrpo.bench.run import add_arguments
+    from vlm_treegrpo.bench.flags import add_arguments
 
     add_arguments(p)
     p.set_defaults(fn=_cmd_bench)

@@ -72,7 +72,8 @@ def test_a_nonpositive_interval_is_refused():
 
 
 def test_the_bench_probe_puts_a_slow_steps_places_in_the_table():
-    from vlm_treegrpo.bench.run import StepProbe, format_table, summarize
+    from vlm_treegrpo.bench.probes import StepProbe, summarize
+    from vlm_treegrpo.bench.report import format_table
 
     rows = []
     with StepProbe("cpu", stacks_ms=5) as probe:
@@ -90,7 +91,7 @@ def test_the_bench_probe_puts_a_slow_steps_places_in_the_table():
 
 
 def test_pooled_rounds_keep_each_slow_steps_places():
-    from vlm_treegrpo.bench.run import measure, pool_rounds
+    from vlm_treegrpo.bench.probes import measure, pool_rounds
 
     def row(seconds: float, place: str) -> dict:
         return {"seconds": seconds, "rollout_seconds": seconds, "completions": 1, "generated_tokens": 1, "completion_tokens": 1,

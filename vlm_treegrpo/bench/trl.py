@@ -1,6 +1,7 @@
-"""TRL's ``GRPOTrainer`` on a :class:`~vlm_treegrpo.bench.run.BenchSpec`: the other side of the benchmark.
+"""TRL's ``GRPOTrainer`` on a :class:`~vlm_treegrpo.bench.spec.BenchSpec`: the other side of the benchmark.
 
-TRL settings chosen to do the same work as ours (every one is reported in the result):
+TRL reads its settings from the spec's training config (:func:`trl_args`), chosen to do the same
+work as ours (every one is reported in the result):
 
 * one generation batch of ``P * G`` completions per optimizer step: ``per_device_train_batch_size
   = micro_batch * G`` rows, ``gradient_accumulation_steps = steps_per_generation = P / micro_batch``,
@@ -24,7 +25,20 @@ from __future__ import annotations
 import tempfile
 import time
 
-from vlm_treegrpo.bench.run import BenchSpec, StepProbe, bench_task, measure, sync
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+
+from vlm_treegrpo.bench.probes import StepProbe, measure, sync
+from vlm_treegrpo.bench.spec import BenchSpec, bench_task
+from vlm_treegrpo.config import resolve_autocast
+from vlm_treegrpo.data.sources import task_from_config
+from vlm_treegrpo.data.types import Example
+from vlm_treegrpo.models.loader import pick_attn_implementation, pick_dtype, save_weights
+from vlm_treegrpo.policy.factory import lora_config
+from vlm_treegrpo.rewards.functions import RewardSet, resolve_reward
+from vlm_treegrpo.rollout.prompts import prompt_ids, user_message
+from vlm_treegrpo.train.runtime import resolve_device, set_threads
 
 
 def reward_for_trl(name: str, calls: list[dict], G: int):
@@ -32,9 +46,6 @@ def reward_for_trl(name: str, calls: list[dict], G: int):
     in TRL's reward signature. Each call (one per generation batch) appends its completion tokens,
     mean reward and the fraction of prompts whose G rewards are all equal to ``calls`` (TRL
     orders a prompt's G completions consecutively)."""
-    from vlm_treegrpo.data.types import Example
-    from vlm_treegrpo.rewards.functions import resolve_reward
-
     fn = resolve_reward(name)
 
     def reward(prompts, completions, completion_ids, answer, **kwargs) -> list[float]:
@@ -61,10 +72,6 @@ def _text_of(completion) -> str:
 
 def trl_dataset(spec: BenchSpec):
     """The bench prompts as a TRL conversational dataset (plus ``images`` for the VLM workload)."""
-    from datasets import Dataset
-
-    from vlm_treegrpo.rollout.prompts import user_message
-
     examples, instruction = bench_task(spec)
     rows = [{"prompt": [{"role": "user", "content": user_message(ex, instruction)}], "answer": ex.answer} for ex in examples]
     if spec.workload == "vlm":
@@ -74,28 +81,22 @@ def trl_dataset(spec: BenchSpec):
 
 
 def grpo_args(spec: BenchSpec, output_dir: str):
-    """The :class:`trl.GRPOConfig` for the spec: TRL doing our config's work
-    (:func:`vlm_treegrpo.bench.ours.ours_config`), prompts in the bench's order."""
-    from vlm_treegrpo.bench.ours import ours_config
-
-    return trl_args(ours_config(spec), output_dir, spec.warmup + spec.steps, spec.micro_batch, shuffle=False)
+    """The :class:`trl.GRPOConfig` for the spec: TRL doing the work of its training config, prompts
+    in the bench's order."""
+    return trl_args(spec.train, output_dir, spec.warmup + spec.steps, spec.micro_prompts, shuffle=False)
 
 
 def run_trl(spec: BenchSpec) -> dict:
     """Train TRL for ``warmup + steps`` steps on the spec and measure them."""
-    import torch
-    from transformers import TrainerCallback
     from trl import GRPOTrainer
 
-    from vlm_treegrpo.train.runtime import resolve_device, set_threads
-
-    set_threads(spec.threads, resolve_device("auto"))  # the rule ours follows, so threads are no difference
+    set_threads(spec.train.model.threads, resolve_device(spec.train.model.device))  # the rule ours follows, so threads are no difference
     dataset, examples, instruction = trl_dataset(spec)
     calls: list[dict] = []
     rollout_seconds: list[float] = []
     autocast_seen: dict[str, bool] = {}
 
-    probe = StepProbe(resolve_device("auto"), spec.sample_stacks_ms)
+    probe = StepProbe(resolve_device(spec.train.model.device), spec.sample_stacks_ms)
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -112,7 +113,7 @@ def run_trl(spec: BenchSpec) -> dict:
 
     timer = StepTimer()
     with tempfile.TemporaryDirectory(prefix="trl-bench-") as out:
-        trainer = GRPOTrainer(model=spec.model_dir, reward_funcs=[reward_for_trl(spec.reward, calls, spec.G)], args=grpo_args(spec, out),
+        trainer = GRPOTrainer(model=spec.model_dir, reward_funcs=[reward_for_trl(spec.train.algo.rewards[0], calls, spec.G)], args=grpo_args(spec, out),
                               train_dataset=dataset, callbacks=[timer])
         generate_and_score = trainer._generate_and_score_completions
 
@@ -162,8 +163,6 @@ def _prompts_match(trainer, examples, instruction, spec: BenchSpec) -> bool | No
     """Whether TRL's prompt token ids equal ours for the first step's prompts (text workload only)."""
     if spec.workload != "text" or not hasattr(trainer, "_tokenize_prompts"):
         return None
-    from vlm_treegrpo.rollout.prompts import prompt_ids, user_message
-
     batch = examples[: spec.prompts_per_step]
     theirs, _, _ = trainer._tokenize_prompts([[{"role": "user", "content": user_message(ex, instruction)}] for ex in batch])
     ours = [prompt_ids(trainer.processing_class, ex, instruction) for ex in batch]
@@ -183,10 +182,6 @@ def trl_args(cfg, output_dir: str, max_steps: int, micro_prompts: int, shuffle: 
     batch, our ``token_mean``) with group std scaling, ``epsilon = 0.2``; gradient checkpointing
     off (as ours by default), bf16 as our autocast; no logging, saving or evaluation."""
     from trl import GRPOConfig
-
-    from vlm_treegrpo.config import resolve_autocast
-    from vlm_treegrpo.models.loader import pick_attn_implementation, pick_dtype
-    from vlm_treegrpo.train.runtime import resolve_device
 
     r, o = cfg.rollout, cfg.optim
     G = r.K * r.M
@@ -217,18 +212,7 @@ def race_trl(cfg, model_dir: str, out_dir: str, budget_s: float, max_steps: int 
     model to ``out_dir``. With ``model.lora_r > 0`` TRL trains the same LoRA adapters as ours
     (its ``peft_config``) and saves the weights with them merged, as ours does. Returns the steps
     run, the seconds, and the mean reward per step."""
-    from transformers import TrainerCallback
     from trl import GRPOTrainer
-
-    from datasets import Dataset
-
-    from vlm_treegrpo.data.sources import task_from_config
-    from vlm_treegrpo.rewards.functions import RewardSet
-    from vlm_treegrpo.rollout.prompts import user_message
-
-    from vlm_treegrpo.models.loader import save_weights
-    from vlm_treegrpo.policy.factory import lora_config
-    from vlm_treegrpo.train.runtime import resolve_device, set_threads
 
     set_threads(cfg.model.threads, resolve_device(cfg.model.device))
     task = task_from_config(cfg.data)

@@ -6,11 +6,12 @@ what ``model.generate`` and the tree rollout expect.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["concat_image_inputs", "flat_image_keys", "image_key", "left_pad_ids", "left_pad_token_inputs"]
+__all__ = ["concat_image_inputs", "content_groups", "flat_image_keys", "image_key", "left_pad_ids", "left_pad_token_inputs"]
 
 
 def left_pad_ids(ids: list[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -54,6 +55,23 @@ def concat_image_inputs(samples) -> dict[str, Tensor]:
 def flat_image_keys(samples) -> tuple:
     """The batch's image keys in the order their tensors are concatenated (one per image)."""
     return tuple(key for s in samples for key in s.image_keys)
+
+
+def content_groups(chunks: Sequence[Tensor]) -> list[int]:
+    """A group id per tensor, numbered by first occurrence, such that equal tensors (same shape
+    and values) share one: ``[a, b, a]`` -> ``[0, 1, 0]``. The adapters' fallback for telling
+    repeated images apart when no image keys came with the batch."""
+    reps: list[Tensor] = []
+    groups: list[int] = []
+    for chunk in chunks:
+        for g, rep in enumerate(reps):
+            if rep.shape == chunk.shape and torch.equal(rep, chunk):
+                groups.append(g)
+                break
+        else:
+            groups.append(len(reps))
+            reps.append(chunk)
+    return groups
 
 
 def image_key(image) -> str:

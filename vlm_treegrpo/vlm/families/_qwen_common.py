@@ -28,7 +28,7 @@ from transformers import GenerationConfig
 from vlm_treegrpo.models.tokenizer import MODEL_MAX_LENGTH, build_local_tokenizer
 from vlm_treegrpo.rollout.kv_cache import RowState
 from vlm_treegrpo.vlm.adapter import Encoded, VLMAdapter
-from vlm_treegrpo.vlm.batching import concat_image_inputs, image_key, left_pad_ids, left_pad_token_inputs
+from vlm_treegrpo.vlm.batching import concat_image_inputs, content_groups, image_key, left_pad_ids, left_pad_token_inputs
 
 # Qwen2/2.5/3-VL special tokens besides <|endoftext|>, <|im_start|>, <|im_end|> (the base
 # tokenizer's ids 0, 1, 2), in the order of the real vocabulary.
@@ -140,21 +140,6 @@ class RopeDeltas(RowState):
         if deltas is not None:
             text = text + deltas.to(text.device).reshape(-1).repeat_interleave(text.shape[0] // deltas.shape[0])
         return text[None, :].expand(3, -1)
-
-
-def _content_groups(chunks: list[Tensor]) -> list[int]:
-    """A group id per image so that equal pixel tensors share one (fallback when no keys are given)."""
-    groups: list[int] = []
-    reps: list[Tensor] = []
-    for chunk in chunks:
-        for g, rep in enumerate(reps):
-            if rep.shape == chunk.shape and torch.equal(rep, chunk):
-                groups.append(g)
-                break
-        else:
-            groups.append(len(reps))
-            reps.append(chunk)
-    return groups
 
 
 def _select_images(outputs, index: list[int]):
@@ -378,7 +363,7 @@ class QwenVLAdapter(VLMAdapter):
         grid = batch["image_grid_thw"]  # [N, 3]
         chunks = list(batch["pixel_values"].split(grid.prod(-1).tolist()))  # N x [n_patches, D]
         if image_keys is None:
-            groups = _content_groups(chunks)
+            groups = content_groups(chunks)
         else:
             if len(image_keys) != len(chunks):
                 raise ValueError(f"{len(image_keys)} image keys for {len(chunks)} images in the batch")

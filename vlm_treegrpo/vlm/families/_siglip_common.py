@@ -92,21 +92,6 @@ def first_occurrence_groups(keys: Sequence) -> tuple[list[int], list[int]]:
     return groups, unique
 
 
-def content_groups(chunks: Sequence[Tensor]) -> list:
-    """A hashable key per tensor such that equal tensors (same shape and values) share one."""
-    reps: list[Tensor] = []
-    keys = []
-    for chunk in chunks:
-        for g, rep in enumerate(reps):
-            if rep.shape == chunk.shape and torch.equal(rep, chunk):
-                keys.append(g)
-                break
-        else:
-            keys.append(len(reps))
-            reps.append(chunk)
-    return keys
-
-
 def pooled_features(features) -> dict:
     """``mm_encoder_outputs`` for the model's forward: precomputed pooled image features."""
     return {"image": BaseModelOutputWithPooling(pooler_output=features)}

@@ -20,12 +20,11 @@ from transformers import (
 )
 
 from vlm_treegrpo.vlm.adapter import Encoded, Preset
-from vlm_treegrpo.vlm.batching import concat_image_inputs
+from vlm_treegrpo.vlm.batching import concat_image_inputs, content_groups
 from vlm_treegrpo.vlm.families._siglip_common import (
     TINY_MAX_LENGTH,
     TINY_TEXT_HIDDEN,
     SiglipFamilyAdapter,
-    content_groups,
     first_occurrence_groups,
     named_tokenizer,
     pooled_features,

@@ -23,11 +23,11 @@ from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefi
 from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
 
 from vlm_treegrpo.vlm.adapter import Encoded, Preset
+from vlm_treegrpo.vlm.batching import content_groups
 from vlm_treegrpo.vlm.families._siglip_common import (
     TINY_MAX_LENGTH,
     TINY_TEXT_HIDDEN,
     SiglipFamilyAdapter,
-    content_groups,
     first_occurrence_groups,
     named_tokenizer,
     pooled_features,
