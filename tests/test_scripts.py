@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-REWARD = "algo.rewards=[test_advise:length_reward]"  # the random tiny model earns varying rewards
+REWARD = "algo.rewards=[analysis.test_advise:length_reward]"  # the random tiny model earns varying rewards
 
 
 def _script(name: str):
