@@ -8,7 +8,7 @@ a 4-layer vision tower. Random weights: a throughput model, not a capable one.
 
     .venv/bin/python scripts/build_small_vlm.py runs/small-qwen2-vl
     .venv/bin/vlm-treegrpo bench --workload vlm --model runs/small-qwen2-vl \\
-        --reward vlm_treegrpo.bench.run:length_signal_reward --lr 1e-12 --steps 2
+        --reward vlm_treegrpo.bench.spec:length_signal_reward --lr 1e-12 --steps 2
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import torch
 
 from vlm_treegrpo.config import ConfigError, SFTConfig, config_from_dict
 from vlm_treegrpo.data.sources import load_task
-from vlm_treegrpo.policy.text.factory import make_policy
+from vlm_treegrpo.policy.factory import make_policy
 from vlm_treegrpo.train.sft import sft_batch, sft_loss, target_ids, warm_start
 from vlm_treegrpo.train.loop import PromptSampler, train
 

@@ -1,4 +1,4 @@
-"""The vision-language policy: the :class:`~vlm_treegrpo.policy.text.Policy` interface over a family adapter.
+"""The vision-language policy: the :class:`~vlm_treegrpo.policy.base.Policy` interface over a family adapter.
 
 The trainer, the tree sampler (:func:`vlm_treegrpo.rollout.tree.grow_trees`), the rewards and the
 losses are the text path's; only what touches the model differs, and that goes through the

@@ -5,7 +5,7 @@ group reward is 0 and GRPO has no signal. A short supervised phase on the traini
 (``sft.steps``) teaches the answer format and a first guess; GRPO then starts from there and
 the run reports that starting point as ``eval_warm``.
 
-The batch goes through the same :class:`~vlm_treegrpo.policy.text.Policy` methods as GRPO's, so
+The batch goes through the same :class:`~vlm_treegrpo.policy.base.Policy` methods as GRPO's, so
 one code path serves text and vision-language policies: each example becomes a one-leaf
 :class:`~vlm_treegrpo.rollout.tree.Tree` whose single, finished thought is the target
 completion (``sft.target`` formatted with the reference answer, then EOS), ``policy.pack``
