@@ -6,7 +6,7 @@
 #   scripts/stop_and_resume.sh CONFIG NAME STEP [REFERENCE_METRICS] [overrides...]
 #
 # e.g. scripts/stop_and_resume.sh configs/demo-smollm2.yaml demo-resume 15 \
-#          docs/results/demo-smollm2-s8-metrics.jsonl log.checkpoint_every=10
+#          runs/demo-smollm2/metrics.jsonl log.checkpoint_every=10
 # Prints when the signal was sent, the first session's exit status (143 expected), the second
 # session's, and how many steps match the reference (all metrics but times). Needs the runs
 # directory to be ./runs (the default log.run_dir). CLI=... and PYTHON=... pick the command and

@@ -78,10 +78,9 @@ class ModelConfig:
     cudnn_attention: bool = False
     """On a GPU, let torch's sdpa pick cuDNN's attention kernel. Off by default: cuDNN builds an
     execution plan for each new shape (hundreds of milliseconds, forward and backward apart), and
-    an RL step's shapes change with every batch (prompt widths, completion lengths). On an H200
-    it made 9 of 30 tiny-VLM steps take 0.2-2.8 s against a median of 0.11 s; without it the
-    bench's completions/s rose 3.4x flat and 1.5x as trees, and SmolLM2's 1.4-1.5x. True leaves
-    torch's choice alone (:func:`~vlm_treegrpo.train.runtime.setup`)."""
+    an RL step's shapes change with every batch (prompt widths, completion lengths), so steps
+    stall on new shapes (docs/performance.md). True leaves torch's choice alone
+    (:func:`~vlm_treegrpo.train.runtime.setup`)."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass instead of keeping them (activation
     checkpointing, :func:`~vlm_treegrpo.rollout.attention.checkpoint_layer`): the training forward
@@ -242,27 +241,22 @@ class RolloutConfig:
     compile_decode: bool = False
     """Decode through a static KV cache with the model's forward compiled (torch.compile; CUDA
     graphs on a GPU, where each decode step is otherwise bound by kernel launches). The first
-    step pays the compilation (a new batch size once more). On an H200 it was no faster than
-    eager decoding (SmolLM2 3.08 against 2.59 s a flat step; the bench now records what torch
-    did). On the CPU it sped up the tiny VLM's tree sampling by about a fifth and slowed SmolLM2's
-    (which is compute-bound there, and which loses ``drop_finished`` under it)."""
+    step pays the compilation (a new batch size once more), and ``drop_finished`` is off under
+    it."""
     decode_graphs: bool | str = "auto"
     """Decode steps replay a captured CUDA graph (one launch a token instead of about 1,240 for
     SmolLM2's 30 layers; :mod:`vlm_treegrpo.rollout.graphs`), for text models and VLMs: one
     graph per batch shape, captured on first use and kept. ``"auto"`` (default): on where the
     model is on a CUDA device, off elsewhere and under ``compile_decode``; ``true`` also runs the
-    same loop eagerly without CUDA; ``false``: ``generate``. On an H200 it made SmolLM2's
-    sampling 5.6x faster (0.32 against 1.79 s a flat step of 4 x 16 x 40 tokens) and the tiny
-    VLM's 3.4x. If capture fails (the reason is warned and reported), the loop runs eagerly. On
-    the CPU the eager loop made the tiny VLM's steps 7-13% faster and SmolLM2's sampling 5-22%
-    slower (a compute-bound model pays for the static cache's padded columns), so ``auto`` leaves
-    it off there. A model with a sliding window (Gemma3) or on flash-attention
+    same loop eagerly without CUDA; ``false``: ``generate``. If capture fails (the reason is
+    warned and reported), the loop runs eagerly. On the CPU, where decoding is compute-bound, the
+    static cache's padded columns cost more than the launches saved, so ``auto`` leaves it off
+    there. A model with a sliding window (Gemma3) or on flash-attention
     decodes as without. Finished rows stay in the batch."""
     drop_finished: bool = True
     """Finished rows leave the decode batch (the same draws as without; off under
-    ``compile_decode``). On the CPU it cut SmolLM2's sampling by 6-20%; on a GPU, where decoding is
-    launch-bound, fewer rows save less and each drop costs one more ``generate`` call (not yet
-    measured there)."""
+    ``compile_decode``). On a GPU, where decoding is launch-bound, fewer rows save less and each
+    drop costs one more ``generate`` call."""
     refill_rounds: int = 0
     """Dynamic sampling (DAPO, arXiv 2503.14476): a prompt whose K*M rewards all agree gives no
     gradient, so it is replaced by the next prompt of the training order, sampled and scored,
