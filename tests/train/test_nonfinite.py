@@ -83,7 +83,7 @@ def test_a_weight_left_non_finite_by_an_update_stops_the_run_without_checkpointi
         return out
 
     monkeypatch.setattr(step, "clipped_step", overflowing_step)
-    code = cli_main(["train", *[f"log.run_dir={tmp_path}", "optim.steps=4", "log.checkpoint_every=1", "log.save_model=true", *ARGS]])
+    code = cli_main(["train", *[f"log.run_dir={tmp_path}", "log.name=run", "optim.steps=4", "log.checkpoint_every=1", "log.save_model=true", *ARGS]])
     assert code == 1
     err = capsys.readouterr().err
     assert "step 2: a weight was not finite (NaN or inf) after the update; stopped without checkpointing it" in err

@@ -16,10 +16,15 @@ from pathlib import Path
 DEFAULT_METRICS = ("reward", "eval_accuracy", "entropy", "zero_std_frac", "completion_tokens", "grad_norm")
 
 
+RATE_KEYS = ("tokens_per_s", "rollout_tokens_per_s", "update_tokens_per_s", "update_mfu")
+"""Step metrics divided by wall-clock time (:func:`vlm_treegrpo.train.throughput.throughput`)."""
+
+
 def timeless(row: dict) -> dict:
-    """A step row without its wall-clock fields (``time_*``, ``elapsed``, ``norm/diag_seconds``):
-    what two runs making the same steps log alike."""
-    return {k: v for k, v in row.items() if not k.startswith("time_") and k not in ("elapsed", "norm/diag_seconds")}
+    """A step row without its wall-clock fields (``time_*``, ``elapsed``, ``norm/diag_seconds``
+    and the rates of :data:`RATE_KEYS`): what two runs making the same steps log alike."""
+    return {k: v for k, v in row.items()
+            if not k.startswith("time_") and k not in ("elapsed", "norm/diag_seconds", *RATE_KEYS)}
 
 
 def read_rows(run: Path) -> list[dict]:

@@ -94,8 +94,9 @@ def _checked_rgb(img: Image.Image, index: int, field: str) -> Image.Image:
         ) from e
 
 
-def _open_path(value: str | os.PathLike, index: int, field: str,
-               base_dir: str | os.PathLike | None) -> Image.Image:
+def _image_path(value: str | os.PathLike, index: int, field: str, base_dir: str | os.PathLike | None) -> Path:
+    """The file an image path names (relative to ``base_dir`` when given); ImageError naming the
+    record and field when it is empty, a URL, or not a file."""
     text = os.fspath(value)
     if not text.strip():
         raise ImageError(f"record {index}: field '{field}': empty image path")
@@ -106,7 +107,12 @@ def _open_path(value: str | os.PathLike, index: int, field: str,
         path = Path(base_dir) / path
     if not path.is_file():
         raise ImageError(f"record {index}: field '{field}': image file not found: {path}")
-    return _open(path, index, field)
+    return path
+
+
+def _open_path(value: str | os.PathLike, index: int, field: str,
+               base_dir: str | os.PathLike | None) -> Image.Image:
+    return _open(_image_path(value, index, field, base_dir), index, field)
 
 
 def load_image(value: Any, index: int, field: str,
@@ -191,16 +197,7 @@ def image_ref(value: Any, index: int, field: str, base_dir: str | os.PathLike | 
         _check_header(io.BytesIO(data), index, field)
         return ImageRef(data, index, field)
     if isinstance(value, (str, os.PathLike)):
-        text = os.fspath(value)
-        if not text.strip():
-            raise ImageError(f"record {index}: field '{field}': empty image path")
-        if text.startswith(("http://", "https://")):
-            raise ImageError(f"record {index}: field '{field}': URLs are not fetched ({text})")
-        path = Path(os.path.expanduser(text))
-        if not path.is_absolute() and base_dir is not None:
-            path = Path(base_dir) / path
-        if not path.is_file():
-            raise ImageError(f"record {index}: field '{field}': image file not found: {path}")
+        path = _image_path(value, index, field, base_dir)
         _check_header(path, index, field)
         return ImageRef(str(path), index, field)
     raise ImageError(f"record {index}: field '{field}': unsupported image value of type {type(value).__name__}")
